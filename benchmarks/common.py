@@ -1,0 +1,102 @@
+"""Shared benchmark plumbing: device choice, timing with synchronisation, bytes, GB/s, peak memory.
+
+Each benchmark records in extra_info: op (what is measured), impl ("torch" baseline or
+"segkernels"), case (shape and dtype), bytes (the fewest bytes the op must move), and
+peak_bytes (measured extra memory at the op's peak, outputs included). report.py turns the
+pytest-benchmark JSON into the markdown table and the plot.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Callable
+
+import torch
+
+
+def bench_device() -> torch.device:
+    name = os.environ.get("SEGKERNELS_BENCH_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bench_scale() -> float:
+    """SEGKERNELS_BENCH_SCALE < 1 shrinks the batch of every case (quick smoke runs)."""
+    return float(os.environ.get("SEGKERNELS_BENCH_SCALE", "1"))
+
+
+def scaled_batch(n: int) -> int:
+    return max(1, int(round(n * bench_scale())))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Extra memory at the op's peak (its outputs included), measured, not estimated.
+
+    CUDA: the caching allocator's peak. CPU: the process's peak resident set (VmHWM), reset just
+    before the call through /proc/self/clear_refs.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = _proc_status("VmRSS:")
+            out = fn()
+            peak = _proc_status("VmHWM:") - base
+        except OSError:
+            return -1
+    del out
+    return peak
+
+
+def run_benchmark(
+    benchmark,
+    fn: Callable[[], object],
+    *,
+    op: str,
+    impl: str,
+    case: str,
+    bytes_moved: int,
+    device: torch.device,
+    rounds: int = 5,
+) -> None:
+    """Times fn (synchronised on CUDA) and records what report.py needs."""
+
+    def timed():
+        out = fn()
+        synchronize(device)
+        return out
+
+    timed()  # warm-up: lazy initialisation, allocator, autotuning
+    benchmark.extra_info.update(
+        op=op,
+        impl=impl,
+        case=case,
+        device=str(device),
+        bytes=int(bytes_moved),
+        peak_bytes=int(peak_memory_bytes(fn, device)),
+    )
+    benchmark.group = f"{op} | {case}"
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)

@@ -1,0 +1,105 @@
+"""Turns pytest-benchmark JSON into the markdown table (and a PNG plot) of `make bench`.
+
+Columns: median time, speed-up over the PyTorch baseline of the same op and case, achieved
+GB/s for the fewest bytes the op must move, that as a share of the measured copy bandwidth,
+and the measured peak extra memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+
+def load_rows(path: str):
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if "op" not in info:
+            continue
+        median = b["stats"]["median"]
+        rows.append(
+            dict(
+                op=info["op"],
+                impl=info["impl"],
+                case=info["case"],
+                median_s=median,
+                gbps=info["bytes"] / median / 1e9 if info.get("bytes") else float("nan"),
+                peak_mb=info.get("peak_bytes", -1) / 2**20,
+            )
+        )
+    return data, rows
+
+
+def build_table(rows, title_lines=()):
+    copy = [r for r in rows if r["op"] == "copy"]
+    copy_gbps = max((r["gbps"] for r in copy), default=float("nan"))
+    groups = defaultdict(list)
+    for r in rows:
+        if r["op"] != "copy":
+            groups[(r["op"], r["case"])].append(r)
+    lines = list(title_lines)
+    lines.append(f"Measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write of 256 MiB).")
+    lines.append("")
+    lines.append("| op | case | impl | median ms | speed-up vs torch | GB/s | % of copy BW | peak MiB |")
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|")
+    speedups = []
+    for (op, case), rs in sorted(groups.items()):
+        base = next((r for r in rs if r["impl"] == "torch"), None)
+        for r in sorted(rs, key=lambda r: (r["impl"] != "torch", r["impl"])):
+            sp = base["median_s"] / r["median_s"] if base else float("nan")
+            if r["impl"] != "torch":
+                speedups.append((f"{op} | {case} | {r['impl']}", sp))
+            lines.append(
+                f"| {op} | {case} | {r['impl']} | {r['median_s'] * 1e3:.2f} | {sp:.2f}x | {r['gbps']:.1f} | "
+                f"{100 * r['gbps'] / copy_gbps:.0f}% | {r['peak_mb']:.0f} |"
+            )
+    return "\n".join(lines), speedups
+
+
+def plot(speedups, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not speedups:
+        return False
+    labels = [s[0] for s in speedups]
+    values = [s[1] for s in speedups]
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(labels) + 1.2))
+    ax.barh(range(len(labels)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over the PyTorch baseline (median time)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(json_path: str, out_dir: str, title_lines=()) -> str:
+    _, rows = load_rows(json_path)
+    table, speedups = build_table(rows, title_lines)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(table + "\n")
+    if plot(speedups, os.path.join(out_dir, "speedup.png")):
+        table += f"\n\nPlot: {os.path.join(out_dir, 'speedup.png')}"
+    return table
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    print(write_report(args.json, args.out))

@@ -1,0 +1,314 @@
+// Index math for max-pooling with indices and max-unpooling, shared by the CPU (C++) and
+// CUDA kernels so that the CPU tests exercise exactly the logic the GPU runs.
+//
+// Everything is written for three spatial axes (z, y, x); 2-D maps use a depth-1 z axis
+// with kernel 1, stride 1, padding 0, dilation 1, which reduces every formula to 2-D.
+//
+// Layouts: a tensor is addressed as ((outer * D + z) * H + y) * W + x) * inner + c where
+//   channels-first (NCHW / NCDHW): outer = n * C + c, inner = 1, c = 0
+//   channels-last  (NHWC / NDHWC): outer = n,         inner = C
+// so one code path serves both without copies.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+
+namespace segkernels {
+namespace max_unpool {
+
+// One spatial axis. "full" is the large map (pooling input / unpooling output),
+// "pooled" the small one.
+struct Axis {
+  int64_t full;
+  int64_t pooled;
+  int64_t kernel;
+  int64_t stride;
+  int64_t padding;
+  int64_t dilation;
+};
+
+struct Geometry {
+  Axis ax[3];     // z, y, x
+  int64_t inner;  // 1 for channels-first, C for channels-last
+
+  SK_HD int64_t full_plane() const { return ax[0].full * ax[1].full * ax[2].full; }
+  SK_HD int64_t pooled_plane() const { return ax[0].pooled * ax[1].pooled * ax[2].pooled; }
+  SK_HD int64_t window_size() const { return ax[0].kernel * ax[1].kernel * ax[2].kernel; }
+};
+
+// Coordinate of tap t of window pc on the full map (may lie in the padding).
+SK_HD int64_t tap_coord(const Axis& a, int64_t pc, int64_t t) {
+  return pc * a.stride - a.padding + t * a.dilation;
+}
+
+// Tap number of full coordinate q inside window pc, or -1 when q is not one of its taps.
+SK_HD int64_t window_tap(const Axis& a, int64_t pc, int64_t q) {
+  const int64_t off = q - (pc * a.stride - a.padding);
+  if (off < 0 || off % a.dilation != 0) return -1;
+  const int64_t t = off / a.dilation;
+  return t < a.kernel ? t : -1;
+}
+
+// Pooled coordinates [lo, hi] whose window span may contain full coordinate q
+// (empty when lo > hi); callers confirm each with window_tap.
+SK_HD void window_candidates(const Axis& a, int64_t q, int64_t& lo, int64_t& hi) {
+  hi = floor_div(q + a.padding, a.stride);
+  lo = ceil_div(q + a.padding - (a.kernel - 1) * a.dilation, a.stride);
+  if (lo < 0) lo = 0;
+  if (hi > a.pooled - 1) hi = a.pooled - 1;
+}
+
+// Windows on this axis never share a coordinate.
+SK_HD bool axis_disjoint(const Axis& a) { return a.stride >= (a.kernel - 1) * a.dilation + 1; }
+
+// For a disjoint axis: the only window holding q as a tap, or false when q is a gap.
+SK_HD bool single_window(const Axis& a, int64_t q, int64_t& pc, int64_t& tap) {
+  int64_t lo, hi;
+  window_candidates(a, q, lo, hi);
+  for (int64_t p = hi; p >= lo; --p) {
+    const int64_t t = window_tap(a, p, q);
+    if (t >= 0) {
+      pc = p;
+      tap = t;
+      return true;
+    }
+  }
+  return false;
+}
+
+template <typename index_t>
+struct IndexKind {
+  // compact = uint8 in-window offsets (dz * kH + dy) * kW + dx; otherwise int64 plane-flat indices.
+  static constexpr bool compact = sizeof(index_t) == 1;
+};
+
+// What a stored index says, for checking and for the slow paths.
+enum EntryStatus : int { kInWindow = 0, kOutOfRange = 1, kOutsideWindow = 2 };
+
+// Classifies entry (pz, py, px) holding `id` and returns its plane-flat target on the full map.
+// kOutOfRange: the index names no element of the full map (or a compact offset >= window size,
+// or a compact tap that falls in the padding / past the output). kOutsideWindow (int64 only):
+// a valid element of the full map that is not one of the entry's own window taps.
+template <typename index_t>
+SK_HD int entry_status(const Geometry& g, int64_t pz, int64_t py, int64_t px, index_t id, int64_t& target) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  if (IndexKind<index_t>::compact) {
+    const int64_t off = static_cast<int64_t>(id);
+    if (off >= g.window_size()) return kOutOfRange;
+    const int64_t tz = off / (ay.kernel * ax.kernel);
+    const int64_t rem = off - tz * ay.kernel * ax.kernel;
+    const int64_t ty = rem / ax.kernel;
+    const int64_t tx = rem - ty * ax.kernel;
+    const int64_t z = tap_coord(az, pz, tz), y = tap_coord(ay, py, ty), x = tap_coord(ax, px, tx);
+    if (z < 0 || z >= az.full || y < 0 || y >= ay.full || x < 0 || x >= ax.full) return kOutOfRange;
+    target = (z * ay.full + y) * ax.full + x;
+    return kInWindow;
+  } else {
+    const int64_t flat = static_cast<int64_t>(id);
+    if (flat < 0 || flat >= g.full_plane()) return kOutOfRange;
+    target = flat;
+    const int64_t z = flat / (ay.full * ax.full);
+    const int64_t rem = flat - z * ay.full * ax.full;
+    const int64_t y = rem / ax.full;
+    const int64_t x = rem - y * ax.full;
+    const bool inside = window_tap(az, pz, z) >= 0 && window_tap(ay, py, y) >= 0 && window_tap(ax, px, x) >= 0;
+    return inside ? kInWindow : kOutsideWindow;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Max-pooling forward: one pooled element. Matches ATen exactly: taps are scanned in (z, y, x)
+// order, a value replaces the running max when it is strictly greater or NaN (so the first of
+// equal maxima wins, and the last NaN wins), and a window of -inf reports its first valid tap.
+template <typename scalar_t, typename acc_t>
+SK_HD void pool_max_element(const Geometry& g, const scalar_t* input, int64_t outer, int64_t pz, int64_t py,
+                            int64_t px, int64_t c, scalar_t& max_value, int64_t& flat_index, int64_t& tap_index) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  // First in-bounds tap on each axis (the window may start in the padding).
+  const int64_t tz0 = az.padding > pz * az.stride ? ceil_div(az.padding - pz * az.stride, az.dilation) : 0;
+  const int64_t ty0 = ay.padding > py * ay.stride ? ceil_div(ay.padding - py * ay.stride, ay.dilation) : 0;
+  const int64_t tx0 = ax.padding > px * ax.stride ? ceil_div(ax.padding - px * ax.stride, ax.dilation) : 0;
+  const scalar_t* base = input + outer * g.full_plane() * g.inner + c;
+  acc_t best = -static_cast<acc_t>(INFINITY);
+  int64_t best_flat = (tap_coord(az, pz, tz0) * ay.full + tap_coord(ay, py, ty0)) * ax.full + tap_coord(ax, px, tx0);
+  int64_t best_tap = (tz0 * ay.kernel + ty0) * ax.kernel + tx0;
+  for (int64_t tz = tz0; tz < az.kernel; ++tz) {
+    const int64_t z = tap_coord(az, pz, tz);
+    if (z >= az.full) break;
+    for (int64_t ty = ty0; ty < ay.kernel; ++ty) {
+      const int64_t y = tap_coord(ay, py, ty);
+      if (y >= ay.full) break;
+      for (int64_t tx = tx0; tx < ax.kernel; ++tx) {
+        const int64_t x = tap_coord(ax, px, tx);
+        if (x >= ax.full) break;
+        const int64_t flat = (z * ay.full + y) * ax.full + x;
+        const acc_t v = static_cast<acc_t>(base[flat * g.inner]);
+        if (v > best || v != v) {
+          best = v;
+          best_flat = flat;
+          best_tap = (tz * ay.kernel + ty) * ax.kernel + tx;
+        }
+      }
+    }
+  }
+  max_value = static_cast<scalar_t>(best);
+  flat_index = best_flat;
+  tap_index = best_tap;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unpooling (and the max-pool backward, which is the same gather with a sum): fills one row
+// (outer, z, y, all x, all c) of the full map when every axis is disjoint. Each output element
+// is written exactly once: the stored value where the entry's index names it, zero elsewhere.
+// Items [begin, end) step `step` split the row between workers (CUDA threads or one CPU loop).
+// Returns how many entries matched their target here; summed over the whole map this equals
+// the number of entries exactly when every index lies inside its own window and the map.
+template <typename scalar_t, typename index_t>
+SK_HD int64_t unpool_row_disjoint(const Geometry& g, const scalar_t* values, const index_t* indices, scalar_t* out,
+                                  int64_t outer, int64_t z, int64_t y, bool row_has_x_gaps, int64_t begin,
+                                  int64_t step) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t C = g.inner;
+  const int64_t W = ax.full;
+  scalar_t* out_row = out + ((outer * az.full + z) * ay.full + y) * W * C;
+  int64_t pz, tz, py, ty;
+  if (!single_window(az, z, pz, tz) || !single_window(ay, y, py, ty)) {
+    for (int64_t i = begin; i < W * C; i += step) out_row[i] = scalar_t(0);
+    return 0;
+  }
+  const int64_t pooled_row = ((outer * az.pooled + pz) * ay.pooled + py) * ax.pooled * C;
+  const int64_t row_flat = (z * ay.full + y) * W;
+  const int64_t tap_row = (tz * ay.kernel + ty) * ax.kernel;
+  int64_t matches = 0;
+  for (int64_t i = begin; i < ax.pooled * C; i += step) {
+    const int64_t px = C == 1 ? i : i / C;
+    const int64_t c = i - px * C;
+    const int64_t id = static_cast<int64_t>(indices[pooled_row + i]);
+    const scalar_t v = values[pooled_row + i];
+    for (int64_t tx = 0; tx < ax.kernel; ++tx) {
+      const int64_t x = tap_coord(ax, px, tx);
+      if (x < 0 || x >= W) continue;
+      const bool hit = IndexKind<index_t>::compact ? id == tap_row + tx : id == row_flat + x;
+      out_row[x * C + c] = hit ? v : scalar_t(0);
+      matches += hit;
+    }
+  }
+  if (row_has_x_gaps) {
+    for (int64_t i = begin; i < W * C; i += step) {
+      const int64_t x = C == 1 ? i : i / C;
+      int64_t pc, tap;
+      if (!single_window(ax, x, pc, tap)) out_row[i] = scalar_t(0);
+    }
+  }
+  return matches;
+}
+
+// General gather for one element of the full map (overlapping windows allowed). With kSum the
+// values of every entry naming this element are added (max-pool backward); otherwise the entry
+// latest in scan order wins (max-unpool: PyTorch's CPU rule, deterministic everywhere).
+template <typename scalar_t, typename acc_t, typename index_t, bool kSum>
+SK_HD scalar_t unpool_gather_element(const Geometry& g, const scalar_t* values, const index_t* indices, int64_t outer,
+                                     int64_t z, int64_t y, int64_t x, int64_t c, int64_t& matches) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  int64_t lz, hz, ly, hy, lx, hx;
+  window_candidates(az, z, lz, hz);
+  window_candidates(ay, y, ly, hy);
+  window_candidates(ax, x, lx, hx);
+  const int64_t flat = (z * ay.full + y) * ax.full + x;
+  acc_t acc = acc_t(0);
+  bool found = false;
+  for (int64_t pz = hz; pz >= lz; --pz) {
+    const int64_t tz = window_tap(az, pz, z);
+    if (tz < 0) continue;
+    for (int64_t py = hy; py >= ly; --py) {
+      const int64_t ty = window_tap(ay, py, y);
+      if (ty < 0) continue;
+      for (int64_t px = hx; px >= lx; --px) {
+        const int64_t tx = window_tap(ax, px, x);
+        if (tx < 0) continue;
+        const int64_t e = (((outer * az.pooled + pz) * ay.pooled + py) * ax.pooled + px) * g.inner + c;
+        const int64_t id = static_cast<int64_t>(indices[e]);
+        const bool hit = IndexKind<index_t>::compact ? id == (tz * ay.kernel + ty) * ax.kernel + tx : id == flat;
+        if (!hit) continue;
+        ++matches;
+        if (kSum) {
+          acc += static_cast<acc_t>(values[e]);
+        } else if (!found) {
+          acc = static_cast<acc_t>(values[e]);
+          found = true;
+        }
+      }
+    }
+  }
+  return static_cast<scalar_t>(acc);
+}
+
+// Unpool backward: whether an in-window entry lost its target to a later entry (in scan order)
+// of another window that names the same element. Such an entry had no effect on the output, so
+// its gradient is zero. Only overlapping windows can produce this.
+template <typename index_t>
+SK_HD bool superseded(const Geometry& g, const index_t* indices, int64_t outer, int64_t c, int64_t pz, int64_t py,
+                      int64_t px, int64_t target) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t z = target / (ay.full * ax.full);
+  const int64_t y = (target / ax.full) % ay.full;
+  const int64_t x = target % ax.full;
+  const int64_t own = (pz * ay.pooled + py) * ax.pooled + px;
+  int64_t lz, hz, ly, hy, lx, hx;
+  window_candidates(az, z, lz, hz);
+  window_candidates(ay, y, ly, hy);
+  window_candidates(ax, x, lx, hx);
+  for (int64_t qz = hz; qz >= lz; --qz) {
+    const int64_t tz = window_tap(az, qz, z);
+    if (tz < 0) continue;
+    for (int64_t qy = hy; qy >= ly; --qy) {
+      const int64_t ty = window_tap(ay, qy, y);
+      if (ty < 0) continue;
+      for (int64_t qx = hx; qx >= lx; --qx) {
+        const int64_t tx = window_tap(ax, qx, x);
+        if (tx < 0) continue;
+        const int64_t other = (qz * ay.pooled + qy) * ax.pooled + qx;
+        if (other <= own) continue;
+        const int64_t id = static_cast<int64_t>(indices[(outer * g.pooled_plane() + other) * g.inner + c]);
+        const bool names = IndexKind<index_t>::compact ? id == (tz * ay.kernel + ty) * ax.kernel + tx : id == target;
+        if (names) return true;
+      }
+    }
+  }
+  return false;
+}
+
+// Gradient of unpooling for one entry: the output gradient at its target, zero when the
+// index is invalid or the entry lost its target to a later one.
+template <typename scalar_t, typename index_t>
+SK_HD scalar_t unpool_backward_element(const Geometry& g, const scalar_t* grad_out, const index_t* indices,
+                                       int64_t e, bool overlapping) {
+  const int64_t per_outer = g.pooled_plane() * g.inner;
+  const int64_t o = e / per_outer;
+  const int64_t rem = e - o * per_outer;
+  const int64_t pf = rem / g.inner;
+  const int64_t c = rem - pf * g.inner;
+  const int64_t px = pf % g.ax[2].pooled;
+  const int64_t py = (pf / g.ax[2].pooled) % g.ax[1].pooled;
+  const int64_t pz = pf / (g.ax[2].pooled * g.ax[1].pooled);
+  int64_t target;
+  const int s = entry_status<index_t>(g, pz, py, px, indices[e], target);
+  if (s == kOutOfRange) return scalar_t(0);
+  if (overlapping && s == kInWindow && superseded<index_t>(g, indices, o, c, pz, py, px, target)) return scalar_t(0);
+  return grad_out[(o * g.full_plane() + target) * g.inner + c];
+}
+
+}  // namespace max_unpool
+}  // namespace segkernels

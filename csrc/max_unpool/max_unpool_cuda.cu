@@ -1,0 +1,314 @@
+// CUDA kernels for max-pooling with indices and max-unpooling. The per-element logic is the
+// same host/device code the CPU kernels run (max_unpool.h); this file only maps it onto threads.
+//
+// Unpool forward, disjoint windows (SegNet's 2x2/2): one block per output row, each thread
+// takes pooled entries of that row and writes all their taps, so every output element is
+// written exactly once, with no zero-fill pass and no atomics. Each block also counts how
+// many entries found their target; one host read of that count (check_indices=True) proves
+// every index valid, and only on a mismatch does a classification pass run to raise the
+// error or switch to the general path.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "max_unpool/max_unpool_host.h"
+
+namespace segkernels {
+namespace max_unpool {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+
+int64_t grid_for(int64_t work) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min<int64_t>(work, sms * 32));
+}
+
+__device__ __forceinline__ void add_block_count(int64_t local, unsigned long long* counter) {
+  for (int off = 16; off > 0; off /= 2) local += __shfl_down_sync(0xffffffffu, local, off);
+  __shared__ int64_t warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = local;
+  __syncthreads();
+  if (warp == 0) {
+    int64_t v = lane < kThreads / 32 ? warp_sums[lane] : 0;
+    for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+    if (lane == 0 && v != 0) atomicAdd(counter, static_cast<unsigned long long>(v));
+  }
+  __syncthreads();
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void pool_forward_kernel(Geometry g, const scalar_t* __restrict__ input, scalar_t* __restrict__ values,
+                                    index_t* __restrict__ indices, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t per_outer = g.pooled_plane() * g.inner;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = e / per_outer;
+    const int64_t rem = e - o * per_outer;
+    const int64_t pf = rem / g.inner;
+    const int64_t c = rem - pf * g.inner;
+    const int64_t px = pf % g.ax[2].pooled;
+    const int64_t py = (pf / g.ax[2].pooled) % g.ax[1].pooled;
+    const int64_t pz = pf / (g.ax[2].pooled * g.ax[1].pooled);
+    scalar_t best;
+    int64_t flat, tap;
+    pool_max_element<scalar_t, acc_t>(g, input, o, pz, py, px, c, best, flat, tap);
+    values[e] = best;
+    indices[e] = IndexKind<index_t>::compact ? static_cast<index_t>(tap) : static_cast<index_t>(flat);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void unpool_rows_kernel(Geometry g, const scalar_t* __restrict__ vals, const index_t* __restrict__ idx,
+                                   scalar_t* __restrict__ out, int64_t rows, bool x_gaps,
+                                   unsigned long long* matches) {
+  int64_t local = 0;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t y = r % g.ax[1].full;
+    const int64_t z = (r / g.ax[1].full) % g.ax[0].full;
+    const int64_t o = r / (g.ax[1].full * g.ax[0].full);
+    local += unpool_row_disjoint<scalar_t, index_t>(g, vals, idx, out, o, z, y, x_gaps, threadIdx.x, blockDim.x);
+  }
+  add_block_count(local, matches);
+}
+
+template <typename scalar_t, typename index_t, bool kSum>
+__global__ void unpool_gather_kernel(Geometry g, const scalar_t* __restrict__ vals, const index_t* __restrict__ idx,
+                                     scalar_t* __restrict__ out, int64_t total, unsigned long long* matches) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t per_outer = g.full_plane() * g.inner;
+  int64_t local = 0;
+  // Uniform trip count per block so every thread reaches the block reduction.
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x); base < total; base += stride) {
+    const int64_t e = base + threadIdx.x;
+    if (e < total) {
+      const int64_t o = e / per_outer;
+      const int64_t rem = e - o * per_outer;
+      const int64_t f = rem / g.inner;
+      const int64_t c = rem - f * g.inner;
+      const int64_t x = f % g.ax[2].full;
+      const int64_t y = (f / g.ax[2].full) % g.ax[1].full;
+      const int64_t z = f / (g.ax[2].full * g.ax[1].full);
+      out[e] = unpool_gather_element<scalar_t, acc_t, index_t, kSum>(g, vals, idx, o, z, y, x, c, local);
+    }
+  }
+  add_block_count(local, matches);
+}
+
+// Entry decode shared by the classification, scatter and backward kernels.
+struct EntryPos {
+  int64_t o, c, pz, py, px, pf;
+};
+__device__ __forceinline__ EntryPos decode_entry(const Geometry& g, int64_t e) {
+  const int64_t per_outer = g.pooled_plane() * g.inner;
+  EntryPos p;
+  p.o = e / per_outer;
+  const int64_t rem = e - p.o * per_outer;
+  p.pf = rem / g.inner;
+  p.c = rem - p.pf * g.inner;
+  p.px = p.pf % g.ax[2].pooled;
+  p.py = (p.pf / g.ax[2].pooled) % g.ax[1].pooled;
+  p.pz = p.pf / (g.ax[2].pooled * g.ax[1].pooled);
+  return p;
+}
+
+template <typename index_t>
+__global__ void classify_kernel(Geometry g, const index_t* __restrict__ idx, int64_t total,
+                                unsigned long long* counts /* [out_of_range, outside_window] */) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const EntryPos p = decode_entry(g, e);
+    int64_t target;
+    const int s = entry_status<index_t>(g, p.pz, p.py, p.px, idx[e], target);
+    if (s == kOutOfRange) atomicAdd(counts, 1ull);
+    if (s == kOutsideWindow) atomicAdd(counts + 1, 1ull);
+  }
+}
+
+// General int64 path: the winner of each output element is the latest entry in scan order;
+// integer atomicMax makes that choice independent of thread timing.
+__global__ void elect_winners_kernel(Geometry g, const int64_t* __restrict__ idx, int64_t total,
+                                     unsigned long long* winners) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const EntryPos p = decode_entry(g, e);
+    const int64_t t = idx[e];
+    if (t < 0 || t >= g.full_plane()) continue;
+    atomicMax(winners + (p.o * g.full_plane() + t) * g.inner + p.c, static_cast<unsigned long long>(p.pf + 1));
+  }
+}
+
+template <typename scalar_t>
+__global__ void gather_winners_kernel(Geometry g, const scalar_t* __restrict__ vals,
+                                      const unsigned long long* __restrict__ winners, scalar_t* __restrict__ out,
+                                      int64_t total) {
+  const int64_t per_outer = g.full_plane() * g.inner;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t w = static_cast<int64_t>(winners[e]);
+    const int64_t o = e / per_outer;
+    const int64_t c = (e - o * per_outer) % g.inner;
+    out[e] = w == 0 ? scalar_t(0) : vals[(o * g.pooled_plane() + (w - 1)) * g.inner + c];
+  }
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void unpool_backward_kernel(Geometry g, const scalar_t* __restrict__ grad_out,
+                                       const index_t* __restrict__ idx, scalar_t* __restrict__ grad_in, int64_t total,
+                                       bool overlapping) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    grad_in[e] = unpool_backward_element<scalar_t, index_t>(g, grad_out, idx, e, overlapping);
+  }
+}
+
+std::tuple<Tensor, Tensor> max_pool_with_indices_cuda(const Tensor& input, at::IntArrayRef kernel,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, bool ceil_mode, bool compact) {
+  c10::cuda::CUDAGuard guard(input.device());
+  PoolArgs a = prepare_pool(input, kernel, stride, padding, dilation, ceil_mode, compact);
+  const Geometry& g = a.geometry;
+  const Tensor& in = a.input;
+  Tensor values = a.values, indices = a.indices;
+  const int64_t total = values.numel();
+  if (total == 0) return {values, indices};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = grid_for((total + kThreads - 1) / kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "max_pool_with_indices_cuda", [&] {
+    if (compact)
+      pool_forward_kernel<scalar_t, uint8_t><<<blocks, kThreads, 0, stream>>>(
+          g, in.const_data_ptr<scalar_t>(), values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<uint8_t>(),
+          total);
+    else
+      pool_forward_kernel<scalar_t, int64_t><<<blocks, kThreads, 0, stream>>>(
+          g, in.const_data_ptr<scalar_t>(), values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(),
+          total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {values, indices};
+}
+
+// Returns a device counter of matched entries (see file comment).
+template <bool kSum>
+Tensor gather_into_full(UnpoolArgs& a) {
+  const Geometry& g = a.geometry;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  Tensor matches = at::zeros({1}, a.values.options().dtype(at::kLong));
+  auto* counter = reinterpret_cast<unsigned long long*>(matches.mutable_data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.values.scalar_type(), "max_unpool_cuda", [&] {
+    const scalar_t* vals = a.values.const_data_ptr<scalar_t>();
+    scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+    auto run = [&](auto* idx) {
+      using index_t = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
+      if (all_axes_disjoint(g)) {
+        const int64_t rows = full_rows(g, a.outer);
+        unpool_rows_kernel<scalar_t, index_t>
+            <<<grid_for(rows), kThreads, 0, stream>>>(g, vals, idx, out, rows, has_x_gaps(g), counter);
+      } else {
+        const int64_t total = a.out.numel();
+        unpool_gather_kernel<scalar_t, index_t, kSum>
+            <<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(g, vals, idx, out, total, counter);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (a.indices.scalar_type() == at::kByte)
+      run(a.indices.const_data_ptr<uint8_t>());
+    else
+      run(a.indices.const_data_ptr<int64_t>());
+  });
+  return matches;
+}
+
+Tensor max_unpool_cuda(const Tensor& input, const Tensor& indices, at::IntArrayRef kernel, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef output_size,
+                       bool check_indices) {
+  c10::cuda::CUDAGuard guard(input.device());
+  UnpoolArgs a = prepare_unpool(input, indices, kernel, stride, padding, dilation, output_size, "max_unpool");
+  if (a.out.numel() == 0) return a.out;
+  const Tensor matches = gather_into_full<false>(a);
+  const int64_t entries = a.indices.numel();
+  // The one host synchronisation of this op, and only with check_indices=True.
+  if (!check_indices || matches.item<int64_t>() == entries) return a.out;
+  const Geometry& g = a.geometry;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = grid_for((entries + kThreads - 1) / kThreads);
+  Tensor counts = at::zeros({2}, a.values.options().dtype(at::kLong));
+  auto* cptr = reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>());
+  const bool compact = a.indices.scalar_type() == at::kByte;
+  if (compact)
+    classify_kernel<uint8_t><<<blocks, kThreads, 0, stream>>>(g, a.indices.const_data_ptr<uint8_t>(), entries, cptr);
+  else
+    classify_kernel<int64_t><<<blocks, kThreads, 0, stream>>>(g, a.indices.const_data_ptr<int64_t>(), entries, cptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const Tensor host_counts = counts.cpu();
+  const int64_t out_of_range = host_counts[0].item<int64_t>();
+  TORCH_CHECK_INDEX(out_of_range == 0, out_of_range_message("max_unpool", out_of_range, compact));
+  if (host_counts[1].item<int64_t>() == 0) return a.out;
+  Tensor winners = at::zeros(a.out.sizes(), a.values.options().dtype(at::kLong).memory_format(a.out.suggest_memory_format()));
+  auto* wptr = reinterpret_cast<unsigned long long*>(winners.mutable_data_ptr<int64_t>());
+  elect_winners_kernel<<<blocks, kThreads, 0, stream>>>(g, a.indices.const_data_ptr<int64_t>(), entries, wptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t total = a.out.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.values.scalar_type(), "max_unpool_winners_cuda", [&] {
+    gather_winners_kernel<scalar_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        g, a.values.const_data_ptr<scalar_t>(), wptr, a.out.mutable_data_ptr<scalar_t>(), total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return a.out;
+}
+
+Tensor max_pool_backward_cuda(const Tensor& grad_output, const Tensor& indices, at::IntArrayRef kernel,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              at::IntArrayRef input_size) {
+  c10::cuda::CUDAGuard guard(grad_output.device());
+  UnpoolArgs a = prepare_unpool(grad_output, indices, kernel, stride, padding, dilation, input_size, "max_pool_backward");
+  if (a.out.numel() > 0) gather_into_full<true>(a);
+  return a.out;
+}
+
+Tensor max_unpool_backward_cuda(const Tensor& grad_output, const Tensor& indices, at::IntArrayRef kernel,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                bool only_winners) {
+  c10::cuda::CUDAGuard guard(grad_output.device());
+  UnpoolBackwardArgs a = prepare_unpool_backward(grad_output, indices, kernel, stride, padding, dilation);
+  const Geometry& g = a.geometry;
+  const Tensor& go = a.grad_output;
+  const Tensor& idx = a.indices;
+  Tensor grad_input = a.grad_input;
+  const int64_t total = grad_input.numel();
+  if (total == 0) return grad_input;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = grid_for((total + kThreads - 1) / kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_unpool_backward_cuda", [&] {
+    if (idx.scalar_type() == at::kByte)
+      unpool_backward_kernel<scalar_t, uint8_t><<<blocks, kThreads, 0, stream>>>(
+          g, go.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+          total, only_winners && !all_axes_disjoint(g));
+    else
+      unpool_backward_kernel<scalar_t, int64_t><<<blocks, kThreads, 0, stream>>>(
+          g, go.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+          total, only_winners && !all_axes_disjoint(g));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segkernels, CUDA, m) {
+  m.impl("max_pool_with_indices", &max_pool_with_indices_cuda);
+  m.impl("max_unpool", &max_unpool_cuda);
+  m.impl("max_unpool_backward", &max_unpool_backward_cuda);
+  m.impl("max_pool_backward", &max_pool_backward_cuda);
+}
+
+}  // namespace max_unpool
+}  // namespace segkernels

@@ -1,0 +1,33 @@
+"""segkernels: fused kernels for training and compressing semantic-segmentation networks.
+
+Every op has a compiled kernel (C++ on CPU, CUDA C++ or Triton on GPU) and a plain-PyTorch
+reference beside it; when the compiled kernels are unavailable the references run instead.
+"""
+
+from ._library import (
+    cuda_kernels_available,
+    kernel_load_error,
+    kernels_available,
+    triton_available,
+)
+from .max_unpool import (
+    max_pool2d_with_indices,
+    max_pool3d_with_indices,
+    max_unpool2d,
+    max_unpool3d,
+)
+from . import nn  # noqa: E402  (modules over the ops above)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cuda_kernels_available",
+    "kernel_load_error",
+    "kernels_available",
+    "triton_available",
+    "max_pool2d_with_indices",
+    "max_pool3d_with_indices",
+    "max_unpool2d",
+    "max_unpool3d",
+    "nn",
+]

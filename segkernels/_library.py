@@ -1,0 +1,89 @@
+"""Loading of the compiled extension and detection of the optional GPU back ends.
+
+``import segkernels`` must never fail because ``segkernels._C`` is missing or broken: the ops
+then run their plain-PyTorch references, and a warning says so once.
+Set ``SEGKERNELS_DISABLE_KERNELS=1`` to force that fallback (used by the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+_load_error: Exception | None = None
+_loaded = False
+
+if os.environ.get("SEGKERNELS_DISABLE_KERNELS", "0") == "1":
+    _load_error = RuntimeError("disabled by SEGKERNELS_DISABLE_KERNELS=1")
+else:
+    try:
+        from . import _C  # noqa: F401  (importing registers the TORCH_LIBRARY ops)
+
+        _loaded = True
+    except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+        _load_error = exc
+
+
+def kernels_available() -> bool:
+    """True when the compiled segkernels kernels are loaded (otherwise references run)."""
+    return _loaded
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernels_available() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    return _loaded and bool(torch.ops.segkernels.built_with_cuda())
+
+
+def kernel_load_error() -> Exception | None:
+    """Why the compiled kernels are not in use, or None when they are."""
+    return _load_error
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(
+        f"segkernels: compiled kernels unavailable ({reason}); falling back to the plain-PyTorch "
+        "reference implementations, which are correct but slower.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def use_compiled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled op can run on these tensors; warns once when it cannot."""
+    if not _loaded:
+        _warn_fallback(str(_load_error))
+        return False
+    if any(t.device.type == "cuda" for t in tensors) and not cuda_kernels_available():
+        _warn_fallback("the extension was built without CUDA kernels")
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton can be imported (GPU kernels, or CPU tensors under TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where Triton kernels run on CPU tensors (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take this tensor: CUDA tensors, or CPU ones when interpreting."""
+    if not triton_available():
+        return False
+    return t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpreting())

@@ -1,0 +1,465 @@
+"""max_pool{2,3}d_with_indices and max_unpool{2,3}d against ATen and the package reference."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segkernels
+from helpers import (
+    DEVICES,
+    FLOAT_DTYPES,
+    assert_close,
+    assert_no_nan,
+    gradcheck,
+    requires_kernels,
+    run_opcheck,
+    to_layout,
+)
+from segkernels.max_unpool import (
+    compact_to_flat_indices,
+    reference_max_pool_with_indices,
+    reference_max_unpool,
+)
+
+pytestmark = requires_kernels
+
+# (kernel, stride, padding, dilation, ceil_mode): disjoint and overlapping windows, padding,
+# dilation holes, stride > kernel (gaps), ceil_mode.
+GEOMETRIES_2D = [
+    ((2, 2), (2, 2), (0, 0), (1, 1), False),
+    ((3, 3), (2, 2), (1, 1), (1, 1), True),
+    ((3, 2), (1, 2), (1, 0), (1, 1), False),
+    ((2, 3), (3, 4), (1, 1), (2, 1), True),
+    ((3, 3), (3, 3), (1, 0), (1, 1), True),
+    ((2, 2), (1, 1), (0, 0), (2, 2), False),
+]
+GEOMETRIES_3D = [
+    ((2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), False),
+    ((3, 2, 3), (2, 2, 1), (1, 1, 1), (1, 1, 1), True),
+    ((2, 2, 2), (3, 2, 3), (0, 1, 0), (2, 1, 1), False),
+]
+SHAPES_2D = [(2, 3, 9, 11), (1, 5, 8, 8), (3, 2, 13, 7)]
+SHAPES_3D = [(2, 3, 6, 7, 9), (1, 2, 5, 8, 6)]
+
+
+def _random_input(shape, dtype, device, kind="randn"):
+    if kind == "ties":  # few distinct values: many equal maxima per window
+        return torch.randint(-2, 3, shape, device=device).to(dtype)
+    x = torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+    if kind == "nan":
+        mask = torch.rand(shape, device=device) < 0.15
+        x = x.masked_fill(mask, float("nan"))
+        x = x.masked_fill(torch.rand(shape, device=device) < 0.1, float("-inf"))
+    return x
+
+
+def _pool(x, geometry, compact=False):
+    k, s, p, d, c = geometry
+    fn = segkernels.max_pool2d_with_indices if len(k) == 2 else segkernels.max_pool3d_with_indices
+    return fn(x, k, s, p, d, c, compact=compact)
+
+
+def _unpool(v, i, geometry, output_size, **kw):
+    k, s, p, d, _ = geometry
+    fn = segkernels.max_unpool2d if len(k) == 2 else segkernels.max_unpool3d
+    return fn(v, i, k, s, p, output_size, dilation=d, **kw)
+
+
+def _aten_pool(x, geometry):
+    k, s, p, d, c = geometry
+    fn = F.max_pool2d if len(k) == 2 else F.max_pool3d
+    return fn(x, k, s, p, d, c, return_indices=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("geometry", GEOMETRIES_2D + GEOMETRIES_3D)
+@pytest.mark.parametrize("kind", ["randn", "ties", "nan"])
+def test_pool_matches_aten(device, dtype, geometry, kind):
+    shapes = SHAPES_2D if len(geometry[0]) == 2 else SHAPES_3D
+    for shape in shapes:
+        x = _random_input(shape, dtype, device, kind)
+        values, indices = _pool(x, geometry)
+        ref_values, ref_indices = _aten_pool(x, geometry)
+        assert_close(values, ref_values, exact=True)
+        assert_close(indices, ref_indices, exact=True)
+        cvalues, cindices = _pool(x, geometry, compact=True)
+        assert cindices.dtype == torch.uint8
+        assert_close(cvalues, ref_values, exact=True)
+        k, s, p, d, c = geometry
+        _, ref_compact = reference_max_pool_with_indices(x, k, s, p, d, c, compact=True)
+        assert_close(cindices, ref_compact, exact=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pool_layouts(device, layout, dims):
+    geometry = GEOMETRIES_2D[1] if dims == 2 else GEOMETRIES_3D[1]
+    shape = (2, 6, 11, 9) if dims == 2 else (2, 4, 5, 7, 6)
+    x = to_layout(_random_input(shape, torch.float32, device), layout)
+    values, indices = _pool(x, geometry)
+    ref_values, ref_indices = _aten_pool(x.contiguous(), geometry)
+    assert_close(values, ref_values, exact=True)
+    assert_close(indices, ref_indices, exact=True)
+    if layout == "channels_last":  # kept, not copied back to NCHW
+        fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+        assert values.is_contiguous(memory_format=fmt) and indices.is_contiguous(memory_format=fmt)
+
+
+def test_pool_unbatched_and_empty():
+    x = torch.randn(3, 8, 10)
+    v, i = segkernels.max_pool2d_with_indices(x, 2)
+    rv, ri = F.max_pool2d(x, 2, return_indices=True)
+    assert_close(v, rv, exact=True)
+    assert_close(i, ri, exact=True)
+    empty = torch.randn(0, 3, 8, 10)
+    v, i = segkernels.max_pool2d_with_indices(empty, 2, compact=True)
+    assert v.shape == (0, 3, 4, 5) and i.shape == (0, 3, 4, 5) and i.dtype == torch.uint8
+
+
+# ----------------------------------------------------------------------------------------------
+# Unpooling
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("geometry", GEOMETRIES_2D + GEOMETRIES_3D)
+def test_unpool_matches_aten_and_reference(device, dtype, geometry):
+    shapes = SHAPES_2D if len(geometry[0]) == 2 else SHAPES_3D
+    k, s, p, d, _ = geometry
+    for shape in shapes:
+        x = _random_input(shape, dtype, device)
+        values, indices = _pool(x, geometry)
+        out = _unpool(values, indices, geometry, x.shape[2:])
+        assert_no_nan(out)
+        expected = reference_max_unpool(values, indices, k, s, p, d, list(x.shape[2:]))
+        assert_close(out, expected, exact=True)
+        if all(v == 1 for v in d):  # ATen's unpool has no dilation argument
+            aten = (F.max_unpool2d if len(k) == 2 else F.max_unpool3d)(values, indices, k, s, p, x.shape[2:])
+            assert_close(out, aten, exact=True)
+        cvalues, cindices = _pool(x, geometry, compact=True)
+        assert_close(_unpool(cvalues, cindices, geometry, x.shape[2:]), expected, exact=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpool_default_and_given_output_size(device):
+    x = torch.randn(2, 3, 8, 10, device=device)
+    v, i = segkernels.max_pool2d_with_indices(x, 2)
+    out = segkernels.max_unpool2d(v, i, 2)
+    assert_close(out, F.max_unpool2d(v, i, 2), exact=True)
+    # SegNet with odd sizes: the decoder passes the encoder's size back.
+    x = torch.randn(2, 3, 9, 11, device=device)
+    v, i = segkernels.max_pool2d_with_indices(x, 2, ceil_mode=True)
+    for size in [(9, 11), (2, 3, 9, 11), (10, 12), (11, 11)]:
+        out = segkernels.max_unpool2d(v, i, 2, output_size=size)
+        assert_close(out, F.max_unpool2d(v, i, 2, output_size=size), exact=True)
+        vc, ic = segkernels.max_pool2d_with_indices(x, 2, ceil_mode=True, compact=True)
+        if tuple(size[-2:]) == (9, 11):  # flat indices only mean the same positions at the pooled size
+            assert_close(segkernels.max_unpool2d(vc, ic, 2, output_size=size), out, exact=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_unpool_layouts(device, layout, dims):
+    geometry = GEOMETRIES_2D[0] if dims == 2 else GEOMETRIES_3D[0]
+    shape = (2, 6, 10, 8) if dims == 2 else (2, 4, 6, 8, 4)
+    x = _random_input(shape, torch.float32, device)
+    values, indices = _aten_pool(x, geometry)
+    expected = (F.max_unpool2d if dims == 2 else F.max_unpool3d)(values, indices, geometry[0], geometry[1])
+    out = _unpool(to_layout(values, layout), to_layout(indices, layout), geometry, None)
+    assert_close(out, expected, exact=True)
+    if layout == "channels_last":
+        fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+        assert out.is_contiguous(memory_format=fmt)
+    # overlapping windows through the general gather, channels_last too
+    overlapping = GEOMETRIES_2D[2] if dims == 2 else GEOMETRIES_3D[1]
+    v, i = _pool(to_layout(x, layout), overlapping)
+    k, s, p, d, _ = overlapping
+    assert_close(
+        _unpool(v, i, overlapping, x.shape[2:]),
+        reference_max_unpool(v.contiguous(), i.contiguous(), k, s, p, d, list(x.shape[2:])),
+        exact=True,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpool_arbitrary_indices_last_wins(device):
+    # Indices that max-pooling could never produce: anywhere in the plane, with collisions.
+    v = torch.randn(2, 3, 5, 6, device=device)
+    out_size = (10, 12)
+    i = torch.randint(0, 10 * 12, v.shape, device=device)
+    i[0, 0, 0, :3] = 7  # three entries name element 7; the last in scan order wins
+    out = segkernels.max_unpool2d(v, i, 2, output_size=out_size)
+    expected = reference_max_unpool(v, i, (2, 2), (2, 2), (0, 0), (1, 1), list(out_size))
+    assert_close(out, expected, exact=True)
+    assert out[0, 0].flatten()[7] == v[0, 0, 0, 2]
+    if device == "cpu":  # ATen's CPU kernel uses the same rule
+        assert_close(out, F.max_unpool2d(v, i, 2, output_size=out_size), exact=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpool_empty_batch(device):
+    v = torch.randn(0, 4, 5, 6, device=device)
+    i = torch.zeros(0, 4, 5, 6, dtype=torch.long, device=device)
+    assert segkernels.max_unpool2d(v, i, 2).shape == (0, 4, 10, 12)
+    v3 = torch.randn(0, 2, 3, 4, 5, device=device)
+    assert segkernels.max_unpool3d(v3, torch.zeros_like(v3, dtype=torch.uint8), 2).shape == (0, 2, 6, 8, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients, op checks, compile, determinism
+
+
+def test_gradcheck_pool_and_unpool():
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64, requires_grad=True)
+    for geometry in [GEOMETRIES_2D[0], GEOMETRIES_2D[1], GEOMETRIES_2D[3]]:
+        for compact in (False, True):
+            gradcheck(lambda t: _pool(t, geometry, compact)[0], (x,))
+            values, indices = _pool(x.detach(), geometry, compact)
+            v = values.clone().requires_grad_(True)
+            gradcheck(lambda t: _unpool(t, indices, geometry, x.shape[2:]), (v,))
+    x3 = torch.randn(1, 2, 5, 6, 5, dtype=torch.float64, requires_grad=True)
+    gradcheck(lambda t: _pool(t, GEOMETRIES_3D[1], True)[0], (x3,))
+
+
+def test_gradgradcheck():
+    x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: segkernels.max_pool2d_with_indices(t, 3, 2, 1)[0], (x,))
+    v, i = segkernels.max_pool2d_with_indices(x.detach(), 2, compact=True)
+    v.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: segkernels.max_unpool2d(t, i, 2, output_size=(6, 7)), (v,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_backward_matches_aten(device):
+    for geometry in GEOMETRIES_2D + GEOMETRIES_3D:
+        shape = SHAPES_2D[0] if len(geometry[0]) == 2 else SHAPES_3D[0]
+        x = _random_input(shape, torch.float32, device, "ties").requires_grad_(True)
+        values, _ = _pool(x, geometry, compact=True)
+        g = torch.randn_like(values)
+        (grad,) = torch.autograd.grad(values, x, g)
+        x2 = x.detach().clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(_aten_pool(x2, geometry)[0], x2, g)
+        assert_close(grad, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    ops = torch.ops.segkernels
+    x = torch.randn(2, 3, 8, 9, device=device, requires_grad=True)
+    for compact in (False, True):
+        run_opcheck(ops.max_pool_with_indices.default, (x, [2, 2], [2, 2], [0, 0], [1, 1], False, compact))
+        run_opcheck(ops.max_pool_with_indices.default, (x, [3, 3], [2, 1], [1, 1], [1, 1], True, compact))
+        v, i = ops.max_pool_with_indices(x.detach(), [2, 2], [2, 2], [0, 0], [1, 1], False, compact)
+        v.requires_grad_(True)
+        run_opcheck(ops.max_unpool.default, (v, i, [2, 2], [2, 2], [0, 0], [1, 1], [8, 9], True))
+        g = torch.randn(2, 3, 8, 9, device=device, requires_grad=True)
+        for only_winners in (True, False):
+            run_opcheck(ops.max_unpool_backward.default, (g, i, [2, 2], [2, 2], [0, 0], [1, 1], only_winners))
+        run_opcheck(ops.max_pool_backward.default, (v, i, [2, 2], [2, 2], [0, 0], [1, 1], [8, 9]))
+    x3 = torch.randn(1, 2, 4, 6, 5, device=device, requires_grad=True).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    run_opcheck(ops.max_pool_with_indices.default, (x3, [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], False, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def encoder_decoder(x):
+        v, i = segkernels.max_pool2d_with_indices(x, 2, compact=True)
+        return segkernels.max_unpool2d(torch.relu(v), i, 2, output_size=x.shape[2:])
+
+    compiled = torch.compile(encoder_decoder, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 10, 12, device=device, requires_grad=True)
+    out = compiled(x)
+    assert_close(out, encoder_decoder(x), exact=True)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_mode_and_bitwise_repeatable(device):
+    x = torch.randn(4, 8, 33, 31, device=device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(3):
+            for geometry in (GEOMETRIES_2D[0], GEOMETRIES_2D[2]):
+                v, i = _pool(x, geometry)
+                runs.append(_unpool(v, i, geometry, x.shape[2:]))
+        for a, b in zip(runs[0::2], runs[2::2]):
+            assert torch.equal(a, b)
+        # ATen refuses here (nondeterministic alert), we do not.
+        if device == "cuda":
+            v, i = F.max_pool2d(x, 2, return_indices=True)
+            with pytest.raises(RuntimeError):
+                F.max_unpool2d(v, i, 2)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: a clear Python exception, never a crash or an out-of-bounds write
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_error_index_out_of_range(device):
+    v = torch.randn(1, 2, 4, 4, device=device)
+    i = torch.zeros_like(v, dtype=torch.long)
+    i[0, 1, 2, 3] = 64  # output is 8 x 8
+    with pytest.raises(IndexError, match="outside"):
+        segkernels.max_unpool2d(v, i, 2)
+    i[0, 1, 2, 3] = -1
+    with pytest.raises(IndexError, match="outside"):
+        segkernels.max_unpool2d(v, i, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_error_compact_offset_too_large(device):
+    v = torch.randn(1, 2, 4, 4, device=device)
+    i = torch.zeros_like(v, dtype=torch.uint8)
+    i[0, 0, 1, 1] = 4  # window 2x2 has offsets 0..3
+    with pytest.raises(IndexError, match="compact"):
+        segkernels.max_unpool2d(v, i, 2)
+    # a tap that lands past a smaller output
+    v, i = segkernels.max_pool2d_with_indices(torch.randn(1, 1, 4, 4, device=device), 2, compact=True)
+    i.fill_(3)
+    with pytest.raises(IndexError):
+        segkernels.max_unpool2d(v, i, 2, output_size=(3, 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_indices_unchecked_never_write_out_of_bounds(device):
+    v = torch.randn(1, 2, 4, 4, device=device)
+    i = torch.randint(0, 64, v.shape, device=device)
+    i[0, 0, 0, 0] = 10**12
+    i[0, 1, 3, 3] = -5
+    out = segkernels.max_unpool2d(v, i, 2, check_indices=False)
+    assert out.shape == (1, 2, 8, 8) and torch.isfinite(out).all()
+    ci = torch.full_like(v, 200, dtype=torch.uint8)
+    out = segkernels.max_unpool2d(v, ci, 2, check_indices=False)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_error_messages_name_the_argument():
+    v = torch.randn(1, 2, 4, 4)
+    i = torch.zeros_like(v, dtype=torch.long)
+    with pytest.raises(TypeError, match="indices must be int64"):
+        segkernels.max_unpool2d(v, i.int(), 2)
+    with pytest.raises(ValueError, match="indices must have the shape"):
+        segkernels.max_unpool2d(v, i[:, :1], 2)
+    with pytest.raises(ValueError, match="invalid output_size"):
+        segkernels.max_unpool2d(v, i, 2, output_size=(20, 20))
+    with pytest.raises(ValueError, match="output_size should be a sequence"):
+        segkernels.max_unpool2d(v, i, 2, output_size=(8,))
+    with pytest.raises(ValueError, match="at most 256"):
+        segkernels.max_pool2d_with_indices(torch.randn(1, 1, 40, 40), 17, compact=True)
+    with pytest.raises(ValueError, match="at most 256"):
+        segkernels.max_unpool2d(v, i.to(torch.uint8), 17)
+    with pytest.raises(TypeError, match="input must be float16"):
+        segkernels.max_pool2d_with_indices(torch.ones(1, 1, 4, 4, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="input must have shape"):
+        segkernels.max_pool2d_with_indices(torch.randn(4, 4), 2)
+    with pytest.raises(ValueError, match="padding must be at most half"):
+        segkernels.max_pool2d_with_indices(torch.randn(1, 1, 8, 8), 2, padding=2)
+    with pytest.raises(ValueError, match="too small"):
+        segkernels.max_pool2d_with_indices(torch.randn(1, 1, 2, 2), 3)
+    with pytest.raises(ValueError, match="kernel_size must be positive"):
+        segkernels.max_pool2d_with_indices(torch.randn(1, 1, 8, 8), 0)
+    with pytest.raises(ValueError, match="stride"):
+        segkernels.max_unpool2d(v, i, 2, stride=(1, 2, 3))
+
+
+def test_direct_op_calls_are_checked_in_cpp():
+    ops = torch.ops.segkernels
+    v = torch.randn(1, 2, 4, 4)
+    with pytest.raises(RuntimeError, match="indices must have the shape"):
+        ops.max_unpool(v, torch.zeros(1, 2, 4, 3, dtype=torch.long), [2, 2], [2, 2], [0, 0], [1, 1], [8, 8], True)
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.max_unpool(v, torch.zeros(1, 2, 4, 4, dtype=torch.int32), [2, 2], [2, 2], [0, 0], [1, 1], [8, 8], True)
+    with pytest.raises(RuntimeError, match="stride must be positive"):
+        ops.max_pool_with_indices(v, [2, 2], [0, 2], [0, 0], [1, 1], False, False)
+    with pytest.raises(IndexError):
+        ops.max_unpool(v, torch.full((1, 2, 4, 4), 99, dtype=torch.long), [2, 2], [2, 2], [0, 0], [1, 1], [8, 8], True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules and the reference fallback
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules_drop_in(device):
+    x = torch.randn(2, 4, 12, 10, device=device)
+    pool, ref_pool = segkernels.nn.MaxPool2d(2, return_indices=True), torch.nn.MaxPool2d(2, return_indices=True)
+    unpool, ref_unpool = segkernels.nn.MaxUnpool2d(2), torch.nn.MaxUnpool2d(2)
+    v, i = pool(x)
+    rv, ri = ref_pool(x)
+    assert_close(unpool(v, i, output_size=x.shape), ref_unpool(rv, ri, output_size=x.shape), exact=True)
+    assert_close(segkernels.nn.MaxPool2d(2)(x), torch.nn.MaxPool2d(2)(x), exact=True)
+    vc, ic = segkernels.nn.MaxPool2d(2, return_indices=True, compact=True)(x)
+    assert_close(unpool(vc, ic), ref_unpool(rv, ri), exact=True)
+    x3 = torch.randn(1, 2, 6, 4, 8, device=device)
+    v3, i3 = segkernels.nn.MaxPool3d(2, return_indices=True, compact=True)(x3)
+    rv3, ri3 = torch.nn.MaxPool3d(2, return_indices=True)(x3)
+    assert_close(segkernels.nn.MaxUnpool3d(2)(v3, i3), torch.nn.MaxUnpool3d(2)(rv3, ri3), exact=True)
+
+
+def test_compact_to_flat_roundtrip():
+    x = torch.randn(2, 3, 9, 10)
+    k, s, p, d = (3, 3), (2, 2), (1, 1), (1, 1)
+    _, flat = F.max_pool2d(x, k, s, p, d, return_indices=True)
+    _, compact = segkernels.max_pool2d_with_indices(x, k, s, p, d, compact=True)
+    assert torch.equal(compact_to_flat_indices(compact, (9, 10), k, s, p, d), flat)
+
+
+def test_import_without_kernels_falls_back_to_reference():
+    code = (
+        "import warnings, torch, torch.nn.functional as F\n"
+        "import segkernels\n"
+        "assert not segkernels.kernels_available()\n"
+        "x = torch.randn(2, 3, 8, 8)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    v, i = segkernels.max_pool2d_with_indices(x, 2, compact=True)\n"
+        "    out = segkernels.max_unpool2d(v, i, 2)\n"
+        "    segkernels.max_unpool2d(v, i, 2)\n"
+        "assert sum('falling back' in str(m.message) for m in w) == 1, [str(m.message) for m in w]\n"
+        "rv, ri = F.max_pool2d(x, 2, return_indices=True)\n"
+        "assert torch.equal(out, F.max_unpool2d(rv, ri, 2))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, SEGKERNELS_DISABLE_KERNELS="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA against CPU (the CPU kernels run the same index math; this checks the thread mapping)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cuda_matches_cpu(dtype):
+    for geometry in GEOMETRIES_2D + GEOMETRIES_3D:
+        shape = (3, 5, 37, 41) if len(geometry[0]) == 2 else (2, 3, 9, 10, 11)
+        x = _random_input(shape, dtype, "cpu", "nan")
+        for compact in (False, True):
+            v, i = _pool(x, geometry, compact)
+            vc, ic = _pool(x.cuda(), geometry, compact)
+            assert_close(vc.cpu(), v, exact=True)
+            assert_close(ic.cpu(), i, exact=True)
+            out = _unpool(v, i, geometry, x.shape[2:])
+            assert_close(_unpool(vc, ic, geometry, x.shape[2:]).cpu(), out, exact=True)
