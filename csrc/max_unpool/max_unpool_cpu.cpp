@@ -7,6 +7,11 @@
 #include <torch/library.h>
 
 #include <atomic>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+#include <cstring>
+#include <type_traits>
 
 #include "max_unpool/max_unpool_host.h"
 
@@ -19,44 +24,314 @@ using at::Tensor;
 // Rows of work per parallel task: enough to amortise scheduling, small enough to balance.
 int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len)); }
 
+// Taps [first, last) of window pc that fall inside the full map along one axis.
+inline void valid_taps(const Axis& a, int64_t pc, int64_t& first, int64_t& last) {
+  const int64_t start = pc * a.stride - a.padding;
+  first = start < 0 ? ceil_div(-start, a.dilation) : 0;
+  const int64_t room = a.full - 1 - start;  // last in-bounds offset from the window start
+  last = room < 0 ? 0 : std::min<int64_t>(a.kernel, room / a.dilation + 1);
+}
+
+// One pooled row (outer, pz, py, all px, all c). Same scan order and NaN rule as
+// pool_max_element (max_unpool.h) with the per-element tap-range divisions hoisted out; for
+// channels-last the channel loop is innermost so the compare-select vectorises.
+template <typename scalar_t, typename index_t>
+void pool_row_cpu(const Geometry& g, const scalar_t* in, scalar_t* vout, index_t* iout, int64_t o, int64_t pz,
+                  int64_t py, const std::vector<int64_t>& x_taps, std::vector<at::opmath_type<scalar_t>>& best,
+                  std::vector<int64_t>& arg) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t C = g.inner;
+  const bool compact = IndexKind<index_t>::compact;
+  int64_t tz0, tz1, ty0, ty1;
+  valid_taps(az, pz, tz0, tz1);
+  valid_taps(ay, py, ty0, ty1);
+  const scalar_t* base = in + o * g.full_plane() * C;
+  const int64_t out_row = ((o * az.pooled + pz) * ay.pooled + py) * ax.pooled * C;
+  // Rows of the two y taps of a 2x2 (stride 2, no dilation) window, when both are inside.
+  const bool pair_rows = tz1 - tz0 == 1 && ty0 == 0 && ty1 == 2 && ay.kernel == 2 && ax.kernel == 2 &&
+                         ax.dilation == 1 && ay.dilation == 1;
+  const int64_t row0 = (tap_coord(az, pz, tz0) * ay.full + tap_coord(ay, py, 0)) * ax.full;
+  const int64_t row1 = row0 + ax.full;
+  const int64_t tap0 = (tz0 * ay.kernel) * ax.kernel;  // compact offset of (tz0, 0, 0)
+  for (int64_t px = 0; px < ax.pooled; ++px) {
+    const int64_t tx0 = x_taps[2 * px], tx1 = x_taps[2 * px + 1];
+    const int64_t z0 = tap_coord(az, pz, tz0), y0 = tap_coord(ay, py, ty0), x0 = tap_coord(ax, px, tx0);
+    const int64_t first_flat = (z0 * ay.full + y0) * ax.full + x0;
+    const int64_t first_tap = (tz0 * ay.kernel + ty0) * ax.kernel + tx0;
+    scalar_t* vo = vout + out_row + px * C;
+    index_t* io = iout + out_row + px * C;
+    if (C == 1 && pair_rows && tx0 == 0 && tx1 == 2) {
+      // SegNet's 2x2 window, all four taps inside: a branch-free compare-select chain, since
+      // which tap wins is random and a branch would mispredict half the time.
+      const scalar_t* r0 = base + row0 + tap_coord(ax, px, 0);
+      const scalar_t* r1 = base + row1 + tap_coord(ax, px, 0);
+      acc_t m = static_cast<acc_t>(r0[0]);
+      int a = 0;
+      const acc_t v1 = static_cast<acc_t>(r0[1]), v2 = static_cast<acc_t>(r1[0]), v3 = static_cast<acc_t>(r1[1]);
+      bool take = v1 > m || v1 != v1;
+      m = take ? v1 : m;
+      a = take ? 1 : a;
+      take = v2 > m || v2 != v2;
+      m = take ? v2 : m;
+      a = take ? 2 : a;
+      take = v3 > m || v3 != v3;
+      m = take ? v3 : m;
+      a = take ? 3 : a;
+      vo[0] = static_cast<scalar_t>(m);
+      const int64_t x = tap_coord(ax, px, a & 1);
+      io[0] = static_cast<index_t>(compact ? tap0 + a : (a & 2 ? row1 : row0) + x);
+      continue;
+    }
+    if (C == 1) {
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      int64_t a = compact ? first_tap : first_flat;
+      for (int64_t tz = tz0; tz < tz1; ++tz) {
+        for (int64_t ty = ty0; ty < ty1; ++ty) {
+          const int64_t row = (tap_coord(az, pz, tz) * ay.full + tap_coord(ay, py, ty)) * ax.full;
+          const int64_t tap_row = (tz * ay.kernel + ty) * ax.kernel;
+          for (int64_t tx = tx0; tx < tx1; ++tx) {
+            const int64_t flat = row + tap_coord(ax, px, tx);
+            const acc_t v = static_cast<acc_t>(base[flat]);
+            if (v > m || v != v) {
+              m = v;
+              a = compact ? tap_row + tx : flat;
+            }
+          }
+        }
+      }
+      vo[0] = static_cast<scalar_t>(m);
+      io[0] = static_cast<index_t>(a);
+      continue;
+    }
+    std::fill(best.begin(), best.begin() + C, -std::numeric_limits<acc_t>::infinity());
+    std::fill(arg.begin(), arg.begin() + C, compact ? first_tap : first_flat);
+    acc_t* bp = best.data();
+    int64_t* ap = arg.data();
+    for (int64_t tz = tz0; tz < tz1; ++tz) {
+      for (int64_t ty = ty0; ty < ty1; ++ty) {
+        const int64_t row = (tap_coord(az, pz, tz) * ay.full + tap_coord(ay, py, ty)) * ax.full;
+        const int64_t tap_row = (tz * ay.kernel + ty) * ax.kernel;
+        for (int64_t tx = tx0; tx < tx1; ++tx) {
+          const int64_t flat = row + tap_coord(ax, px, tx);
+          const int64_t label = compact ? tap_row + tx : flat;
+          const scalar_t* src = base + flat * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t v = static_cast<acc_t>(src[c]);
+            const bool take = v > bp[c] || v != v;
+            bp[c] = take ? v : bp[c];
+            ap[c] = take ? label : ap[c];
+          }
+        }
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      vo[c] = static_cast<scalar_t>(bp[c]);
+      io[c] = static_cast<index_t>(ap[c]);
+    }
+  }
+}
+
 std::tuple<Tensor, Tensor> max_pool_with_indices_cpu(const Tensor& input, at::IntArrayRef kernel,
                                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                                      at::IntArrayRef dilation, bool ceil_mode, bool compact) {
   PoolArgs a = prepare_pool(input, kernel, stride, padding, dilation, ceil_mode, compact);
   if (a.values.numel() == 0) return {a.values, a.indices};
   const Geometry& g = a.geometry;
-  const Tensor& in = a.input;
-  Tensor values = a.values, indices = a.indices;
   const int64_t outer = a.values.size(0) * (g.inner == 1 ? a.values.size(1) : 1);
   const int64_t rows = outer * g.ax[0].pooled * g.ax[1].pooled;
   const int64_t row_len = g.ax[2].pooled * g.inner;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "max_pool_with_indices_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* src = in.const_data_ptr<scalar_t>();
-    scalar_t* vout = values.mutable_data_ptr<scalar_t>();
-    int64_t* iout64 = compact ? nullptr : indices.mutable_data_ptr<int64_t>();
-    uint8_t* iout8 = compact ? indices.mutable_data_ptr<uint8_t>() : nullptr;
-    at::parallel_for(0, rows, row_grain(row_len), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t py = r % g.ax[1].pooled;
-        const int64_t pz = (r / g.ax[1].pooled) % g.ax[0].pooled;
-        const int64_t o = r / (g.ax[1].pooled * g.ax[0].pooled);
-        for (int64_t i = 0; i < row_len; ++i) {
-          const int64_t px = i / g.inner;
-          const int64_t c = i - px * g.inner;
-          scalar_t best;
-          int64_t flat, tap;
-          pool_max_element<scalar_t, acc_t>(g, src, o, pz, py, px, c, best, flat, tap);
-          vout[r * row_len + i] = best;
-          if (compact)
-            iout8[r * row_len + i] = static_cast<uint8_t>(tap);
-          else
-            iout64[r * row_len + i] = flat;
+  // Valid x taps of every window, [first, last) pairs: the same for every row, and a division
+  // per element if recomputed.
+  std::vector<int64_t> x_taps(2 * g.ax[2].pooled);
+  for (int64_t px = 0; px < g.ax[2].pooled; ++px) valid_taps(g.ax[2], px, x_taps[2 * px], x_taps[2 * px + 1]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "max_pool_with_indices_cpu", [&] {
+    const scalar_t* src = a.input.const_data_ptr<scalar_t>();
+    scalar_t* vout = a.values.mutable_data_ptr<scalar_t>();
+    auto run = [&](auto* iout) {
+      using index_t = std::remove_pointer_t<decltype(iout)>;
+      at::parallel_for(0, rows, row_grain(row_len), [&](int64_t begin, int64_t end) {
+        std::vector<at::opmath_type<scalar_t>> best(g.inner);
+        std::vector<int64_t> arg(g.inner);
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t py = r % g.ax[1].pooled;
+          const int64_t pz = (r / g.ax[1].pooled) % g.ax[0].pooled;
+          const int64_t o = r / (g.ax[1].pooled * g.ax[0].pooled);
+          pool_row_cpu<scalar_t, index_t>(g, src, vout, iout, o, pz, py, x_taps, best, arg);
         }
-      }
-    });
+      });
+    };
+    if (compact)
+      run(a.indices.mutable_data_ptr<uint8_t>());
+    else
+      run(a.indices.mutable_data_ptr<int64_t>());
   });
-  return {values, indices};
+  return {a.values, a.indices};
+}
+
+// All ones when keep, else zero: which tap of a window holds the maximum is random, so a
+// branch here mispredicts half the time; a mask never does.
+template <typename bits_t>
+inline bits_t keep_mask(bool keep) {
+  return static_cast<bits_t>(bits_t(0) - static_cast<bits_t>(keep));
+}
+
+// Writes (v, 0), (0, v) or (0, 0) for rel = 0, 1 or anything else. For 2- and 4-byte elements
+// the pair is built in one wider integer and stored once: left to itself the compiler packs the
+// two narrow stores through the stack and stalls on store forwarding.
+// With kStream the store bypasses the cache (movnti): a large output is written once and not
+// read back soon, and streaming saves the read-for-ownership of every line.
+template <bool kStream, typename wide_t>
+inline void store_wide(void* out, wide_t value) {
+#if defined(__SSE2__)
+  if constexpr (kStream && sizeof(wide_t) == 8) {
+    _mm_stream_si64(static_cast<long long*>(out), static_cast<long long>(value));
+    return;
+  } else if constexpr (kStream && sizeof(wide_t) == 4) {
+    _mm_stream_si32(static_cast<int*>(out), static_cast<int>(value));
+    return;
+  }
+#endif
+  std::memcpy(out, &value, sizeof(value));
+}
+
+template <bool kStream, typename bits_t>
+inline void store_pair(bits_t* out, bits_t v, int64_t rel) {
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "pair packing assumes little-endian");
+  const bool hit = static_cast<uint64_t>(rel) < 2;
+  if constexpr (sizeof(bits_t) < 8) {
+    using wide_t = std::conditional_t<sizeof(bits_t) == 2, uint32_t, uint64_t>;
+    const wide_t pair = (static_cast<wide_t>(v) << ((rel & 1) * 8 * sizeof(bits_t))) & keep_mask<wide_t>(hit);
+    store_wide<kStream>(out, pair);
+  } else {
+    out[0] = v & keep_mask<bits_t>(rel == 0);
+    out[1] = v & keep_mask<bits_t>(rel == 1);
+  }
+}
+
+// Disjoint-window unpooling of one full-map row. Same result as unpool_row_disjoint
+// (max_unpool.h), with loops ordered for the CPU: channels innermost for channels-last, and the
+// SegNet case (NCHW, kernel = stride = 2 along x, no dilation) as branch-free pair stores.
+template <bool kStream, typename bits_t, typename index_t>
+int64_t unpool_row_disjoint_cpu(const Geometry& g, const bits_t* vals, const index_t* idx, bits_t* out, int64_t o,
+                                int64_t z, int64_t y, const std::vector<uint8_t>& x_is_gap) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t C = g.inner;
+  const int64_t W = ax.full;
+  bits_t* orow = out + ((o * az.full + z) * ay.full + y) * W * C;
+  int64_t pz, tz, py, ty;
+  if (!single_window(az, z, pz, tz) || !single_window(ay, y, py, ty)) {
+    std::fill(orow, orow + W * C, bits_t(0));
+    return 0;
+  }
+  const int64_t prow = ((o * az.pooled + pz) * ay.pooled + py) * ax.pooled * C;
+  const bits_t* vrow = vals + prow;
+  const index_t* irow = idx + prow;
+  const int64_t row_flat = (z * ay.full + y) * W;
+  const int64_t tap_row = (tz * ay.kernel + ty) * ax.kernel;
+  const bool compact = IndexKind<index_t>::compact;
+  int64_t matches = 0;
+  auto entry = [&](int64_t px) {
+    for (int64_t tx = 0; tx < ax.kernel; ++tx) {
+      const int64_t x = tap_coord(ax, px, tx);
+      if (x < 0 || x >= W) continue;
+      const int64_t want = compact ? tap_row + tx : row_flat + x;
+      const index_t* ip = irow + px * C;
+      const bits_t* vp = vrow + px * C;
+      bits_t* op = orow + x * C;
+      int64_t hits = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const bool hit = static_cast<int64_t>(ip[c]) == want;
+        op[c] = vp[c] & keep_mask<bits_t>(hit);
+        hits += hit;
+      }
+      matches += hits;
+    }
+  };
+  int64_t lo = 0, hi = 0;  // entries [lo, hi) take the pair-store path
+  if (C == 1 && ax.kernel == 2 && ax.stride == 2 && ax.dilation == 1) {
+    lo = std::min<int64_t>(ax.pooled, ceil_div(ax.padding, 2));
+    hi = std::max<int64_t>(lo, std::min<int64_t>(ax.pooled, floor_div(W - 2 + ax.padding, 2) + 1));
+    const int64_t base = compact ? tap_row : row_flat - ax.padding;
+    int64_t hits = 0;
+    for (int64_t px = lo; px < hi; ++px) {
+      // Offset of the stored index from the entry's first tap: 0 or 1 when it names a tap.
+      const int64_t rel = static_cast<int64_t>(irow[px]) - (compact ? base : base + 2 * px);
+      store_pair<kStream>(orow + 2 * px - ax.padding, vrow[px], rel);
+      hits += static_cast<uint64_t>(rel) < 2;
+    }
+    matches += hits;
+  }
+  for (int64_t px = 0; px < lo; ++px) entry(px);
+  for (int64_t px = hi; px < ax.pooled; ++px) entry(px);
+  if (!x_is_gap.empty()) {
+    for (int64_t x = 0; x < W; ++x)
+      if (x_is_gap[x]) std::fill(orow + x * C, orow + (x + 1) * C, bits_t(0));
+  }
+  return matches;
+}
+
+// Calls fn(bits_t*) with the tensor's storage viewed as raw bit patterns of its element width.
+// Unpooling and its gradient only move values (all-zero bits are +0.0), so they run on bits:
+// one instantiation per width instead of per dtype, and integer selects that vectorise.
+template <typename Fn>
+void with_bits(int64_t element_size, Fn&& fn) {
+  switch (element_size) {
+    case 2:
+      fn(uint16_t{});
+      break;
+    case 4:
+      fn(uint32_t{});
+      break;
+    case 8:
+      fn(uint64_t{});
+      break;
+    default:
+      TORCH_CHECK(false, "segkernels: unsupported element size ", element_size);
+  }
+}
+
+template <typename index_t>
+int64_t unpool_disjoint_cpu(UnpoolArgs& a, const index_t* idx) {
+  const Geometry& g = a.geometry;
+  const int64_t rows = full_rows(g, a.outer);
+  std::vector<uint8_t> x_is_gap;
+  if (has_x_gaps(g)) {
+    x_is_gap.resize(g.ax[2].full);
+    for (int64_t x = 0; x < g.ax[2].full; ++x) {
+      int64_t pc, tap;
+      x_is_gap[x] = !single_window(g.ax[2], x, pc, tap);
+    }
+  }
+  std::atomic<int64_t> matches{0};
+  // Stream outputs well beyond the last-level cache; smaller ones are likely read next from it.
+  const bool stream = a.out.nbytes() > (int64_t{16} << 20);
+  auto run = [&](auto* vals, auto* out) {
+    using bits_t = std::remove_const_t<std::remove_pointer_t<decltype(out)>>;
+    at::parallel_for(0, rows, row_grain(g.ax[2].full * g.inner), [&](int64_t begin, int64_t end) {
+      int64_t local = 0;
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t y = r % g.ax[1].full;
+        const int64_t z = (r / g.ax[1].full) % g.ax[0].full;
+        const int64_t o = r / (g.ax[1].full * g.ax[0].full);
+        local += stream ? unpool_row_disjoint_cpu<true, bits_t, index_t>(g, vals, idx, out, o, z, y, x_is_gap)
+                        : unpool_row_disjoint_cpu<false, bits_t, index_t>(g, vals, idx, out, o, z, y, x_is_gap);
+      }
+#if defined(__SSE2__)
+      if (stream) _mm_sfence();  // order the streamed stores before the task reports done
+#endif
+      matches += local;
+    });
+  };
+  with_bits(a.values.element_size(), [&](auto zero) {
+    using bits_t = decltype(zero);
+    run(static_cast<const bits_t*>(a.values.const_data_ptr()), static_cast<bits_t*>(a.out.mutable_data_ptr()));
+  });
+  return matches.load();
 }
 
 // Gathers pooled values into the full map; returns how many entries found their target.
@@ -73,17 +348,8 @@ int64_t gather_into_full(UnpoolArgs& a) {
     auto run = [&](auto* idx) {
       using index_t = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       if (all_axes_disjoint(g)) {
-        const bool x_gaps = has_x_gaps(g);
-        at::parallel_for(0, rows, row_grain(row_len), [&](int64_t begin, int64_t end) {
-          int64_t local = 0;
-          for (int64_t r = begin; r < end; ++r) {
-            const int64_t y = r % g.ax[1].full;
-            const int64_t z = (r / g.ax[1].full) % g.ax[0].full;
-            const int64_t o = r / (g.ax[1].full * g.ax[0].full);
-            local += unpool_row_disjoint<scalar_t, index_t>(g, vals, idx, out, o, z, y, x_gaps, 0, 1);
-          }
-          matches += local;
-        });
+        // At most one entry per element: the sum (max-pool backward) is that entry's value.
+        matches += unpool_disjoint_cpu<index_t>(a, idx);
       } else {
         at::parallel_for(0, rows, row_grain(row_len), [&](int64_t begin, int64_t end) {
           int64_t local = 0;
@@ -184,34 +450,93 @@ Tensor max_pool_backward_cpu(const Tensor& grad_output, const Tensor& indices, a
   return a.out;
 }
 
+// Unpool backward one pooled row at a time: int64 entries gather straight from their index;
+// compact entries add a per-offset displacement to their window's first tap, checking bounds
+// only for windows that reach past the map. Same result as unpool_backward_element
+// (max_unpool.h), which still serves overlapping windows, where entries that lost their
+// target get zero.
+template <typename bits_t, typename index_t>
+void unpool_backward_rows_cpu(const Geometry& g, int64_t outer, const bits_t* go, const index_t* idx, bits_t* gi) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t C = g.inner;
+  const int64_t FP = g.full_plane();
+  const int64_t K = g.window_size();
+  std::vector<int64_t> displacement(K);
+  for (int64_t off = 0; off < K; ++off) {
+    const int64_t tz = off / (ay.kernel * ax.kernel);
+    const int64_t ty = (off / ax.kernel) % ay.kernel;
+    const int64_t tx = off % ax.kernel;
+    displacement[off] = (tz * az.dilation * ay.full + ty * ay.dilation) * ax.full + tx * ax.dilation;
+  }
+  const int64_t* disp = displacement.data();
+  auto inside = [](const Axis& a, int64_t start) { return start >= 0 && start + (a.kernel - 1) * a.dilation < a.full; };
+  const int64_t rows = outer * az.pooled * ay.pooled;
+  at::parallel_for(0, rows, row_grain(ax.pooled * C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t py = r % ay.pooled;
+      const int64_t pz = (r / ay.pooled) % az.pooled;
+      const int64_t o = r / (ay.pooled * az.pooled);
+      const int64_t z0 = tap_coord(az, pz, 0), y0 = tap_coord(ay, py, 0);
+      const bool zy_inside = inside(az, z0) && inside(ay, y0);
+      const bits_t* gplane = go + o * FP * C;
+      for (int64_t px = 0; px < ax.pooled; ++px) {
+        const int64_t x0 = tap_coord(ax, px, 0);
+        const bool window_inside = zy_inside && inside(ax, x0);
+        const int64_t first = (z0 * ay.full + y0) * ax.full + x0;
+        const int64_t e0 = (r * ax.pooled + px) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t id = static_cast<int64_t>(idx[e0 + c]);
+          int64_t t;
+          bool valid;
+          if (!IndexKind<index_t>::compact) {
+            valid = static_cast<uint64_t>(id) < static_cast<uint64_t>(FP);
+            t = id;
+          } else if (window_inside) {
+            valid = id < K;
+            t = first + disp[valid ? id : 0];
+          } else {
+            valid = entry_status<index_t>(g, pz, py, px, idx[e0 + c], t) != kOutOfRange;
+          }
+          // Always load (element 0 of the plane when invalid) and mask: no branch in the loop.
+          gi[e0 + c] = gplane[(valid ? t : 0) * C + c] & keep_mask<bits_t>(valid);
+        }
+      }
+    }
+  });
+}
+
 // d(unpool)/d(input): each entry reads the output gradient at its target (zero when invalid).
 Tensor max_unpool_backward_cpu(const Tensor& grad_output, const Tensor& indices, at::IntArrayRef kernel,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                bool only_winners) {
   UnpoolBackwardArgs a = prepare_unpool_backward(grad_output, indices, kernel, stride, padding, dilation);
   const Geometry& g = a.geometry;
-  const Tensor& go = a.grad_output;
-  const Tensor& idx_t = a.indices;
-  Tensor grad_input = a.grad_input;
-  if (grad_input.numel() == 0) return grad_input;
-  const int64_t total = grad_input.numel();
+  const int64_t total = a.grad_input.numel();
+  if (total == 0) return a.grad_input;
+  const int64_t outer = a.grad_input.size(0) * (g.inner == 1 ? a.grad_input.size(1) : 1);
   const bool overlapping = only_winners && !all_axes_disjoint(g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_unpool_backward_cpu", [&] {
-    const scalar_t* gsrc = go.const_data_ptr<scalar_t>();
-    scalar_t* gdst = grad_input.mutable_data_ptr<scalar_t>();
-    auto run = [&](auto* idx) {
+  with_bits(a.grad_output.element_size(), [&](auto zero) {
+    using bits_t = decltype(zero);
+    const bits_t* go = static_cast<const bits_t*>(a.grad_output.const_data_ptr());
+    bits_t* gi = static_cast<bits_t*>(a.grad_input.mutable_data_ptr());
+    auto run = [&](const auto* idx) {
       using index_t = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
+      if (!overlapping) {
+        unpool_backward_rows_cpu<bits_t, index_t>(g, outer, go, idx, gi);
+        return;
+      }
       at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t e = begin; e < end; ++e)
-          gdst[e] = unpool_backward_element<scalar_t, index_t>(g, gsrc, idx, e, overlapping);
+        for (int64_t e = begin; e < end; ++e) gi[e] = unpool_backward_element<bits_t, index_t>(g, go, idx, e, true);
       });
     };
-    if (idx_t.scalar_type() == at::kByte)
-      run(idx_t.const_data_ptr<uint8_t>());
+    if (a.indices.scalar_type() == at::kByte)
+      run(a.indices.const_data_ptr<uint8_t>());
     else
-      run(idx_t.const_data_ptr<int64_t>());
+      run(a.indices.const_data_ptr<int64_t>());
   });
-  return grad_input;
+  return a.grad_input;
 }
 
 }  // namespace
