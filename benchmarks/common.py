@@ -8,6 +8,7 @@ pytest-benchmark JSON into the markdown table and the plot.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 from typing import Callable
@@ -44,6 +45,16 @@ def _proc_status(key: str) -> int:
     raise KeyError(key)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Extra memory at the op's peak (its outputs included), measured, not estimated.
 
@@ -59,6 +70,13 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
+        # Make glibc hand large freed buffers back to the OS for the duration, so the op's own
+        # allocations show in the resident set instead of landing on recycled pages.
+        libc = _libc()
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+            libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+            libc.malloc_trim(0)
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -67,6 +85,10 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
             peak = _proc_status("VmHWM:") - base
         except OSError:
             return -1
+        finally:
+            if libc is not None:  # back to glibc's ceilings, so timings see its usual recycling
+                libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+                libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
     del out
     return peak
 

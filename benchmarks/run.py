@@ -71,10 +71,7 @@ def main() -> int:
     cmd += ["--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
     if args.filter:
         cmd += ["-k", args.filter]
-    # A fixed mmap threshold makes glibc return freed buffers to the OS, so the peak-RSS
-    # measurement of each op sees its own allocations rather than recycled pages.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    rc = subprocess.call(cmd, cwd=HERE, env=env)
+    rc = subprocess.call(cmd, cwd=HERE)
     if rc != 0 or not os.path.exists(json_path):
         print(f"benchmarks failed (pytest exit {rc})", file=sys.stderr)
         return rc or 1
