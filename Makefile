@@ -27,13 +27,17 @@ $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)
 
 install: $(EXT_STAMP)
 
+RESULTS := build/test-results
+
 test: install
-	$(PYTEST) tests -q
+	@mkdir -p $(RESULTS)
+	$(PYTEST) tests -q --junitxml=$(RESULTS)/tests.xml
 	$(MAKE) --no-print-directory test-triton
 
 # Triton kernels on CPU tensors under the interpreter (exit 5 = no Triton tests collected).
 test-triton: install
-	TRITON_INTERPRET=1 $(PYTEST) tests -q -m triton; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	@mkdir -p $(RESULTS)
+	TRITON_INTERPRET=1 $(PYTEST) tests -q -m triton --junitxml=$(RESULTS)/triton.xml; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 bench: install
 	$(PY) benchmarks/run.py --out $(BENCH_DIR)

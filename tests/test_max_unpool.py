@@ -312,6 +312,19 @@ def test_deterministic_mode_and_bitwise_repeatable(device):
         torch.use_deterministic_algorithms(previous)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_keeps_input_dtype(device):
+    # Pooling and unpooling only move values: under autocast they run in the input's dtype,
+    # like ATen's max-pooling.
+    x = torch.randn(2, 3, 8, 10, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        v, i = segkernels.max_pool2d_with_indices(x, 2, compact=True)
+        out = segkernels.max_unpool2d(v, i, 2)
+    assert v.dtype == torch.float32 and out.dtype == torch.float32
+    rv, ri = F.max_pool2d(x, 2, return_indices=True)
+    assert_close(out, F.max_unpool2d(rv, ri, 2), exact=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors: a clear Python exception, never a crash or an out-of-bounds write
 
