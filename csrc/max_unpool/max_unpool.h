@@ -38,6 +38,36 @@ struct Geometry {
   SK_HD int64_t window_size() const { return ax[0].kernel * ax[1].kernel * ax[2].kernel; }
 };
 
+// Position of element e of a tensor in the Geometry's layout: outer index, channel (within
+// `inner`) and spatial coordinates, on the pooled map (pooled = true) or the full one.
+struct Position {
+  int64_t o, c, z, y, x;
+  int64_t flat;  // (z * H + y) * W + x on that map
+};
+
+SK_HD Position decode_position(const Geometry& g, int64_t e, bool pooled) {
+  const int64_t D = pooled ? g.ax[0].pooled : g.ax[0].full;
+  const int64_t H = pooled ? g.ax[1].pooled : g.ax[1].full;
+  const int64_t W = pooled ? g.ax[2].pooled : g.ax[2].full;
+  const int64_t per_outer = D * H * W * g.inner;
+  Position p;
+  p.o = e / per_outer;
+  const int64_t rem = e - p.o * per_outer;
+  p.flat = rem / g.inner;
+  p.c = rem - p.flat * g.inner;
+  p.x = p.flat % W;
+  p.y = (p.flat / W) % H;
+  p.z = p.flat / (W * H);
+  return p;
+}
+
+// Row r = (outer * D + z) * H + y of a map with extents D, H.
+SK_HD void decode_row(int64_t r, int64_t D, int64_t H, int64_t& o, int64_t& z, int64_t& y) {
+  y = r % H;
+  z = (r / H) % D;
+  o = r / (H * D);
+}
+
 // Coordinate of tap t of window pc on the full map (may lie in the padding).
 SK_HD int64_t tap_coord(const Axis& a, int64_t pc, int64_t t) {
   return pc * a.stride - a.padding + t * a.dilation;
@@ -295,19 +325,13 @@ SK_HD bool superseded(const Geometry& g, const index_t* indices, int64_t outer, 
 template <typename scalar_t, typename index_t>
 SK_HD scalar_t unpool_backward_element(const Geometry& g, const scalar_t* grad_out, const index_t* indices,
                                        int64_t e, bool overlapping) {
-  const int64_t per_outer = g.pooled_plane() * g.inner;
-  const int64_t o = e / per_outer;
-  const int64_t rem = e - o * per_outer;
-  const int64_t pf = rem / g.inner;
-  const int64_t c = rem - pf * g.inner;
-  const int64_t px = pf % g.ax[2].pooled;
-  const int64_t py = (pf / g.ax[2].pooled) % g.ax[1].pooled;
-  const int64_t pz = pf / (g.ax[2].pooled * g.ax[1].pooled);
+  const Position p = decode_position(g, e, true);
   int64_t target;
-  const int s = entry_status<index_t>(g, pz, py, px, indices[e], target);
+  const int s = entry_status<index_t>(g, p.z, p.y, p.x, indices[e], target);
   if (s == kOutOfRange) return scalar_t(0);
-  if (overlapping && s == kInWindow && superseded<index_t>(g, indices, o, c, pz, py, px, target)) return scalar_t(0);
-  return grad_out[(o * g.full_plane() + target) * g.inner + c];
+  if (overlapping && s == kInWindow && superseded<index_t>(g, indices, p.o, p.c, p.z, p.y, p.x, target))
+    return scalar_t(0);
+  return grad_out[(p.o * g.full_plane() + target) * g.inner + p.c];
 }
 
 }  // namespace max_unpool

@@ -156,9 +156,8 @@ std::tuple<Tensor, Tensor> max_pool_with_indices_cpu(const Tensor& input, at::In
         std::vector<at::opmath_type<scalar_t>> best(g.inner);
         std::vector<int64_t> arg(g.inner);
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t py = r % g.ax[1].pooled;
-          const int64_t pz = (r / g.ax[1].pooled) % g.ax[0].pooled;
-          const int64_t o = r / (g.ax[1].pooled * g.ax[0].pooled);
+          int64_t o, pz, py;
+          decode_row(r, g.ax[0].pooled, g.ax[1].pooled, o, pz, py);
           pool_row_cpu<scalar_t, index_t>(g, src, vout, iout, o, pz, py, x_taps, best, arg);
         }
       });
@@ -315,9 +314,8 @@ int64_t unpool_disjoint_cpu(UnpoolArgs& a, const index_t* idx) {
     at::parallel_for(0, rows, row_grain(g.ax[2].full * g.inner), [&](int64_t begin, int64_t end) {
       int64_t local = 0;
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t y = r % g.ax[1].full;
-        const int64_t z = (r / g.ax[1].full) % g.ax[0].full;
-        const int64_t o = r / (g.ax[1].full * g.ax[0].full);
+        int64_t o, z, y;
+        decode_row(r, g.ax[0].full, g.ax[1].full, o, z, y);
         local += stream ? unpool_row_disjoint_cpu<true, bits_t, index_t>(g, vals, idx, out, o, z, y, x_is_gap)
                         : unpool_row_disjoint_cpu<false, bits_t, index_t>(g, vals, idx, out, o, z, y, x_is_gap);
       }
@@ -354,9 +352,8 @@ int64_t gather_into_full(UnpoolArgs& a) {
         at::parallel_for(0, rows, row_grain(row_len), [&](int64_t begin, int64_t end) {
           int64_t local = 0;
           for (int64_t r = begin; r < end; ++r) {
-            const int64_t y = r % g.ax[1].full;
-            const int64_t z = (r / g.ax[1].full) % g.ax[0].full;
-            const int64_t o = r / (g.ax[1].full * g.ax[0].full);
+            int64_t o, z, y;
+            decode_row(r, g.ax[0].full, g.ax[1].full, o, z, y);
             for (int64_t i = 0; i < row_len; ++i) {
               const int64_t x = i / g.inner;
               out[r * row_len + i] =
@@ -380,17 +377,13 @@ template <typename index_t>
 void classify_entries(const UnpoolArgs& a, int64_t& out_of_range, int64_t& outside_window) {
   const Geometry& g = a.geometry;
   const index_t* idx = a.indices.const_data_ptr<index_t>();
-  const int64_t per_outer = g.pooled_plane() * g.inner;
   std::atomic<int64_t> bad{0}, moved{0};
-  at::parallel_for(0, a.outer * per_outer, 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.indices.numel(), 4096, [&](int64_t begin, int64_t end) {
     int64_t b = 0, m = 0;
     for (int64_t e = begin; e < end; ++e) {
-      const int64_t pf = (e % per_outer) / g.inner;
-      const int64_t px = pf % g.ax[2].pooled;
-      const int64_t py = (pf / g.ax[2].pooled) % g.ax[1].pooled;
-      const int64_t pz = pf / (g.ax[2].pooled * g.ax[1].pooled);
+      const Position p = decode_position(g, e, true);
       int64_t target;
-      const int s = entry_status<index_t>(g, pz, py, px, idx[e], target);
+      const int s = entry_status<index_t>(g, p.z, p.y, p.x, idx[e], target);
       b += s == kOutOfRange;
       m += s == kOutsideWindow;
     }
@@ -475,9 +468,8 @@ void unpool_backward_rows_cpu(const Geometry& g, int64_t outer, const bits_t* go
   const int64_t rows = outer * az.pooled * ay.pooled;
   at::parallel_for(0, rows, row_grain(ax.pooled * C), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t py = r % ay.pooled;
-      const int64_t pz = (r / ay.pooled) % az.pooled;
-      const int64_t o = r / (ay.pooled * az.pooled);
+      int64_t o, pz, py;
+      decode_row(r, az.pooled, ay.pooled, o, pz, py);
       const int64_t z0 = tap_coord(az, pz, 0), y0 = tap_coord(ay, py, 0);
       const bool zy_inside = inside(az, z0) && inside(ay, y0);
       const bits_t* gplane = go + o * FP * C;

@@ -47,19 +47,12 @@ template <typename scalar_t, typename index_t>
 __global__ void pool_forward_kernel(Geometry g, const scalar_t* __restrict__ input, scalar_t* __restrict__ values,
                                     index_t* __restrict__ indices, int64_t total) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t per_outer = g.pooled_plane() * g.inner;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = e / per_outer;
-    const int64_t rem = e - o * per_outer;
-    const int64_t pf = rem / g.inner;
-    const int64_t c = rem - pf * g.inner;
-    const int64_t px = pf % g.ax[2].pooled;
-    const int64_t py = (pf / g.ax[2].pooled) % g.ax[1].pooled;
-    const int64_t pz = pf / (g.ax[2].pooled * g.ax[1].pooled);
+    const Position p = decode_position(g, e, true);
     scalar_t best;
     int64_t flat, tap;
-    pool_max_element<scalar_t, acc_t>(g, input, o, pz, py, px, c, best, flat, tap);
+    pool_max_element<scalar_t, acc_t>(g, input, p.o, p.z, p.y, p.x, p.c, best, flat, tap);
     values[e] = best;
     indices[e] = IndexKind<index_t>::compact ? static_cast<index_t>(tap) : static_cast<index_t>(flat);
   }
@@ -71,9 +64,8 @@ __global__ void unpool_rows_kernel(Geometry g, const scalar_t* __restrict__ vals
                                    unsigned long long* matches) {
   int64_t local = 0;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const int64_t y = r % g.ax[1].full;
-    const int64_t z = (r / g.ax[1].full) % g.ax[0].full;
-    const int64_t o = r / (g.ax[1].full * g.ax[0].full);
+    int64_t o, z, y;
+    decode_row(r, g.ax[0].full, g.ax[1].full, o, z, y);
     local += unpool_row_disjoint<scalar_t, index_t>(g, vals, idx, out, o, z, y, x_gaps, threadIdx.x, blockDim.x);
   }
   add_block_count(local, matches);
@@ -83,41 +75,17 @@ template <typename scalar_t, typename index_t, bool kSum>
 __global__ void unpool_gather_kernel(Geometry g, const scalar_t* __restrict__ vals, const index_t* __restrict__ idx,
                                      scalar_t* __restrict__ out, int64_t total, unsigned long long* matches) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t per_outer = g.full_plane() * g.inner;
   int64_t local = 0;
   // Uniform trip count per block so every thread reaches the block reduction.
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x); base < total; base += stride) {
     const int64_t e = base + threadIdx.x;
     if (e < total) {
-      const int64_t o = e / per_outer;
-      const int64_t rem = e - o * per_outer;
-      const int64_t f = rem / g.inner;
-      const int64_t c = rem - f * g.inner;
-      const int64_t x = f % g.ax[2].full;
-      const int64_t y = (f / g.ax[2].full) % g.ax[1].full;
-      const int64_t z = f / (g.ax[2].full * g.ax[1].full);
-      out[e] = unpool_gather_element<scalar_t, acc_t, index_t, kSum>(g, vals, idx, o, z, y, x, c, local);
+      const Position p = decode_position(g, e, false);
+      out[e] = unpool_gather_element<scalar_t, acc_t, index_t, kSum>(g, vals, idx, p.o, p.z, p.y, p.x, p.c, local);
     }
   }
   add_block_count(local, matches);
-}
-
-// Entry decode shared by the classification, scatter and backward kernels.
-struct EntryPos {
-  int64_t o, c, pz, py, px, pf;
-};
-__device__ __forceinline__ EntryPos decode_entry(const Geometry& g, int64_t e) {
-  const int64_t per_outer = g.pooled_plane() * g.inner;
-  EntryPos p;
-  p.o = e / per_outer;
-  const int64_t rem = e - p.o * per_outer;
-  p.pf = rem / g.inner;
-  p.c = rem - p.pf * g.inner;
-  p.px = p.pf % g.ax[2].pooled;
-  p.py = (p.pf / g.ax[2].pooled) % g.ax[1].pooled;
-  p.pz = p.pf / (g.ax[2].pooled * g.ax[1].pooled);
-  return p;
 }
 
 template <typename index_t>
@@ -125,9 +93,9 @@ __global__ void classify_kernel(Geometry g, const index_t* __restrict__ idx, int
                                 unsigned long long* counts /* [out_of_range, outside_window] */) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const EntryPos p = decode_entry(g, e);
+    const Position p = decode_position(g, e, true);
     int64_t target;
-    const int s = entry_status<index_t>(g, p.pz, p.py, p.px, idx[e], target);
+    const int s = entry_status<index_t>(g, p.z, p.y, p.x, idx[e], target);
     if (s == kOutOfRange) atomicAdd(counts, 1ull);
     if (s == kOutsideWindow) atomicAdd(counts + 1, 1ull);
   }
@@ -139,10 +107,10 @@ __global__ void elect_winners_kernel(Geometry g, const int64_t* __restrict__ idx
                                      unsigned long long* winners) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const EntryPos p = decode_entry(g, e);
+    const Position p = decode_position(g, e, true);
     const int64_t t = idx[e];
     if (t < 0 || t >= g.full_plane()) continue;
-    atomicMax(winners + (p.o * g.full_plane() + t) * g.inner + p.c, static_cast<unsigned long long>(p.pf + 1));
+    atomicMax(winners + (p.o * g.full_plane() + t) * g.inner + p.c, static_cast<unsigned long long>(p.flat + 1));
   }
 }
 
@@ -150,13 +118,11 @@ template <typename scalar_t>
 __global__ void gather_winners_kernel(Geometry g, const scalar_t* __restrict__ vals,
                                       const unsigned long long* __restrict__ winners, scalar_t* __restrict__ out,
                                       int64_t total) {
-  const int64_t per_outer = g.full_plane() * g.inner;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t w = static_cast<int64_t>(winners[e]);
-    const int64_t o = e / per_outer;
-    const int64_t c = (e - o * per_outer) % g.inner;
-    out[e] = w == 0 ? scalar_t(0) : vals[(o * g.pooled_plane() + (w - 1)) * g.inner + c];
+    const Position p = decode_position(g, e, false);
+    out[e] = w == 0 ? scalar_t(0) : vals[(p.o * g.pooled_plane() + (w - 1)) * g.inner + p.c];
   }
 }
 
