@@ -26,6 +26,11 @@ TORCH_LIBRARY(segkernels, m) {
         "int[] padding, int[] dilation, bool only_winners) -> Tensor");
   m.def("max_pool_backward(Tensor grad_output, Tensor indices, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation, int[] input_size) -> Tensor");
+
+  // SegNet evaluation (csrc/confusion_matrix): input is logits (N, C, *spatial), argmax fused,
+  // or an int64 prediction map (N, *spatial). Returns the (C, C) int64 matrix (rows = true
+  // class) and a (1,) count of positions with a label or prediction outside [0, C).
+  m.def("confusion_matrix(Tensor input, Tensor labels, int num_classes, int ignore_index) -> (Tensor, Tensor)");
 }
 
 // `import segkernels._C` loads this library, which runs the static registrations above;

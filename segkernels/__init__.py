@@ -16,6 +16,8 @@ from .max_unpool import (
     max_unpool2d,
     max_unpool3d,
 )
+from .confusion_matrix import confusion_matrix
+from .metrics import median_frequency_weights, segmentation_scores
 from . import nn  # noqa: E402  (modules over the ops above)
 
 __version__ = "0.1.0"
@@ -29,5 +31,8 @@ __all__ = [
     "max_pool3d_with_indices",
     "max_unpool2d",
     "max_unpool3d",
+    "confusion_matrix",
+    "segmentation_scores",
+    "median_frequency_weights",
     "nn",
 ]

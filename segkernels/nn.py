@@ -15,7 +15,9 @@ from .max_unpool import (
     max_unpool3d,
 )
 
-__all__ = ["MaxPool2d", "MaxPool3d", "MaxUnpool2d", "MaxUnpool3d"]
+from .segnet import SegNet  # noqa: E402
+
+__all__ = ["MaxPool2d", "MaxPool3d", "MaxUnpool2d", "MaxUnpool3d", "SegNet"]
 
 
 class _MaxPoolNd(nn.Module):

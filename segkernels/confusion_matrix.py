@@ -1,0 +1,197 @@
+"""Confusion matrix of a segmentation, with the argmax over the logits fused in.
+
+``confusion_matrix(logits_or_predictions, labels, num_classes)`` reads the logits once and
+never materialises the prediction map. CPU: C++ (csrc/confusion_matrix). CUDA: a Triton kernel
+(per block of positions: running argmax over classes in registers, then an in-register
+histogram merged with integer atomics, so the result is deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library
+from ._testing import new_output
+
+__all__ = ["confusion_matrix", "reference_confusion_matrix"]
+
+
+def reference_confusion_matrix(
+    input: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
+    """argmax (first maximum wins, NaN counts as largest, as torch.argmax) then a bincount."""
+    pred = input.argmax(dim=1) if input.is_floating_point() else input
+    pred = pred.reshape(-1).long()
+    lab = labels.reshape(-1).long()
+    keep = lab != ignore_index
+    pred, lab = pred[keep], lab[keep]
+    if bool(((lab < 0) | (lab >= num_classes) | (pred < 0) | (pred >= num_classes)).any()):
+        raise ValueError(f"labels and predictions must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
+    return torch.bincount(lab * num_classes + pred, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton GPU kernel (also runs on CPU tensors under TRITON_INTERPRET=1, for the tests)
+
+if _library.triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _confusion_kernel(
+        x_ptr,
+        lab_ptr,
+        cm_ptr,
+        bad_ptr,
+        spatial,
+        classes,
+        ignore_index,
+        stride_n,
+        stride_c,
+        stride_p,
+        FROM_LOGITS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        NUM_BINS: tl.constexpr,
+        USE_HISTOGRAM: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        offs = pid_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < spatial
+        ptrs = x_ptr + n * stride_n + offs * stride_p
+        if FROM_LOGITS:
+            best = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            pred = tl.zeros([BLOCK], dtype=tl.int64)
+            for c in range(1, classes):
+                v = tl.load(ptrs + c * stride_c, mask=mask, other=0.0).to(tl.float32)
+                # torch.argmax: first maximum wins, and the first NaN wins over everything.
+                take = (best == best) & ((v > best) | (v != v))
+                best = tl.where(take, v, best)
+                pred = tl.where(take, c, pred)
+        else:
+            pred = tl.load(ptrs, mask=mask, other=0).to(tl.int64)
+        lab = tl.load(lab_ptr + n * spatial + offs, mask=mask, other=ignore_index)
+        counted = mask & (lab != ignore_index)
+        good = counted & (lab >= 0) & (lab < classes) & (pred >= 0) & (pred < classes)
+        bad = tl.sum((counted & ~good).to(tl.int64), axis=0)
+        tl.atomic_add(bad_ptr, bad, mask=bad > 0)
+        bins = tl.where(good, lab * classes + pred, 0)
+        if USE_HISTOGRAM:
+            # One atomic per non-empty bin per block instead of one per position: thousands of
+            # positions land in the same few bins, and same-address atomics serialise.
+            hist = tl.histogram(bins.to(tl.int32), NUM_BINS, mask=good)
+            nb = tl.arange(0, NUM_BINS)
+            tl.atomic_add(cm_ptr + nb, hist.to(tl.int64), mask=(nb < classes * classes) & (hist > 0))
+        else:
+            tl.atomic_add(cm_ptr + bins, tl.full([BLOCK], 1, tl.int64), mask=good)
+
+    _HISTOGRAM_MAX_BINS = 4096
+
+    def _confusion_matrix_triton(input: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int):
+        from_logits = input.is_floating_point()
+        n = labels.shape[0]
+        spatial = labels[0].numel() if n > 0 else 0
+        if from_logits:
+            x = input
+            channels_last = x.dim() > 2 and not x.is_contiguous() and x.permute(0, *range(2, x.dim()), 1).is_contiguous()
+            if not channels_last:
+                x = x.contiguous()
+            stride_n, stride_c = x.stride(0), x.stride(1)
+            stride_p = num_classes if channels_last else 1
+        else:
+            x = input.contiguous()
+            stride_n, stride_c, stride_p = spatial, 0, 1
+        lab = labels.contiguous()
+        matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=input.device)
+        invalid = torch.zeros(1, dtype=torch.int64, device=input.device)
+        if n == 0 or spatial == 0:
+            return matrix, invalid
+        bins = triton.next_power_of_2(num_classes * num_classes)
+        block = 1024 if not input.is_cuda else 512
+        grid = (triton.cdiv(spatial, block), n)
+        _confusion_kernel[grid](
+            x,
+            lab,
+            matrix,
+            invalid,
+            spatial,
+            num_classes,
+            ignore_index,
+            stride_n,
+            stride_c,
+            stride_p,
+            FROM_LOGITS=from_logits,
+            BLOCK=block,
+            NUM_BINS=bins if bins <= _HISTOGRAM_MAX_BINS else 1,
+            USE_HISTOGRAM=bins <= _HISTOGRAM_MAX_BINS,
+        )
+        return matrix, invalid
+
+
+# ----------------------------------------------------------------------------------------------
+# Op registration
+
+if _library.kernels_available():
+
+    @torch.library.register_fake("segkernels::confusion_matrix")
+    def _(input, labels, num_classes, ignore_index):
+        return (
+            labels.new_empty((num_classes, num_classes), dtype=torch.int64),
+            labels.new_empty((1,), dtype=torch.int64),
+        )
+
+    if _library.triton_available():
+        torch.library.register_kernel("segkernels::confusion_matrix", "cuda", _confusion_matrix_triton)
+
+
+def confusion_matrix(
+    input: torch.Tensor, labels: torch.Tensor, num_classes: int, *, ignore_index: int = 255
+) -> torch.Tensor:
+    """Confusion matrix (num_classes, num_classes) int64: rows are true classes, columns predictions.
+
+    Args:
+        input: logits (N, C, *spatial) of any float dtype, C == num_classes, NCHW or
+            channels-last (the argmax is fused in, ties to the lowest class as torch.argmax,
+            NaN counting as the largest value); or an integer prediction map (N, *spatial).
+        labels: integer (N, *spatial); positions equal to ignore_index are not counted.
+        num_classes: C.
+
+    Raises:
+        ValueError for a label (or prediction) outside [0, num_classes) other than ignore_index.
+        On CUDA that check reads one number back from the device (a synchronisation); under
+        torch.compile it is skipped.
+    """
+    if not isinstance(input, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("input and labels must be torch.Tensor")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != input.device:
+        raise ValueError(f"labels must be on the device of input ({input.device}), got {labels.device}")
+    if input.is_floating_point():
+        if input.dim() < 2 or tuple(labels.shape) != (input.shape[0], *input.shape[2:]):
+            raise ValueError(
+                f"logits (N, C, *spatial) need labels (N, *spatial): got input {tuple(input.shape)} "
+                f"and labels {tuple(labels.shape)}"
+            )
+        if input.shape[1] != num_classes:
+            raise ValueError(f"logits have {input.shape[1]} channels but num_classes={num_classes}")
+    else:
+        if input.is_complex() or input.dtype == torch.bool:
+            raise TypeError(f"input must be float logits or an integer prediction map, got {input.dtype}")
+        if input.shape != labels.shape:
+            raise ValueError(
+                f"a prediction map must have the shape of labels: got {tuple(input.shape)} and {tuple(labels.shape)}"
+            )
+        input = input.long()
+    labels = labels.long()
+    if not _library.use_compiled(input):
+        return reference_confusion_matrix(input, labels, num_classes, ignore_index)
+    matrix, invalid = torch.ops.segkernels.confusion_matrix(input, labels, num_classes, ignore_index)
+    if not torch.compiler.is_compiling() and int(invalid.item()) > 0:
+        raise ValueError(
+            f"{int(invalid.item())} positions have a label or prediction outside [0, {num_classes}) "
+            f"that is not ignore_index={ignore_index}"
+        )
+    return matrix

@@ -1,0 +1,98 @@
+"""SegNet's evaluation numbers and class balancing, on top of confusion_matrix."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Iterable, Union
+
+import torch
+
+__all__ = ["segmentation_scores", "median_frequency_weights"]
+
+
+def segmentation_scores(cm: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """SegNet's G, C and mIoU from a confusion matrix (rows = true class, columns = predicted).
+
+    Returns a dict of float64 tensors:
+        global_accuracy: correct pixels / counted pixels (G).
+        per_class_accuracy: TP / pixels of the class in the labels; NaN for a class absent from
+            the labels (undefined).
+        mean_class_accuracy: mean of per_class_accuracy over the classes present in the labels (C).
+        per_class_iou: TP / (TP + FP + FN); NaN for a class absent from both labels and predictions.
+        mean_iou: mean of per_class_iou over the classes present in labels or predictions (mIoU).
+    Classes left out are left out of the means, so the means are never NaN (0 for an empty matrix).
+    """
+    if not isinstance(cm, torch.Tensor) or cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"cm must be a square (num_classes, num_classes) tensor, got {getattr(cm, 'shape', cm)}")
+    cm = cm.to(torch.float64)
+    tp = cm.diagonal()
+    in_labels = cm.sum(dim=1)
+    in_preds = cm.sum(dim=0)
+    union = in_labels + in_preds - tp
+    total = cm.sum()
+    nan = torch.full_like(tp, float("nan"))
+    per_class_accuracy = torch.where(in_labels > 0, tp / in_labels.clamp(min=1), nan)
+    per_class_iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    zero = torch.zeros((), dtype=torch.float64, device=cm.device)
+
+    def mean_present(values, present):
+        count = present.sum()
+        return torch.where(count > 0, torch.where(present, values, zero).sum() / count.clamp(min=1), zero)
+
+    return {
+        "global_accuracy": torch.where(total > 0, tp.sum() / total.clamp(min=1), zero),
+        "mean_class_accuracy": mean_present(per_class_accuracy, in_labels > 0),
+        "per_class_accuracy": per_class_accuracy,
+        "mean_iou": mean_present(per_class_iou, union > 0),
+        "per_class_iou": per_class_iou,
+    }
+
+
+def median_frequency_weights(
+    label_batches: Union[torch.Tensor, Iterable[torch.Tensor]], num_classes: int, *, ignore_index: int = 255
+) -> torch.Tensor:
+    """SegNet's median frequency balancing: w_c = median(freq) / freq_c.
+
+    freq_c = pixels of class c / total pixels of the images in which c is present (pixels equal
+    to ignore_index are counted in neither). The median is over the classes that were seen; a
+    class never seen gets weight 0, with a warning.
+
+    Args:
+        label_batches: one integer label tensor (N, *spatial), or an iterable of them.
+        num_classes: number of classes.
+    Returns:
+        (num_classes,) float32 weights, on the device of the labels.
+    """
+    if not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    batches = [label_batches] if isinstance(label_batches, torch.Tensor) else label_batches
+    class_pixels = None
+    image_pixels = None
+    for labels in batches:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dim() < 2:
+            raise TypeError("label_batches must hold integer label tensors of shape (N, *spatial)")
+        flat = labels.reshape(labels.shape[0], -1).long()
+        valid = flat != ignore_index
+        if bool(((flat < 0) | (flat >= num_classes))[valid].any()):
+            raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
+        safe = torch.where(valid, flat, torch.zeros_like(flat))
+        counts = torch.zeros(flat.shape[0], num_classes, dtype=torch.float64, device=flat.device)
+        counts.scatter_add_(1, safe, valid.to(torch.float64))  # per-image pixel counts per class
+        present = counts > 0
+        if class_pixels is None:
+            class_pixels = torch.zeros(num_classes, dtype=torch.float64, device=flat.device)
+            image_pixels = torch.zeros_like(class_pixels)
+        class_pixels += counts.sum(0)
+        image_pixels += (present * valid.sum(1, keepdim=True)).sum(0)
+    if class_pixels is None:
+        raise ValueError("label_batches is empty")
+    seen = class_pixels > 0
+    if not bool(seen.all()):
+        missing = torch.nonzero(~seen).flatten().tolist()
+        warnings.warn(f"median_frequency_weights: classes {missing} never appear; their weight is 0", RuntimeWarning)
+    if not bool(seen.any()):
+        return torch.zeros(num_classes, dtype=torch.float32, device=class_pixels.device)
+    freq = class_pixels / image_pixels.clamp(min=1)
+    median = freq[seen].median()  # lower median for an even count, as torch.median
+    weights = torch.where(seen, median / freq.clamp(min=1e-300), torch.zeros_like(freq))
+    return weights.to(torch.float32)

@@ -1,0 +1,66 @@
+"""SegNet (Badrinarayanan et al.): a VGG-16-style encoder whose max-pooling indices drive the
+decoder's upsampling, here with compact uint8 indices (1/8 of int64's memory)."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from .max_unpool import max_pool2d_with_indices, max_unpool2d
+
+__all__ = ["SegNet"]
+
+# VGG-16's five stages: convolutions per stage and channels at width 64.
+_STAGES = [(2, 64), (2, 128), (3, 256), (3, 512), (3, 512)]
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SegNet(nn.Module):
+    """SegNet encoder-decoder.
+
+    Args:
+        num_classes: output channels (class logits).
+        in_channels: input image channels.
+        width: channels of the first stage (64 in the paper); every stage scales with it, so a
+            small width gives a small network for quick runs.
+    Input (N, in_channels, H, W), any H and W (odd sizes are restored through output_size);
+    output (N, num_classes, H, W) logits.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64) -> None:
+        super().__init__()
+        if num_classes <= 0 or in_channels <= 0 or width <= 0:
+            raise ValueError("num_classes, in_channels and width must be positive")
+        chans = [max(1, c * width // 64) for _, c in _STAGES]
+        self.encoder = nn.ModuleList()
+        cin = in_channels
+        for (convs, _), cout in zip(_STAGES, chans):
+            layers = [_conv_bn_relu(cin if i == 0 else cout, cout) for i in range(convs)]
+            self.encoder.append(nn.Sequential(*layers))
+            cin = cout
+        self.decoder = nn.ModuleList()
+        for stage in reversed(range(len(_STAGES))):
+            convs = _STAGES[stage][0]
+            cout = chans[stage - 1] if stage > 0 else chans[0]
+            layers = [_conv_bn_relu(chans[stage], chans[stage]) for _ in range(convs - 1)]
+            layers.append(_conv_bn_relu(chans[stage], cout))
+            self.decoder.append(nn.Sequential(*layers))
+        self.classifier = nn.Conv2d(chans[0], num_classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        indices: List[torch.Tensor] = []
+        sizes = []
+        for stage in self.encoder:
+            x = stage(x)
+            sizes.append(x.shape[2:])
+            x, idx = max_pool2d_with_indices(x, 2, 2, ceil_mode=True, compact=True)
+            indices.append(idx)
+        for stage in self.decoder:
+            x = max_unpool2d(x, indices.pop(), 2, 2, output_size=sizes.pop())
+            x = stage(x)
+        return self.classifier(x)

@@ -1,0 +1,152 @@
+"""confusion_matrix (argmax fused) against torchmetrics and the package reference."""
+
+import pytest
+import torch
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+import segkernels
+from helpers import DEVICES, FLOAT_DTYPES, requires_kernels, run_opcheck
+from segkernels._library import triton_available
+from segkernels.confusion_matrix import reference_confusion_matrix
+
+pytestmark = requires_kernels
+
+
+def _case(shape, classes, dtype, device, ignore_fraction=0.1, ties=False):
+    n, spatial = shape[0], shape[1:]
+    if ties:  # few distinct values: many positions with tied maxima
+        logits = torch.randint(0, 3, (n, classes, *spatial), device=device).to(dtype)
+    else:
+        logits = torch.randn(n, classes, *spatial, device=device).to(dtype)
+    labels = torch.randint(0, classes, (n, *spatial), device=device)
+    labels[torch.rand(labels.shape, device=device) < ignore_fraction] = 255
+    return logits, labels
+
+
+def _torchmetrics(pred, labels, classes):
+    metric = MulticlassConfusionMatrix(num_classes=classes, ignore_index=255)
+    return metric(pred.reshape(-1).cpu(), labels.reshape(-1).cpu()).long()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape,classes", [((2, 33, 47), 19), ((3, 50), 7), ((1, 5, 6, 7), 4), ((2, 1, 1), 2)])
+def test_logits_match_torchmetrics(device, dtype, shape, classes):
+    for ties in (False, True):
+        logits, labels = _case(shape, classes, dtype, device, ties=ties)
+        cm = segkernels.confusion_matrix(logits, labels, classes)
+        assert cm.dtype == torch.int64 and cm.shape == (classes, classes)
+        expected = _torchmetrics(logits.argmax(1), labels, classes)
+        assert torch.equal(cm.cpu(), expected)
+        assert torch.equal(cm, reference_confusion_matrix(logits, labels, classes))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_predictions_and_channels_last(device):
+    logits, labels = _case((2, 20, 24), 6, torch.float32, device)
+    expected = _torchmetrics(logits.argmax(1), labels, 6)
+    assert torch.equal(segkernels.confusion_matrix(logits.argmax(1), labels, 6).cpu(), expected)
+    assert torch.equal(segkernels.confusion_matrix(logits.argmax(1).int(), labels.to(torch.uint8), 6).cpu(), expected)
+    cl = logits.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(segkernels.confusion_matrix(cl, labels, 6).cpu(), expected)
+    strided = logits[..., ::2]
+    assert torch.equal(
+        segkernels.confusion_matrix(strided, labels[..., ::2], 6).cpu(),
+        _torchmetrics(strided.argmax(1), labels[..., ::2], 6),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_argmax_rules_ties_and_nan(device):
+    logits = torch.tensor([[[1.0, 0.0, 2.0, float("nan")], [1.0, 3.0, 2.0, 5.0], [0.0, 3.0, float("nan"), float("nan")]]],
+                          device=device)  # (1, 3 classes, 4 positions)
+    labels = torch.tensor([[0, 1, 2, 0]], device=device)
+    cm = segkernels.confusion_matrix(logits, labels, 3)
+    # argmax per position: 0 (tie to the first), 1 (tie), 2 (the NaN), 0 (the first NaN)
+    expected = torch.zeros(3, 3, dtype=torch.long)
+    expected[0, 0] += 2
+    expected[1, 1] += 1
+    expected[2, 2] += 1
+    assert torch.equal(cm.cpu(), expected)
+    assert torch.equal(logits.argmax(1).cpu(), torch.tensor([[0, 1, 2, 0]]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_ignored_and_empty(device):
+    logits, labels = _case((2, 8, 9), 5, torch.float32, device)
+    labels.fill_(255)
+    assert torch.equal(segkernels.confusion_matrix(logits, labels, 5).cpu(), torch.zeros(5, 5, dtype=torch.long))
+    empty = segkernels.confusion_matrix(torch.randn(0, 5, 4, 4, device=device), torch.zeros(0, 4, 4, dtype=torch.long,
+                                        device=device), 5)
+    assert torch.equal(empty.cpu(), torch.zeros(5, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    logits, labels = _case((4, 64, 64), 19, torch.float32, device)
+    runs = [segkernels.confusion_matrix(logits, labels, 19) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors(device):
+    logits, labels = _case((1, 4, 4), 3, torch.float32, device, ignore_fraction=0.0)
+    bad = labels.clone()
+    bad[0, 0, 0] = 3
+    with pytest.raises(ValueError, match="outside"):
+        segkernels.confusion_matrix(logits, bad, 3)
+    bad[0, 0, 0] = -1
+    with pytest.raises(ValueError, match="outside"):
+        segkernels.confusion_matrix(logits, bad, 3)
+    with pytest.raises(ValueError, match="channels"):
+        segkernels.confusion_matrix(logits, labels, 4)
+    with pytest.raises(ValueError, match="need labels"):
+        segkernels.confusion_matrix(logits, labels[:, :2], 3)
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        segkernels.confusion_matrix(logits, labels.float(), 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        segkernels.confusion_matrix(logits, labels, 0)
+    with pytest.raises(ValueError, match="prediction map"):
+        segkernels.confusion_matrix(labels, labels[:, :2], 3)
+    preds = labels.clone()
+    preds[0, 1, 1] = 9
+    with pytest.raises(ValueError, match="outside"):
+        segkernels.confusion_matrix(preds, labels, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    logits, labels = _case((2, 6, 7), 5, torch.float32, device)
+    run_opcheck(torch.ops.segkernels.confusion_matrix.default, (logits, labels, 5, 255))
+    run_opcheck(torch.ops.segkernels.confusion_matrix.default, (logits.argmax(1), labels, 5, 255))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    logits, labels = _case((2, 10, 12), 4, torch.float32, device)
+    fn = torch.compile(lambda x, y: segkernels.confusion_matrix(x * 2.0, y, 4), fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(logits, labels), reference_confusion_matrix(logits * 2.0, labels, 4))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_kernel_under_interpreter():
+    from segkernels._library import triton_runs_on
+    from segkernels.confusion_matrix import _confusion_matrix_triton
+
+    logits, labels = _case((2, 13, 17), 5, torch.float32, "cpu")
+    if not triton_runs_on(logits):
+        pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernel on CPU tensors")
+    logits[0, 2, 0, 0] = float("nan")
+    logits[1, :, 1, 1] = 1.0  # a full tie
+    expected = reference_confusion_matrix(logits, labels, 5)
+    for x in (logits, logits.contiguous(memory_format=torch.channels_last), logits.argmax(1)):
+        cm, invalid = _confusion_matrix_triton(x, labels, 5, 255)
+        assert torch.equal(cm, expected) and int(invalid) == 0
+    labels[1, 0, 0] = 7
+    labels[1, 0, 1] = -3
+    assert int(_confusion_matrix_triton(logits, labels, 5, 255)[1]) == 2
+    # more classes than the in-register histogram holds: the per-position atomic path
+    logits, labels = _case((1, 9, 11), 70, torch.float32, "cpu")
+    assert torch.equal(_confusion_matrix_triton(logits, labels, 70, 255)[0], reference_confusion_matrix(logits, labels, 70))
