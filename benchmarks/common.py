@@ -121,4 +121,6 @@ def run_benchmark(
         peak_bytes=int(peak_memory_bytes(fn, device)),
     )
     benchmark.group = f"{op} | {case}"
+    if device.type == "cuda":
+        rounds = max(rounds, 25)  # GPU runs are short: more rounds for a stable median, same wall time
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
