@@ -16,6 +16,10 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
   date -u
 } 2>&1 | tee "$OUT/env.txt"
 stamp build
+# Some images put a second g++ first on PATH (or in Python's LDSHARED) whose libstdc++ differs
+# from the one torch loads; mixing them crashes when C++ formats an error message. Use the
+# system compiler that torch's headers and libstdc++ belong to.
+if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared" LDCXXSHARED="/usr/bin/g++ -shared"; fi
 SEGKERNELS_FORCE_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
   || { tail -50 "$OUT/build.log"; exit 1; }
 $PY -c "import segkernels as s; print('kernels', s.kernels_available(), 'cuda kernels', s.cuda_kernels_available(), s.kernel_load_error())"

@@ -26,6 +26,9 @@ TORCH_LIBRARY(segkernels, m) {
         "int[] padding, int[] dilation, bool only_winners) -> Tensor");
   m.def("max_pool_backward(Tensor grad_output, Tensor indices, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation, int[] input_size) -> Tensor");
+  // Test-only (CPU): runs the CUDA fast path's tiled-window element functions on the CPU.
+  m.def("_max_unpool_tiled_logic(Tensor input, Tensor indices, Tensor grad_output, int[] kernel_size, "
+        "int[] padding, int[] output_size) -> (Tensor, Tensor, Tensor)");
 
   // SegNet evaluation (csrc/confusion_matrix): input is logits (N, C, *spatial), argmax fused,
   // or an int64 prediction map (N, *spatial). Returns the (C, C) int64 matrix (rows = true

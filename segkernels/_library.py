@@ -33,10 +33,14 @@ def kernels_available() -> bool:
     return _loaded
 
 
-@functools.lru_cache(maxsize=None)
+# Read once at import: a plain constant is what torch.compile can trace through (an op call
+# returning a bool inside a traced wrapper would break the graph).
+_cuda_built = _loaded and bool(torch.ops.segkernels.built_with_cuda())
+
+
 def cuda_kernels_available() -> bool:
     """True when the extension was built with its CUDA kernels."""
-    return _loaded and bool(torch.ops.segkernels.built_with_cuda())
+    return _cuda_built
 
 
 def kernel_load_error() -> Exception | None:

@@ -204,8 +204,13 @@ def test_unpool_arbitrary_indices_last_wins(device):
     expected = reference_max_unpool(v, i, (2, 2), (2, 2), (0, 0), (1, 1), list(out_size))
     assert_close(out, expected, exact=True)
     assert out[0, 0].flatten()[7] == v[0, 0, 0, 2]
-    if device == "cpu":  # ATen's CPU kernel uses the same rule
-        assert_close(out, F.max_unpool2d(v, i, 2, output_size=out_size), exact=True)
+    # Where one entry names a target, ATen agrees (which colliding entry ATen keeps has varied
+    # between torch versions: 2.14's CPU kernel keeps the last, 2.11's did not always).
+    flat = i.reshape(6, -1)
+    hits = torch.zeros(6, 120, dtype=torch.long, device=device).scatter_add_(1, flat, torch.ones_like(flat))
+    single = (hits == 1).reshape(2, 3, *out_size)
+    aten = F.max_unpool2d(v, i, 2, output_size=out_size)
+    assert_close(out[single], aten[single], exact=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -477,3 +482,47 @@ def test_cuda_matches_cpu(dtype):
             assert_close(ic.cpu(), i, exact=True)
             out = _unpool(v, i, geometry, x.shape[2:])
             assert_close(_unpool(vc, ic, geometry, x.shape[2:]).cpu(), out, exact=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA fast path for tiling windows (kernel == stride), its element functions run on the CPU
+
+
+@requires_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize(
+    "spatial,kernel,padding,ceil_mode,extra",
+    [
+        ((9, 14), (2, 2), (0, 0), True, (0, 0)),
+        ((12, 10), (2, 2), (1, 0), False, (1, 1)),
+        ((11, 13), (3, 2), (1, 1), True, (0, 1)),
+        ((5, 7, 6), (2, 2, 3), (0, 1, 0), True, (1, 0, 2)),
+    ],
+)
+def test_tiled_fast_path_logic(spatial, kernel, padding, ceil_mode, extra, compact, layout):
+    nd = len(spatial)
+    x = to_layout(torch.randn(2, 3, *spatial), layout)
+    pool = segkernels.max_pool2d_with_indices if nd == 2 else segkernels.max_pool3d_with_indices
+    v, i = pool(x, kernel, kernel, padding, ceil_mode=ceil_mode, compact=True)
+    base = [(p - 1) * k - 2 * pd + k for p, k, pd in zip(v.shape[2:], kernel, padding)]
+    out_size = [max(b, n) + e for b, n, e in zip(base, spatial, extra)]  # every tap of x inside
+    ones = [1] * nd
+    if not compact:  # plane-flat indices of the same taps on the (possibly larger) output
+        i = compact_to_flat_indices(i, out_size, kernel, kernel, padding, ones)
+    grad_out = to_layout(torch.randn(2, 3, *out_size), layout)
+    out, grad_in, matches = torch.ops.segkernels._max_unpool_tiled_logic(v, i, grad_out, kernel, padding, out_size)
+    expected = reference_max_unpool(v, i, kernel, kernel, padding, ones, out_size)
+    assert_close(out, expected, exact=True)
+    flat = compact_to_flat_indices(i, out_size, kernel, kernel, padding, ones) if compact else i
+    expected_grad = grad_out.reshape(6, -1).gather(1, flat.reshape(6, -1)).reshape(v.shape)
+    assert_close(grad_in, expected_grad, exact=True)
+    assert int(matches) == i.numel()
+    if not compact:
+        # An index outside its own window is not matched by the fast path (the wrapper then
+        # takes the general path), and never written elsewhere.
+        bad = i.clone()
+        bad[1, 2].view(-1)[0] = bad[1, 2].view(-1)[-1]
+        if bad[1, 2].view(-1)[0] != i[1, 2].view(-1)[0]:
+            _, _, m = torch.ops.segkernels._max_unpool_tiled_logic(v, bad, grad_out, kernel, padding, out_size)
+            assert int(m) == i.numel() - 1

@@ -334,5 +334,116 @@ SK_HD scalar_t unpool_backward_element(const Geometry& g, const scalar_t* grad_o
   return grad_out[(p.o * g.full_plane() + target) * g.inner + p.c];
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Tiling windows (kernel == stride and dilation 1 on every axis; SegNet's 2x2/2): every full
+// coordinate lies in at most one window, found by one division, so an element's entry needs no
+// candidate search. I is the index arithmetic type: int32 when every flat offset fits (integer
+// division is a long instruction sequence on GPUs, and half as long in 32 bits), else int64.
+SK_HD bool axis_tiling(const Axis& a) { return a.kernel == a.stride && a.dilation == 1; }
+
+template <typename I>
+struct TiledAxis {
+  I full, pooled, kernel, padding;
+};
+
+template <typename I>
+struct TiledGeometry {
+  TiledAxis<I> ax[3];  // z, y, x
+  I inner;
+};
+
+template <typename I>
+inline TiledGeometry<I> tiled_geometry(const Geometry& g) {
+  TiledGeometry<I> t;
+  for (int i = 0; i < 3; ++i)
+    t.ax[i] = TiledAxis<I>{static_cast<I>(g.ax[i].full), static_cast<I>(g.ax[i].pooled),
+                           static_cast<I>(g.ax[i].kernel), static_cast<I>(g.ax[i].padding)};
+  t.inner = static_cast<I>(g.inner);
+  return t;
+}
+
+// Window pc and tap of full coordinate q on a tiling axis; false past the last window.
+template <typename I>
+SK_HD bool tiled_window(const TiledAxis<I>& a, I q, I& pc, I& tap) {
+  const I shifted = q + a.padding;
+  pc = shifted / a.kernel;
+  tap = shifted - pc * a.kernel;
+  return pc < a.pooled;
+}
+
+// Unpool forward for full-map element e: the value of the entry whose index names e, else 0.
+// Adds 1 to matches when an entry names e (summed over the map: the count of valid entries).
+template <typename scalar_t, typename index_t, typename I>
+SK_HD scalar_t unpool_tiled_element(const TiledGeometry<I>& g, const scalar_t* values, const index_t* indices, I e,
+                                    int64_t& matches) {
+  const TiledAxis<I>& az = g.ax[0];
+  const TiledAxis<I>& ay = g.ax[1];
+  const TiledAxis<I>& ax = g.ax[2];
+  I rest = e, c = 0;
+  if (g.inner != 1) {
+    rest = e / g.inner;
+    c = e - rest * g.inner;
+  }
+  I s = rest / ax.full;
+  const I x = rest - s * ax.full;
+  I t = s / ay.full;
+  const I y = s - t * ay.full;
+  const I o = t / az.full;
+  const I z = t - o * az.full;
+  I pz, tz, py, ty, px, tx;
+  if (!tiled_window(az, z, pz, tz) || !tiled_window(ay, y, py, ty) || !tiled_window(ax, x, px, tx))
+    return scalar_t(0);
+  const I entry = (((o * az.pooled + pz) * ay.pooled + py) * ax.pooled + px) * g.inner + c;
+  const int64_t id = static_cast<int64_t>(indices[entry]);
+  const int64_t want = IndexKind<index_t>::compact
+                           ? static_cast<int64_t>((tz * ay.kernel + ty) * ax.kernel + tx)
+                           : (static_cast<int64_t>(z) * ay.full + y) * ax.full + x;
+  if (id != want) return scalar_t(0);
+  ++matches;
+  return values[entry];
+}
+
+// Unpool backward for pooled entry e on tiling windows (no two windows share a target): the
+// output gradient at the entry's target; zero for an invalid index.
+template <typename scalar_t, typename index_t, typename I>
+SK_HD scalar_t unpool_backward_tiled_element(const TiledGeometry<I>& g, const scalar_t* grad_out,
+                                             const index_t* indices, I e) {
+  const TiledAxis<I>& az = g.ax[0];
+  const TiledAxis<I>& ay = g.ax[1];
+  const TiledAxis<I>& ax = g.ax[2];
+  I rest = e, c = 0;
+  if (g.inner != 1) {
+    rest = e / g.inner;
+    c = e - rest * g.inner;
+  }
+  const I plane = az.full * ay.full * ax.full;
+  const int64_t id = static_cast<int64_t>(indices[e]);
+  int64_t target;
+  I o;
+  if (IndexKind<index_t>::compact) {
+    I s = rest / ax.pooled;
+    const I px = rest - s * ax.pooled;
+    I t = s / ay.pooled;
+    const I py = s - t * ay.pooled;
+    o = t / az.pooled;
+    const I pz = t - o * az.pooled;
+    const I kxy = ay.kernel * ax.kernel;
+    if (id >= static_cast<int64_t>(az.kernel * kxy)) return scalar_t(0);
+    const I off = static_cast<I>(id);
+    const I tz = off / kxy, rem = off - tz * kxy;
+    const I ty = rem / ax.kernel, tx = rem - ty * ax.kernel;
+    const I z = pz * az.kernel - az.padding + tz, y = py * ay.kernel - ay.padding + ty,
+            x = px * ax.kernel - ax.padding + tx;
+    if (z < 0 || z >= az.full || y < 0 || y >= ay.full || x < 0 || x >= ax.full) return scalar_t(0);
+    target = (static_cast<int64_t>(z) * ay.full + y) * ax.full + x;
+  } else {
+    o = rest / (az.pooled * ay.pooled * ax.pooled);
+    if (id < 0 || id >= static_cast<int64_t>(plane)) return scalar_t(0);
+    target = id;
+  }
+  return grad_out[(static_cast<int64_t>(o) * plane + target) * g.inner + c];
+}
+
 }  // namespace max_unpool
 }  // namespace segkernels

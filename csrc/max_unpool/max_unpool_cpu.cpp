@@ -531,6 +531,43 @@ Tensor max_unpool_backward_cpu(const Tensor& grad_output, const Tensor& indices,
   return a.grad_input;
 }
 
+// Test-only: the tiled-window element functions that the CUDA fast path runs, executed here
+// with the same 32-bit arithmetic, so the CPU-only CI checks that index math. Returns the
+// unpooled map, the unpool gradient for grad_output, and the match count.
+std::tuple<Tensor, Tensor, Tensor> max_unpool_tiled_logic_cpu(const Tensor& input, const Tensor& indices,
+                                                             const Tensor& grad_output, at::IntArrayRef kernel,
+                                                             at::IntArrayRef padding, at::IntArrayRef output_size) {
+  const std::vector<int64_t> ones(kernel.size(), 1);
+  UnpoolArgs a = prepare_unpool(input, indices, kernel, kernel, padding, ones, output_size, "_max_unpool_tiled_logic");
+  TORCH_CHECK(all_axes_tiling(a.geometry), "segkernels._max_unpool_tiled_logic: windows must tile");
+  UnpoolBackwardArgs b = prepare_unpool_backward(grad_output, indices, kernel, kernel, padding, ones);
+  TORCH_CHECK(a.out.numel() < (int64_t{1} << 30) && b.grad_input.numel() < (int64_t{1} << 30),
+              "segkernels._max_unpool_tiled_logic: test sizes only");
+  const TiledGeometry<int32_t> ga = tiled_geometry<int32_t>(a.geometry);
+  const TiledGeometry<int32_t> gb = tiled_geometry<int32_t>(b.geometry);
+  int64_t matches = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.values.scalar_type(), "max_unpool_tiled_logic", [&] {
+    auto run = [&](auto* index_tag) {
+      using index_t = std::remove_pointer_t<decltype(index_tag)>;
+      const index_t* ia = a.indices.const_data_ptr<index_t>();
+      const index_t* ib = b.indices.const_data_ptr<index_t>();
+      const scalar_t* v = a.values.const_data_ptr<scalar_t>();
+      scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+      for (int32_t e = 0; e < static_cast<int32_t>(a.out.numel()); ++e)
+        out[e] = unpool_tiled_element<scalar_t, index_t, int32_t>(ga, v, ia, e, matches);
+      const scalar_t* go = b.grad_output.const_data_ptr<scalar_t>();
+      scalar_t* gi = b.grad_input.mutable_data_ptr<scalar_t>();
+      for (int32_t e = 0; e < static_cast<int32_t>(b.grad_input.numel()); ++e)
+        gi[e] = unpool_backward_tiled_element<scalar_t, index_t, int32_t>(gb, go, ib, e);
+    };
+    if (a.indices.scalar_type() == at::kByte)
+      run(static_cast<uint8_t*>(nullptr));
+    else
+      run(static_cast<int64_t*>(nullptr));
+  });
+  return {a.out, b.grad_input, at::full({1}, matches, a.values.options().dtype(at::kLong))};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segkernels, CPU, m) {
@@ -538,6 +575,7 @@ TORCH_LIBRARY_IMPL(segkernels, CPU, m) {
   m.impl("max_unpool", &max_unpool_cpu);
   m.impl("max_unpool_backward", &max_unpool_backward_cpu);
   m.impl("max_pool_backward", &max_pool_backward_cpu);
+  m.impl("_max_unpool_tiled_logic", &max_unpool_tiled_logic_cpu);
 }
 
 }  // namespace max_unpool

@@ -12,6 +12,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
 #include <torch/library.h>
 
 #include "max_unpool/max_unpool_host.h"
@@ -136,6 +138,37 @@ __global__ void unpool_backward_kernel(Geometry g, const scalar_t* __restrict__ 
   }
 }
 
+// Tiling windows: one thread per full-map element, flat and coalesced; 32-bit index arithmetic
+// when it fits.
+template <typename scalar_t, typename index_t, typename I>
+__global__ void unpool_tiled_kernel(TiledGeometry<I> g, const scalar_t* __restrict__ vals,
+                                    const index_t* __restrict__ idx, scalar_t* __restrict__ out, I total,
+                                    unsigned long long* matches) {
+  int64_t local = 0;
+  const I stride = static_cast<I>(gridDim.x) * blockDim.x;
+  // Uniform trip count per block so every thread reaches the block reduction.
+  for (I base = static_cast<I>(blockIdx.x) * blockDim.x; base < total; base += stride) {
+    const I e = base + threadIdx.x;
+    if (e < total) out[e] = unpool_tiled_element<scalar_t, index_t, I>(g, vals, idx, e, local);
+  }
+  add_block_count(local, matches);
+}
+
+template <typename scalar_t, typename index_t, typename I>
+__global__ void unpool_backward_tiled_kernel(TiledGeometry<I> g, const scalar_t* __restrict__ grad_out,
+                                             const index_t* __restrict__ idx, scalar_t* __restrict__ grad_in,
+                                             I total) {
+  const I stride = static_cast<I>(gridDim.x) * blockDim.x;
+  for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride)
+    grad_in[e] = unpool_backward_tiled_element<scalar_t, index_t, I>(g, grad_out, idx, e);
+}
+
+// Whether every flat offset of both maps fits the 32-bit arithmetic of the tiled kernels.
+bool fits_int32(int64_t full_numel, int64_t pooled_numel) {
+  const int64_t limit = std::numeric_limits<int32_t>::max() / 2;
+  return full_numel < limit && pooled_numel < limit;
+}
+
 std::tuple<Tensor, Tensor> max_pool_with_indices_cuda(const Tensor& input, at::IntArrayRef kernel,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                                       at::IntArrayRef dilation, bool ceil_mode, bool compact) {
@@ -174,12 +207,21 @@ Tensor gather_into_full(UnpoolArgs& a) {
     scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
     auto run = [&](auto* idx) {
       using index_t = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
-      if (all_axes_disjoint(g)) {
+      const int64_t total = a.out.numel();
+      if (!kSum && all_axes_tiling(g)) {
+        if (fits_int32(total, a.values.numel()))
+          unpool_tiled_kernel<scalar_t, index_t, int32_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0,
+                                                            stream>>>(tiled_geometry<int32_t>(g), vals, idx, out,
+                                                                      static_cast<int32_t>(total), counter);
+        else
+          unpool_tiled_kernel<scalar_t, index_t, int64_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0,
+                                                            stream>>>(tiled_geometry<int64_t>(g), vals, idx, out,
+                                                                      total, counter);
+      } else if (all_axes_disjoint(g)) {
         const int64_t rows = full_rows(g, a.outer);
         unpool_rows_kernel<scalar_t, index_t>
             <<<grid_for(rows), kThreads, 0, stream>>>(g, vals, idx, out, rows, has_x_gaps(g), counter);
       } else {
-        const int64_t total = a.out.numel();
         unpool_gather_kernel<scalar_t, index_t, kSum>
             <<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(g, vals, idx, out, total, counter);
       }
@@ -253,6 +295,28 @@ Tensor max_unpool_backward_cuda(const Tensor& grad_output, const Tensor& indices
   if (total == 0) return grad_input;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = grid_for((total + kThreads - 1) / kThreads);
+  if (all_axes_tiling(g)) {
+    const bool small = fits_int32(go.numel(), total);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_unpool_backward_tiled_cuda", [&] {
+      auto run = [&](auto* ip) {
+        using index_t = std::remove_const_t<std::remove_pointer_t<decltype(ip)>>;
+        if (small)
+          unpool_backward_tiled_kernel<scalar_t, index_t, int32_t><<<blocks, kThreads, 0, stream>>>(
+              tiled_geometry<int32_t>(g), go.const_data_ptr<scalar_t>(), ip, grad_input.mutable_data_ptr<scalar_t>(),
+              static_cast<int32_t>(total));
+        else
+          unpool_backward_tiled_kernel<scalar_t, index_t, int64_t><<<blocks, kThreads, 0, stream>>>(
+              tiled_geometry<int64_t>(g), go.const_data_ptr<scalar_t>(), ip, grad_input.mutable_data_ptr<scalar_t>(),
+              total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (idx.scalar_type() == at::kByte)
+        run(idx.const_data_ptr<uint8_t>());
+      else
+        run(idx.const_data_ptr<int64_t>());
+    });
+    return grad_input;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_unpool_backward_cuda", [&] {
     if (idx.scalar_type() == at::kByte)
       unpool_backward_kernel<scalar_t, uint8_t><<<blocks, kThreads, 0, stream>>>(

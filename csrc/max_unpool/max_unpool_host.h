@@ -78,6 +78,10 @@ inline bool all_axes_disjoint(const Geometry& g) {
   return axis_disjoint(g.ax[0]) && axis_disjoint(g.ax[1]) && axis_disjoint(g.ax[2]);
 }
 
+inline bool all_axes_tiling(const Geometry& g) {
+  return axis_tiling(g.ax[0]) && axis_tiling(g.ax[1]) && axis_tiling(g.ax[2]);
+}
+
 // Whether some x of the full map lies in no window (holes from dilation, stride > kernel, or
 // an output wider than the windows reach); such columns need an explicit zero.
 inline bool has_x_gaps(const Geometry& g) {
