@@ -17,10 +17,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common_host.h"
+
+// Lets the selects in the inner loops become vector blends (they have no side effects).
+#pragma GCC optimize("no-trapping-math")
 #include "kd_loss/kd_loss.h"
 
 namespace segkernels {
@@ -40,188 +45,41 @@ struct HardPart {  // seg_kd_loss's cross-entropy part (K == 1 only)
   double* partials = nullptr;     // one partial loss per task, summed in order afterwards
 };
 
-template <typename scalar_t, typename acc_t, bool CONTIG>
-struct ChannelKernel {
-  int64_t N, C, P;
-  int64_t K;
-  const scalar_t* const* s;  // K students
-  const scalar_t* t;
-  scalar_t* const* g;  // K gradients (same layout as the inputs)
-  acc_t* loss;         // (K, N, P) map, or null with a hard part
-  const int64_t* labels;
-  int64_t ignore;
-  acc_t inv_t, scale;  // 1 / T and T^2 (or 1)
-  bool kl;
-  const HardPart<acc_t>* hard;
+namespace generic {
+#include "kd_loss/kd_loss_cpu_kernels.h"
+}  // namespace generic
 
-  int64_t off(int64_t c, int64_t p) const { return CONTIG ? c * P + p : p * C + c; }
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define SEGKERNELS_KD_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "kd_loss/kd_loss_cpu_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
 
-  // Max and log-sum-exp of x * mul over the channels for `len` positions; optionally keeps the
-  // exponentials exp(x * mul - max) in e (C x kTile).
-  void stats(const scalar_t* x, int64_t p0, int64_t len, acc_t mul, acc_t* m, acc_t* e, acc_t* rz, acc_t* lz) const {
-    for (int64_t i = 0; i < len; ++i) m[i] = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t i = 0; i < len; ++i) {
-        const acc_t v = static_cast<acc_t>(x[off(c, p0 + i)]) * mul;
-        m[i] = v > m[i] ? v : m[i];
-      }
-    }
-    for (int64_t i = 0; i < len; ++i) rz[i] = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      acc_t* ec = e ? e + c * kTile : nullptr;
-      for (int64_t i = 0; i < len; ++i) {
-        const acc_t ex = exp_nonpos(static_cast<acc_t>(x[off(c, p0 + i)]) * mul - m[i]);
-        if (ec) ec[i] = ex;
-        rz[i] += ex;
-      }
-    }
-    for (int64_t i = 0; i < len; ++i) {
-      lz[i] = std::log(rz[i]);
-      rz[i] = acc_t(1) / rz[i];
-    }
-  }
+// AVX2 + FMA when the CPU has them (SEGKERNELS_NO_AVX2=1 forces the baseline build, for tests).
+bool use_avx2() {
+#ifdef SEGKERNELS_KD_AVX2
+  const char* off = std::getenv("SEGKERNELS_NO_AVX2");
+  if (off && off[0] == '1') return false;
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
 
-  void run() const {
-    const int64_t tiles = (P + kTile - 1) / kTile;
-    at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> et(C * kTile), es(C * kTile);
-      acc_t mt[kTile], rzt[kTile], lzt[kTile], ms[kTile], rzs[kTile], lzs[kTile], acc[kTile];
-      acc_t m1[kTile], rz1[kTile], lz1[kTile], wy[kTile];
-      bool valid[kTile];
-      int64_t lab[kTile];
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / tiles;
-        const int64_t p0 = (task % tiles) * kTile;
-        const int64_t len = std::min<int64_t>(kTile, P - p0);
-        const int64_t nb = n * C * P;
-        for (int64_t i = 0; i < len; ++i) {
-          lab[i] = labels ? labels[n * P + p0 + i] : 0;
-          valid[i] = !labels || lab[i] != ignore;
-          if (!valid[i]) lab[i] = 0;  // a safe class index for the hard part
-        }
-        const scalar_t* tb = t + nb;
-        stats(tb, p0, len, inv_t, mt, et.data(), rzt, lzt);
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t* sb = s[k] + nb;
-          scalar_t* gb = g[k] + nb;
-          stats(sb, p0, len, inv_t, ms, es.data(), rzs, lzs);
-          for (int64_t i = 0; i < len; ++i) acc[i] = 0;
-          double hard_loss = 0;
-          if (hard) {
-            if (inv_t == acc_t(1)) {
-              std::copy(ms, ms + len, m1);
-              std::copy(rzs, rzs + len, rz1);
-              std::copy(lzs, lzs + len, lz1);
-            } else {
-              stats(sb, p0, len, acc_t(1), m1, nullptr, rz1, lz1);
-            }
-            for (int64_t i = 0; i < len; ++i) {
-              wy[i] = hard->weight ? hard->weight[lab[i]] : acc_t(1);
-              const acc_t ce = -(static_cast<acc_t>(sb[off(lab[i], p0 + i)]) - m1[i] - lz1[i]) * wy[i];
-              hard_loss += valid[i] ? static_cast<double>(ce) : 0.0;
-              wy[i] = valid[i] ? wy[i] * hard->hard_coef : acc_t(0);
-            }
-          }
-          const acc_t gscale = scale * inv_t * (hard ? hard->soft_coef : acc_t(1));
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t* etc = et.data() + c * kTile;
-            const acc_t* esc = es.data() + c * kTile;
-            for (int64_t i = 0; i < len; ++i) {
-              const int64_t o = off(c, p0 + i);
-              const acc_t a = static_cast<acc_t>(sb[o]) * inv_t;
-              const acc_t b = static_cast<acc_t>(tb[o]) * inv_t;
-              const acc_t pt = etc[i] * rzt[i];
-              const acc_t ps = esc[i] * rzs[i];
-              acc[i] += divergence_term<acc_t>(pt, b - mt[i] - lzt[i], a - ms[i] - lzs[i], kl);
-              acc_t gv = gscale * (ps - pt);
-              if (hard) {
-                const acc_t p1 = inv_t == acc_t(1) ? ps : exp_nonpos(static_cast<acc_t>(sb[o]) - m1[i] - lz1[i]);
-                gv += wy[i] * (p1 - (c == lab[i] ? acc_t(1) : acc_t(0)));
-              }
-              gb[o] = static_cast<scalar_t>(valid[i] ? gv : acc_t(0));
-            }
-          }
-          if (hard) {
-            double soft_loss = 0;
-            for (int64_t i = 0; i < len; ++i) soft_loss += valid[i] ? static_cast<double>(acc[i]) : 0.0;
-            hard->partials[task] = static_cast<double>(hard->hard_coef) * hard_loss +
-                                   static_cast<double>(hard->soft_coef) * static_cast<double>(scale) * soft_loss;
-          } else {
-            acc_t* lrow = loss + (k * N + n) * P + p0;
-            for (int64_t i = 0; i < len; ++i) lrow[i] = valid[i] ? scale * acc[i] : acc_t(0);
-          }
-        }
-      }
-    });
-  }
-};
-
-template <typename scalar_t, typename acc_t>
-struct SpatialKernel {
-  int64_t rows, L, K;  // rows = N * C, each of length L (contiguous)
-  const scalar_t* const* s;
-  const scalar_t* t;
-  scalar_t* const* g;
-  acc_t* loss;  // (K, rows)
-  acc_t inv_t, scale;
-  bool kl;
-
-  // Online softmax over a row: running max m and sum z of exp(x * inv_t - m), chunk by chunk.
-  void stats(const scalar_t* x, acc_t& m, acc_t& lz, acc_t& rz) const {
-    m = -std::numeric_limits<acc_t>::infinity();
-    acc_t z = 0;
-    for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
-      const int64_t len = std::min<int64_t>(kChunk, L - c0);
-      acc_t cm = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t i = 0; i < len; ++i) {
-        const acc_t v = static_cast<acc_t>(x[c0 + i]) * inv_t;
-        cm = v > cm ? v : cm;
-      }
-      if (cm > m) {
-        z = m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : z * exp_nonpos(m - cm);
-        m = cm;
-      }
-      if (m == -std::numeric_limits<acc_t>::infinity()) continue;  // all -inf so far
-      acc_t cz = 0;
-      for (int64_t i = 0; i < len; ++i) cz += exp_nonpos(static_cast<acc_t>(x[c0 + i]) * inv_t - m);
-      z += cz;
-    }
-    lz = std::log(z);
-    rz = acc_t(1) / z;
-  }
-
-  void run() const {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* tr = t + r * L;
-        acc_t mt, lzt, rzt;
-        stats(tr, mt, lzt, rzt);
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t* sr = s[k] + r * L;
-          scalar_t* gr = g[k] + r * L;
-          acc_t ms, lzs, rzs;
-          stats(sr, ms, lzs, rzs);
-          const acc_t gscale = scale * inv_t;
-          double total = 0;
-          for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
-            const int64_t len = std::min<int64_t>(kChunk, L - c0);
-            acc_t part = 0;
-            for (int64_t i = 0; i < len; ++i) {
-              const acc_t lpt = static_cast<acc_t>(tr[c0 + i]) * inv_t - mt - lzt;
-              const acc_t lps = static_cast<acc_t>(sr[c0 + i]) * inv_t - ms - lzs;
-              const acc_t pt = exp_nonpos(lpt);
-              const acc_t ps = exp_nonpos(lps);
-              part += divergence_term<acc_t>(pt, lpt, lps, kl);
-              gr[c0 + i] = static_cast<scalar_t>(gscale * (ps - pt));
-            }
-            total += static_cast<double>(part);
-          }
-          loss[k * rows + r] = static_cast<acc_t>(total) * scale;
-        }
-      }
-    });
-  }
-};
+#ifdef SEGKERNELS_KD_AVX2
+// float16 stays on the baseline build: its conversions are out-of-line c10 code, and calling
+// non-VEX code from AVX loops costs far more than it saves.
+#define SK_KD_DISPATCH(fn, ...)                                        \
+  ((use_avx2() && !std::is_same_v<scalar_t, c10::Half>) ? avx2::fn(__VA_ARGS__) \
+                                                         : generic::fn(__VA_ARGS__))
+#else
+#define SK_KD_DISPATCH(fn, ...) generic::fn(__VA_ARGS__)
+#endif
 
 bool all_channels_last(const std::vector<Tensor>& ts) {
   for (const Tensor& x : ts) {
@@ -317,23 +175,14 @@ std::tuple<Tensor, std::vector<Tensor>> kd_loss_cpu(at::TensorList students_in, 
     }
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     const acc_t scale = static_cast<acc_t>(scale_by_t2 ? temperature * temperature : 1.0);
+    const scalar_t* tp = teacher.const_data_ptr<scalar_t>();
+    acc_t* lossp = loss.mutable_data_ptr<acc_t>();
+    const int64_t* lp = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
     if (spatial) {
-      SpatialKernel<scalar_t, acc_t>{N * C, P, K, sp.data(), teacher.const_data_ptr<scalar_t>(), gp.data(),
-                                     loss.mutable_data_ptr<acc_t>(), inv_t, scale, kl}
-          .run();
+      SK_KD_DISPATCH(run_spatial<scalar_t>, kl, N * C, P, K, sp.data(), tp, gp.data(), lossp, inv_t, scale);
     } else {
-      const int64_t* lp = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
-      if (cl) {
-        ChannelKernel<scalar_t, acc_t, false>{N, C, P, K, sp.data(), teacher.const_data_ptr<scalar_t>(), gp.data(),
-                                              loss.mutable_data_ptr<acc_t>(), lp, ignore_index, inv_t, scale, kl,
-                                              nullptr}
-            .run();
-      } else {
-        ChannelKernel<scalar_t, acc_t, true>{N, C, P, K, sp.data(), teacher.const_data_ptr<scalar_t>(), gp.data(),
-                                             loss.mutable_data_ptr<acc_t>(), lp, ignore_index, inv_t, scale, kl,
-                                             nullptr}
-            .run();
-      }
+      SK_KD_DISPATCH(run_channel<scalar_t>, !cl, kl, N, C, P, K, sp.data(), tp, gp.data(), lossp, lp, ignore_index,
+                     inv_t, scale);
     }
   });
   return {loss, grads};
@@ -401,15 +250,8 @@ std::tuple<Tensor, Tensor> seg_kd_loss_cpu(const Tensor& student_in, const Tenso
     scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     const acc_t scale = static_cast<acc_t>(temperature * temperature);
-    if (cl) {
-      ChannelKernel<scalar_t, acc_t, false>{N, C, P, 1, &sp, teacher.const_data_ptr<scalar_t>(), &gp, nullptr,
-                                            lp, ignore_index, inv_t, scale, true, &hard}
-          .run();
-    } else {
-      ChannelKernel<scalar_t, acc_t, true>{N, C, P, 1, &sp, teacher.const_data_ptr<scalar_t>(), &gp, nullptr,
-                                           lp, ignore_index, inv_t, scale, true, &hard}
-          .run();
-    }
+    SK_KD_DISPATCH(run_hard<scalar_t>, !cl, N, C, P, sp, teacher.const_data_ptr<scalar_t>(), gp, lp, ignore_index,
+                   inv_t, scale, &hard);
   });
   double total = 0;
   for (double v : partials) total += v;
