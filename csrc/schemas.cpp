@@ -34,6 +34,17 @@ TORCH_LIBRARY(segkernels, m) {
   // or an int64 prediction map (N, *spatial). Returns the (C, C) int64 matrix (rows = true
   // class) and a (1,) count of positions with a label or prediction outside [0, C).
   m.def("confusion_matrix(Tensor input, Tensor labels, int num_classes, int ignore_index) -> (Tensor, Tensor)");
+
+  // Tempered-softmax distillation (csrc/kd_loss). kd_loss: K students against one teacher read
+  // once; returns the loss map (K, N, *spatial) (spatial=False: softmax over channels, positions
+  // whose label is ignore_index give 0) or (K, N, C) (spatial=True: softmax over each (n, c)
+  // row), in float32 (float64 for float64 inputs), and each student's gradient of the sum of its
+  // map, in the input dtype. seg_kd_loss: hard CE + soft KD in one pass; returns the 0-d loss
+  // and the student's gradient of it.
+  m.def("kd_loss(Tensor[] students, Tensor teacher, Tensor? labels, float temperature, bool spatial, bool kl, "
+        "bool scale_by_t2, int ignore_index) -> (Tensor, Tensor[])");
+  m.def("seg_kd_loss(Tensor student, Tensor teacher, Tensor labels, Tensor? class_weight, float temperature, "
+        "float hard_weight, float soft_weight, int ignore_index) -> (Tensor, Tensor)");
 }
 
 // `import segkernels._C` loads this library, which runs the static registrations above;

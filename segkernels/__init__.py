@@ -19,6 +19,7 @@ from .max_unpool import (
 from .confusion_matrix import confusion_matrix
 from .metrics import median_frequency_weights, segmentation_scores
 from . import nn  # noqa: E402  (modules over the ops above)
+from .kd_loss import kd_loss, seg_kd_loss  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,6 @@ __all__ = [
     "segmentation_scores",
     "median_frequency_weights",
     "nn",
+    "kd_loss",
+    "seg_kd_loss",
 ]

@@ -114,3 +114,8 @@ class MaxUnpool3d(_MaxUnpoolNd):
     """Like nn.MaxUnpool3d; also takes compact uint8 indices."""
 
     _unpool = staticmethod(max_unpool3d)
+
+# Distillation losses (segkernels/kd_loss.py, segkernels/self_regulation.py)
+from .self_regulation import ChannelWiseKDLoss, KDLoss, SelfRegulationLoss  # noqa: E402
+
+__all__ += ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss"]

@@ -1,0 +1,96 @@
+"""Distillation losses, forward + backward: the eager reference ("torch"), torch.compile of it
+(CUDA only) and segkernels.
+
+Bytes: the minimum traffic, read every student and the teacher once (and the int64 labels when
+an ignore mask is used), write every student gradient once.
+"""
+
+import pytest
+import torch
+
+import segkernels
+from common import bench_device, run_benchmark, scaled_batch
+from segkernels.kd_loss import reference_kd_loss, reference_seg_kd_loss
+
+DEVICE = bench_device()
+IMPLS = ["torch", "segkernels"] + (["torch.compile"] if DEVICE.type == "cuda" else [])
+
+# (name, shape, dtype, axis, students, with labels)
+CASES = [
+    ("pixel KD Cityscapes", (8, 19, 512, 1024), torch.float32, "channel", 1, True),
+    ("pixel KD Cityscapes", (8, 19, 512, 1024), torch.bfloat16, "channel", 1, True),
+    ("pixel KD VOC", (16, 21, 512, 512), torch.float32, "channel", 1, True),
+    ("channel-wise KD", (8, 19, 128, 256), torch.float32, "spatial", 1, False),
+    ("channel-wise KD features", (8, 256, 128, 128), torch.float32, "spatial", 1, False),
+    ("pixel KD 4 students", (8, 21, 321, 321), torch.float32, "channel", 4, True),
+]
+
+_compiled = {}
+
+
+def _case_id(case):
+    name, shape, dtype, axis, k, _ = case
+    return f"{name} {shape} {str(dtype).replace('torch.', '')}"
+
+
+def _make(shape, dtype, k, with_labels):
+    shape = (scaled_batch(shape[0]),) + tuple(shape[1:])
+    students = [torch.randn(shape, device=DEVICE, dtype=dtype).mul_(3).requires_grad_() for _ in range(k)]
+    teacher = torch.randn(shape, device=DEVICE, dtype=dtype).mul_(3)
+    labels = None
+    if with_labels:
+        labels = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=DEVICE)
+        labels[..., :16] = 255  # an ignore border
+    return shape, students, teacher, labels
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kd_loss_fwd_bwd(benchmark, impl, case):
+    name, shape, dtype, axis, k, with_labels = case
+    shape, students, teacher, labels = _make(shape, dtype, k, with_labels)
+    arg = students if k > 1 else students[0]
+    kw = dict(temperature=4.0, axis=axis, labels=labels)
+    if impl == "torch":
+        loss_fn = lambda: reference_kd_loss(arg, teacher, **kw)  # noqa: E731
+    elif impl == "torch.compile":
+        key = (axis, k, with_labels)
+        if key not in _compiled:
+            _compiled[key] = torch.compile(lambda a, t, lab: reference_kd_loss(a, t, temperature=4.0, axis=axis,
+                                                                             labels=lab))
+        fn_c = _compiled[key]
+        loss_fn = lambda: fn_c(arg, teacher, labels)  # noqa: E731
+    else:
+        loss_fn = lambda: segkernels.kd_loss(arg, teacher, **kw)  # noqa: E731
+
+    def step():
+        loss = loss_fn()
+        return torch.autograd.grad(loss.sum(), students)
+
+    numel = teacher.numel() * teacher.element_size()
+    moved = (2 * k + 1) * numel + (labels.numel() * 8 if labels is not None else 0)
+    case_name = f"{name} {tuple(shape)} {str(dtype).replace('torch.', '')}"
+    run_benchmark(benchmark, step, op="kd_loss fwd+bwd", impl=impl, case=case_name, bytes_moved=moved,
+                  device=DEVICE, rounds=3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_seg_kd_loss_fwd_bwd(benchmark, impl, dtype):
+    shape, students, teacher, labels = _make((8, 19, 512, 1024), dtype, 1, True)
+    s = students[0]
+    if impl == "torch":
+        loss_fn = lambda: reference_seg_kd_loss(s, teacher, labels, temperature=4.0)  # noqa: E731
+    elif impl == "torch.compile":
+        fn_c = torch.compile(lambda a, t, lab: reference_seg_kd_loss(a, t, lab, temperature=4.0))
+        loss_fn = lambda: fn_c(s, teacher, labels)  # noqa: E731
+    else:
+        loss_fn = lambda: segkernels.seg_kd_loss(s, teacher, labels, temperature=4.0)  # noqa: E731
+
+    def step():
+        return torch.autograd.grad(loss_fn(), [s])
+
+    moved = 3 * teacher.numel() * teacher.element_size() + labels.numel() * 8
+    case_name = f"CE + KD Cityscapes {tuple(shape)} {str(dtype).replace('torch.', '')}"
+    run_benchmark(benchmark, step, op="seg_kd_loss fwd+bwd", impl=impl, case=case_name, bytes_moved=moved,
+                  device=DEVICE, rounds=3)

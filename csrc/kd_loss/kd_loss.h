@@ -1,0 +1,47 @@
+// Per-element math of the tempered-softmax distillation losses (csrc/kd_loss), shared by the CPU
+// kernels. The GPU path is a Triton kernel (segkernels/kd_loss.py) that follows the same steps.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "common.h"
+
+namespace segkernels {
+namespace kd_loss {
+
+// exp for arguments <= 0 (x - max of the row), branch-free so that loops over positions
+// vectorise: Cody-Waite reduction and Cephes' degree-5 polynomial (about 1 ulp). Exactly 0 for
+// x < -87 (so exp(-inf) = 0 and p = 0 stays exactly 0); NaN stays NaN.
+SK_HD float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
+  const float kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float e = y * scale;
+  return x != x ? x : (x < -87.0f ? 0.0f : e);
+}
+
+SK_HD double exp_nonpos(double x) { return std::exp(x); }
+
+// One position's (or one row element's) contribution to the divergence, given the teacher's
+// probability pt and both log-probabilities. 0 where pt == 0 (p log p = 0, and no 0 * -inf).
+template <typename acc_t>
+SK_HD acc_t divergence_term(acc_t pt, acc_t lpt, acc_t lps, bool kl) {
+  const acc_t v = kl ? pt * (lpt - lps) : -pt * lps;
+  return pt > acc_t(0) ? v : acc_t(0);
+}
+
+}  // namespace kd_loss
+}  // namespace segkernels

@@ -1,0 +1,271 @@
+// CPU kernel bodies of the distillation losses. No include guard on purpose: kd_loss_cpu.cpp
+// includes this file twice, into namespace `generic` (baseline x86-64 / whatever the compiler
+// targets) and into namespace `avx2` under `#pragma GCC target("avx2,fma")`, and picks one at
+// run time. Every inner loop runs over contiguous positions with restrict pointers and selects
+// instead of branches so that it vectorises, exp_nonpos included.
+
+// Loads and stores in the accumulation type. bfloat16 is converted here (a shift, and
+// round-to-nearest-even) so that the conversion is compiled for this file's target and inlined
+// into the vector loops.
+template <typename T>
+inline at::opmath_type<T> load_acc(T v) {
+  return static_cast<at::opmath_type<T>>(v);
+}
+inline float load_acc(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T, typename A>
+inline T store_as(A v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 store_as<c10::BFloat16, float>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const uint16_t out = v != v ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  return c10::BFloat16(out, c10::BFloat16::from_bits());
+}
+
+// The channel-axis kernel. CONTIG: NCHW (positions contiguous, stride 1) or channels-last
+// (stride C); KL or CE; HARD adds seg_kd_loss's cross-entropy part.
+template <typename scalar_t, typename acc_t, bool CONTIG, bool KL, bool HARD>
+struct ChannelKernel {
+  int64_t N, C, P;
+  int64_t K;
+  const scalar_t* const* s;  // K students
+  const scalar_t* t;
+  scalar_t* const* g;  // K gradients (same layout as the inputs)
+  acc_t* loss;         // (K, N, P) map, or null with a hard part
+  const int64_t* labels;
+  int64_t ignore;
+  acc_t inv_t, scale;  // 1 / T and T^2 (or 1)
+  const HardPart<acc_t>* hard;
+
+  int64_t off(int64_t c, int64_t p) const { return CONTIG ? c * P + p : p * C + c; }
+  int64_t step() const { return CONTIG ? 1 : C; }
+
+  // Max m and log of the sum lz of exp(x * mul - m) over the channels for `len` positions (kept
+  // apart: m + lz would round away the low bits of log-probabilities at logits of 1e5);
+  // optionally keeps the probabilities exp(x * mul - m) / sum in e (C x kTile).
+  void stats(const scalar_t* __restrict x, int64_t p0, int64_t len, acc_t mul, acc_t* __restrict m,
+             acc_t* __restrict lz, acc_t* __restrict e) const {
+    const int64_t sp = step();
+    acc_t z[kTile];
+    for (int64_t i = 0; i < len; ++i) m[i] = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* __restrict xc = x + off(c, p0);
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t v = load_acc(xc[i * sp]) * mul;
+        m[i] = v > m[i] ? v : m[i];
+      }
+    }
+    for (int64_t i = 0; i < len; ++i) z[i] = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* __restrict xc = x + off(c, p0);
+      acc_t* __restrict ec = e + c * kTile;
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t ex = exp_nonpos(load_acc(xc[i * sp]) * mul - m[i]);
+        if (e) ec[i] = ex;
+        z[i] += ex;
+      }
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      lz[i] = std::log(z[i]);
+      z[i] = acc_t(1) / z[i];
+    }
+    if (e) {
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* __restrict ec = e + c * kTile;
+        for (int64_t i = 0; i < len; ++i) ec[i] *= z[i];
+      }
+    }
+  }
+
+  void run() const {
+    const int64_t tiles = (P + kTile - 1) / kTile;
+    at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> et_buf(C * kTile), es_buf(C * kTile);
+      acc_t* __restrict et = et_buf.data();
+      acc_t* __restrict es = es_buf.data();
+      acc_t mt[kTile], lzt[kTile], ms[kTile], lzs[kTile], m1[kTile], lz1[kTile], acc[kTile], vm[kTile], wy[kTile], labf[kTile];
+      int64_t lab[kTile];
+      const int64_t sp = step();
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / tiles;
+        const int64_t p0 = (task % tiles) * kTile;
+        const int64_t len = std::min<int64_t>(kTile, P - p0);
+        const int64_t nb = n * C * P;
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t y = labels ? labels[n * P + p0 + i] : 0;
+          const bool valid = !labels || y != ignore;
+          vm[i] = valid ? acc_t(1) : acc_t(0);
+          lab[i] = valid ? y : 0;  // a safe class index for the hard part
+          labf[i] = static_cast<acc_t>(lab[i]);
+        }
+        const scalar_t* tb = t + nb;
+        stats(tb, p0, len, inv_t, mt, lzt, et);
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* sb = s[k] + nb;
+          scalar_t* gb = g[k] + nb;
+          stats(sb, p0, len, inv_t, ms, lzs, es);
+          for (int64_t i = 0; i < len; ++i) acc[i] = 0;
+          double hard_loss = 0;
+          if (HARD) {
+            if (inv_t == acc_t(1)) {
+              std::copy(ms, ms + len, m1);
+              std::copy(lzs, lzs + len, lz1);
+            } else {
+              stats(sb, p0, len, acc_t(1), m1, lz1, nullptr);
+            }
+            for (int64_t i = 0; i < len; ++i) {
+              wy[i] = hard->weight ? hard->weight[lab[i]] : acc_t(1);
+              const acc_t ce = -((load_acc(sb[off(lab[i], p0 + i)]) - m1[i]) - lz1[i]) * wy[i];
+              hard_loss += vm[i] != acc_t(0) ? static_cast<double>(ce) : 0.0;
+              wy[i] = vm[i] != acc_t(0) ? wy[i] * hard->hard_coef : acc_t(0);
+            }
+          }
+          const acc_t gscale = scale * inv_t * (HARD ? hard->soft_coef : acc_t(1));
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* __restrict etc = et + c * kTile;
+            const acc_t* __restrict esc = es + c * kTile;
+            const scalar_t* __restrict sc = sb + off(c, p0);
+            const scalar_t* __restrict tc = tb + off(c, p0);
+            scalar_t* __restrict gc = gb + off(c, p0);
+            const acc_t cf = static_cast<acc_t>(c);
+            for (int64_t i = 0; i < len; ++i) {
+              const acc_t x = load_acc(sc[i * sp]);
+              const acc_t lps = (x * inv_t - ms[i]) - lzs[i];
+              const acc_t lpt = (load_acc(tc[i * sp]) * inv_t - mt[i]) - lzt[i];
+              const acc_t pt = etc[i];
+              const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
+              acc[i] += pt > acc_t(0) ? v : acc_t(0);
+              acc_t gv = gscale * (esc[i] - pt);
+              if (HARD) {
+                const acc_t p1 = inv_t == acc_t(1) ? esc[i] : exp_nonpos((x - m1[i]) - lz1[i]);
+                gv += wy[i] * (p1 - (cf == labf[i] ? acc_t(1) : acc_t(0)));
+              }
+              gc[i * sp] = store_as<scalar_t>(vm[i] != acc_t(0) ? gv : acc_t(0));
+            }
+          }
+          if (HARD) {
+            double soft_loss = 0;
+            for (int64_t i = 0; i < len; ++i) soft_loss += vm[i] != acc_t(0) ? static_cast<double>(acc[i]) : 0.0;
+            hard->partials[task] = static_cast<double>(hard->hard_coef) * hard_loss +
+                                   static_cast<double>(hard->soft_coef) * static_cast<double>(scale) * soft_loss;
+          } else {
+            acc_t* lrow = loss + (k * N + n) * P + p0;
+            for (int64_t i = 0; i < len; ++i) lrow[i] = vm[i] != acc_t(0) ? scale * acc[i] : acc_t(0);
+          }
+        }
+      }
+    });
+  }
+};
+
+template <typename scalar_t, typename acc_t, bool KL>
+struct SpatialKernel {
+  int64_t rows, L, K;  // rows = N * C, each of length L (contiguous)
+  const scalar_t* const* s;
+  const scalar_t* t;
+  scalar_t* const* g;
+  acc_t* loss;  // (K, rows)
+  acc_t inv_t, scale;
+
+  // Online softmax over a row, chunk by chunk: running max m and sum z of exp(x * inv_t - m);
+  // returns m and log(z).
+  void stats(const scalar_t* __restrict x, acc_t& m_out, acc_t& lz_out) const {
+    constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    acc_t m = ninf, z = 0;
+    for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
+      const int64_t len = std::min<int64_t>(kChunk, L - c0);
+      const scalar_t* __restrict xc = x + c0;
+      acc_t cm = ninf;
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t v = load_acc(xc[i]) * inv_t;
+        cm = v > cm ? v : cm;
+      }
+      if (cm > m) {
+        z = m == ninf ? acc_t(0) : z * exp_nonpos(m - cm);
+        m = cm;
+      }
+      if (m == ninf) continue;  // all -inf so far
+      acc_t cz = 0;
+      for (int64_t i = 0; i < len; ++i) cz += exp_nonpos(load_acc(xc[i]) * inv_t - m);
+      z += cz;
+    }
+    m_out = m;
+    lz_out = std::log(z);
+  }
+
+  void run() const {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* tr = t + r * L;
+        acc_t mt, lzt;
+        stats(tr, mt, lzt);
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* sr = s[k] + r * L;
+          scalar_t* gr = g[k] + r * L;
+          acc_t ms, lzs;
+          stats(sr, ms, lzs);
+          const acc_t gscale = scale * inv_t;
+          double total = 0;
+          for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
+            const int64_t len = std::min<int64_t>(kChunk, L - c0);
+            const scalar_t* __restrict sc = sr + c0;
+            const scalar_t* __restrict tc = tr + c0;
+            scalar_t* __restrict gc = gr + c0;
+            acc_t part = 0;
+            for (int64_t i = 0; i < len; ++i) {
+              const acc_t lpt = (load_acc(tc[i]) * inv_t - mt) - lzt;
+              const acc_t lps = (load_acc(sc[i]) * inv_t - ms) - lzs;
+              const acc_t pt = exp_nonpos(lpt);
+              const acc_t ps = exp_nonpos(lps);
+              const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
+              part += pt > acc_t(0) ? v : acc_t(0);
+              gc[i] = store_as<scalar_t>(gscale * (ps - pt));
+            }
+            total += static_cast<double>(part);
+          }
+          loss[k * rows + r] = static_cast<acc_t>(total) * scale;
+        }
+      }
+    });
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void run_channel(bool contig, bool kl, int64_t N, int64_t C, int64_t P, int64_t K, const scalar_t* const* s,
+                 const scalar_t* t, scalar_t* const* g, acc_t* loss, const int64_t* labels, int64_t ignore,
+                 acc_t inv_t, acc_t scale) {
+  if (contig && kl)
+    ChannelKernel<scalar_t, acc_t, true, true, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr}.run();
+  else if (contig)
+    ChannelKernel<scalar_t, acc_t, true, false, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr}.run();
+  else if (kl)
+    ChannelKernel<scalar_t, acc_t, false, true, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr}.run();
+  else
+    ChannelKernel<scalar_t, acc_t, false, false, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr}.run();
+}
+
+template <typename scalar_t, typename acc_t>
+void run_hard(bool contig, int64_t N, int64_t C, int64_t P, const scalar_t* s, const scalar_t* t, scalar_t* g,
+              const int64_t* labels, int64_t ignore, acc_t inv_t, acc_t scale, const HardPart<acc_t>* hard) {
+  if (contig)
+    ChannelKernel<scalar_t, acc_t, true, true, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard}.run();
+  else
+    ChannelKernel<scalar_t, acc_t, false, true, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard}.run();
+}
+
+template <typename scalar_t, typename acc_t>
+void run_spatial(bool kl, int64_t rows, int64_t L, int64_t K, const scalar_t* const* s, const scalar_t* t,
+                 scalar_t* const* g, acc_t* loss, acc_t inv_t, acc_t scale) {
+  if (kl)
+    SpatialKernel<scalar_t, acc_t, true>{rows, L, K, s, t, g, loss, inv_t, scale}.run();
+  else
+    SpatialKernel<scalar_t, acc_t, false>{rows, L, K, s, t, g, loss, inv_t, scale}.run();
+}

@@ -1,0 +1,626 @@
+"""Tempered-softmax distillation losses over dense maps, fused: one pass reads the student(s) and
+the teacher once and writes the loss and the student gradient.
+
+``kd_loss`` (pixel-wise KD with axis="channel", channel-wise distillation with axis="spatial",
+several students against one teacher) and ``seg_kd_loss`` (Hinton's hard CE + soft KD total).
+CPU: C++ (csrc/kd_loss). CUDA: Triton kernels below. The gradient is computed in the forward
+and kept in the input dtype; the backward multiplies it by the incoming gradient (no host
+synchronisation anywhere).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _library
+from ._testing import new_output
+
+__all__ = ["kd_loss", "seg_kd_loss", "reference_kd_loss", "reference_seg_kd_loss"]
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain-PyTorch references (the eager formulas)
+
+
+def _reference_one(s, t, temperature, axis, labels, ignore_index, divergence, scale_by_t2):
+    t = t.detach()
+    if axis == "spatial":
+        s, t, dim = (s.flatten(2), t.flatten(2), 2) if s.dim() > 2 else (s.unsqueeze(2), t.unsqueeze(2), 2)
+    else:
+        dim = 1
+    lps = F.log_softmax(s / temperature, dim=dim)
+    lpt = F.log_softmax(t / temperature, dim=dim)
+    pt = lpt.exp()
+    if divergence == "kl":
+        term = torch.where(pt > 0, pt * (lpt - lps), torch.zeros_like(pt))
+    else:
+        term = torch.where(pt > 0, -pt * lps, torch.zeros_like(pt))
+    per = term.sum(dim)  # (N, *spatial) or (N, C)
+    if scale_by_t2:
+        per = per * (temperature * temperature)
+    if labels is not None:
+        per = torch.where(labels != ignore_index, per, torch.zeros_like(per))
+    return per
+
+
+def reference_kd_loss(
+    student,
+    teacher: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    axis: str = "channel",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = 255,
+    divergence: str = "kl",
+    reduction: str = "mean",
+    scale_by_t2: bool = True,
+) -> torch.Tensor:
+    """log_softmax / softmax / sum of p_t (log p_t - log p_s), in eager PyTorch (see kd_loss)."""
+    if isinstance(student, (list, tuple)):
+        return torch.stack(
+            [
+                reference_kd_loss(s, teacher, temperature=temperature, axis=axis, labels=labels,
+                                  ignore_index=ignore_index, divergence=divergence, reduction=reduction,
+                                  scale_by_t2=scale_by_t2)
+                for s in student
+            ]
+        )
+    per = _reference_one(student, teacher, temperature, axis, labels, ignore_index, divergence, scale_by_t2)
+    if reduction == "none":
+        return per
+    total = per.sum()
+    if reduction == "sum":
+        return total
+    if axis == "spatial":
+        denom = max(1, per.numel())
+        return total / denom
+    if labels is not None:
+        return total / (labels != ignore_index).sum().clamp_min(1)
+    return total / max(1, per.numel())
+
+
+def reference_seg_kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    hard_weight: float = 1.0,
+    soft_weight: float = 1.0,
+    class_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """hard_weight * F.cross_entropy + soft_weight * reference_kd_loss (eager PyTorch)."""
+    hard = F.cross_entropy(student, labels, weight=class_weight, ignore_index=ignore_index)
+    soft = reference_kd_loss(student, teacher, temperature=temperature, labels=labels, ignore_index=ignore_index)
+    return hard_weight * hard + soft_weight * soft
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton GPU kernels (also run on CPU tensors under TRITON_INTERPRET=1, for the tests)
+
+_TRITON_MAX_STUDENTS = 4  # students per launch (pointer arguments); more are done in groups
+
+if _library.triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _online_update(m, z, x):
+        # Running max m and sum z of exp(x - m); -inf safe (an all -inf prefix keeps z = 0).
+        m_new = tl.maximum(m, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        z = z * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+        return m_new, z
+
+    @triton.jit
+    def _term(pt, lpt, lps, KL: tl.constexpr):
+        if KL:
+            v = pt * (lpt - lps)
+        else:
+            v = -pt * lps
+        return tl.where(pt > 0, v, 0.0)
+
+    @triton.jit
+    def _channel_student(s_ptr, g_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                         lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL: tl.constexpr, HARD: tl.constexpr,
+                         HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+        ms = tl.full([BLOCK], float("-inf"), tl.float32)
+        zs = tl.zeros([BLOCK], tl.float32)
+        m1 = tl.full([BLOCK], float("-inf"), tl.float32)
+        z1 = tl.zeros([BLOCK], tl.float32)
+        for c in range(0, C):
+            x = tl.load(s_ptr + base + c * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+            ms, zs = _online_update(ms, zs, x * inv_t)
+            if HARD:
+                m1, z1 = _online_update(m1, z1, x)
+        lzs = tl.log(zs)
+        acc = tl.zeros([BLOCK], tl.float32)
+        wy = tl.zeros([BLOCK], tl.float32)
+        hard_loss = tl.zeros([BLOCK], tl.float32)
+        if HARD:
+            lz1 = tl.log(z1)
+            if HAS_WEIGHT:
+                wy = tl.load(w_ptr + lab, mask=mask & valid, other=0.0).to(tl.float32)
+            else:
+                wy = tl.where(valid, 1.0, 0.0)
+            sy = tl.load(s_ptr + base + lab * stride_c + offs, mask=mask & valid, other=0.0).to(tl.float32)
+            hard_loss = tl.where(valid, -(sy - m1 - lz1) * wy, 0.0)
+            wy = wy * hard_coef
+        for c in range(0, C):
+            x = tl.load(s_ptr + base + c * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(t_ptr + base + c * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+            lps = x * inv_t - ms - lzs
+            lpt = y * inv_t - mt - lzt
+            pt = tl.exp(lpt)
+            ps = tl.exp(lps)
+            acc += _term(pt, lpt, lps, KL)
+            gv = gscale * (ps - pt)
+            if HARD:
+                p1 = tl.exp(x - m1 - lz1)
+                gv += wy * (p1 - tl.where(lab == c, 1.0, 0.0))
+            gv = tl.where(valid, gv, 0.0)
+            tl.store(g_ptr + base + c * stride_c + offs, gv.to(g_ptr.dtype.element_ty), mask=mask)
+        acc = tl.where(valid, acc, 0.0)
+        if HARD:
+            # one partial loss per program, summed afterwards (deterministic, no float atomics)
+            tl.store(loss_ptr + loss_off, tl.sum(hard_loss * hard_coef, axis=0) + tl.sum(acc, axis=0) * lscale)
+        else:
+            tl.store(loss_ptr + loss_off + tl.arange(0, BLOCK), acc * lscale, mask=mask)
+
+    @triton.jit
+    def _kd_channel_kernel(
+        t_ptr, s0, s1, s2, s3, g0, g1, g2, g3, loss_ptr, lab_ptr, w_ptr, coef_ptr,
+        C, P, stride_n, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
+        K: tl.constexpr, KL: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        pos = pid_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = pos < P
+        offs = pos * stride_p
+        base = n * stride_n
+        if HAS_LABELS:
+            lab = tl.load(lab_ptr + n * P + pos, mask=mask, other=ignore_index)
+            valid = mask & (lab != ignore_index)
+            lab = tl.where(valid, lab, 0)
+        else:
+            lab = tl.zeros([BLOCK], tl.int64)
+            valid = mask
+        # Teacher statistics once, for every student of the launch.
+        mt = tl.full([BLOCK], float("-inf"), tl.float32)
+        zt = tl.zeros([BLOCK], tl.float32)
+        for c in range(0, C):
+            y = tl.load(t_ptr + base + c * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+            mt, zt = _online_update(mt, zt, y * inv_t)
+        lzt = tl.log(zt)
+        lscale = scale
+        hard_coef = 0.0
+        if HARD:
+            # hard_weight / sum of valid weights and soft_weight / valid count, computed on the
+            # device beforehand (0 when every position is ignored): no host synchronisation.
+            hard_coef = tl.load(coef_ptr)
+            soft_coef = tl.load(coef_ptr + 1)
+            gscale = gscale * soft_coef
+            lscale = scale * soft_coef
+            loss_off = n * tl.num_programs(0) + pid_p
+        else:
+            loss_off = n * P + pid_p.to(tl.int64) * BLOCK
+        _channel_student(s0, g0, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                         lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL, HARD, HAS_WEIGHT, BLOCK)
+        if K > 1:
+            _channel_student(s1, g1, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
+        if K > 2:
+            _channel_student(s2, g2, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
+        if K > 3:
+            _channel_student(s3, g3, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
+
+    @triton.jit
+    def _row_stats(x_ptr, row, L, inv_t, BLOCK: tl.constexpr):
+        # Online softmax along a row: per-lane running max and sum, merged at the end.
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        z = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, L, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row + idx, mask=idx < L, other=float("-inf")).to(tl.float32)
+            m, z = _online_update(m, z, x * inv_t)
+        mm = tl.max(m, axis=0)
+        mm_safe = tl.where(mm == float("-inf"), 0.0, mm)
+        zz = tl.sum(z * tl.exp(m - mm_safe), axis=0)
+        return mm, tl.log(zz)
+
+    @triton.jit
+    def _spatial_student(s_ptr, g_ptr, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr, loss_off,
+                         KL: tl.constexpr, BLOCK: tl.constexpr):
+        ms, lzs = _row_stats(s_ptr, row, L, inv_t, BLOCK)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, L, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            m = idx < L
+            x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+            y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+            lps = x * inv_t - ms - lzs
+            lpt = y * inv_t - mt - lzt
+            pt = tl.exp(lpt)
+            ps = tl.exp(lps)
+            acc += tl.where(m, _term(pt, lpt, lps, KL), 0.0)
+            tl.store(g_ptr + row + idx, (gscale * (ps - pt)).to(g_ptr.dtype.element_ty), mask=m)
+        tl.store(loss_ptr + loss_off, tl.sum(acc, axis=0) * scale)
+
+    @triton.jit
+    def _kd_spatial_kernel(
+        t_ptr, s0, s1, s2, s3, g0, g1, g2, g3, loss_ptr, L, loss_stride_k, inv_t, scale, gscale,
+        K: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64)
+        row = r * L
+        mt, lzt = _row_stats(t_ptr, row, L, inv_t, BLOCK)
+        _spatial_student(s0, g0, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr, r, KL, BLOCK)
+        if K > 1:
+            _spatial_student(s1, g1, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr, r + loss_stride_k,
+                             KL, BLOCK)
+        if K > 2:
+            _spatial_student(s2, g2, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr,
+                             r + 2 * loss_stride_k, KL, BLOCK)
+        if K > 3:
+            _spatial_student(s3, g3, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr,
+                             r + 3 * loss_stride_k, KL, BLOCK)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    if x.dim() not in (4, 5) or x.is_contiguous():
+        return False
+    return x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def _layout(tensors: Sequence[torch.Tensor], spatial: bool):
+    """(channels_last, tensors in that layout): channels-last is read in place when every input
+    has it (channel axis only), anything else is made NCHW-contiguous."""
+    cl = not spatial and all(_is_channels_last(x) for x in tensors)
+    return cl, [x if cl else x.contiguous() for x in tensors]
+
+
+def _new_grad(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    fmt = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if channels_last else torch.contiguous_format
+    return new_output(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _map_sizes(k: int, teacher: torch.Tensor, spatial: bool) -> List[int]:
+    return [k, teacher.shape[0], teacher.shape[1]] if spatial else [k, teacher.shape[0], *teacher.shape[2:]]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index):
+    K = len(students)
+    cl, tensors = _layout(list(students) + [teacher], spatial)
+    students, teacher = tensors[:-1], tensors[-1]
+    N, C = teacher.shape[0], teacher.shape[1]
+    P = teacher[0, 0].numel() if N > 0 and C > 0 else 0
+    loss = new_output(_map_sizes(K, teacher, spatial), dtype=_acc_dtype(teacher.dtype), device=teacher.device)
+    grads = [_new_grad(s, cl) for s in students]
+    if N * C * P == 0:
+        loss.zero_()
+        for g in grads:
+            g.zero_()
+        return loss, grads
+    inv_t = 1.0 / temperature
+    scale = temperature * temperature if scale_by_t2 else 1.0
+    gscale = scale * inv_t
+    lab = labels.contiguous() if labels is not None else teacher  # dummy pointer when absent
+    loss_stride_k = loss[0].numel()
+    for k0 in range(0, K, _TRITON_MAX_STUDENTS):
+        group = list(range(k0, min(K, k0 + _TRITON_MAX_STUDENTS)))
+        sp = [students[k] for k in group] + [students[group[0]]] * (_TRITON_MAX_STUDENTS - len(group))
+        gp = [grads[k] for k in group] + [grads[group[0]]] * (_TRITON_MAX_STUDENTS - len(group))
+        lk = loss[k0]
+        if spatial:
+            block = 1024 if teacher.is_cuda else 256
+            _kd_spatial_kernel[(N * C,)](
+                teacher, *sp, *gp, lk, P, loss_stride_k, inv_t, scale, gscale,
+                K=len(group), KL=kl, BLOCK=block, num_warps=4,
+            )
+        else:
+            block = 256 if teacher.is_cuda else 64
+            stride_p = C if cl else 1
+            stride_c = 1 if cl else P
+            _kd_channel_kernel[(triton.cdiv(P, block), N)](
+                teacher, *sp, *gp, lk, lab, teacher, teacher,
+                C, P, C * P, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
+                K=len(group), KL=kl, HAS_LABELS=labels is not None, HARD=False, HAS_WEIGHT=False, BLOCK=block,
+            )
+    return loss, grads
+
+
+def _denominators(labels, class_weight, ignore_index, acc):
+    valid = labels != ignore_index
+    count = valid.sum().to(acc)
+    if class_weight is None:
+        wsum = count
+    else:
+        wsum = torch.where(valid, class_weight.to(acc)[labels.clamp(0, class_weight.numel() - 1)], 0).sum()
+    return count, wsum
+
+
+def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index):
+    cl, (student, teacher) = _layout([student, teacher], False)
+    N, C = teacher.shape[0], teacher.shape[1]
+    P = teacher[0, 0].numel() if N > 0 and C > 0 else 0
+    acc = _acc_dtype(teacher.dtype)
+    grad = _new_grad(student, cl)
+    if N * C * P == 0:
+        grad.zero_()
+        return torch.zeros((), dtype=acc, device=teacher.device), grad
+    labels = labels.contiguous()
+    count, wsum = _denominators(labels, class_weight, ignore_index, torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=teacher.device)
+    coef = torch.stack([
+        torch.where(wsum != 0, hard_weight / torch.where(wsum != 0, wsum, 1.0), zero),
+        torch.where(count != 0, soft_weight / count.clamp_min(1), zero),
+    ]).contiguous()
+    weight = class_weight.to(torch.float32).contiguous() if class_weight is not None else coef
+    block = 256 if teacher.is_cuda else 64
+    tiles = triton.cdiv(P, block)
+    partials = torch.empty(N * tiles, dtype=torch.float32, device=teacher.device)
+    _kd_channel_kernel[(tiles, N)](
+        teacher, student, student, student, student, grad, grad, grad, grad, partials, labels, weight, coef,
+        C, P, C * P, 1 if cl else P, C if cl else 1, 0, ignore_index, 1.0 / temperature,
+        temperature * temperature, temperature, K=1, KL=True, HAS_LABELS=True, HARD=True,
+        HAS_WEIGHT=class_weight is not None, BLOCK=block,
+    )
+    return partials.sum().to(acc), grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Op registration
+
+if _library.kernels_available():
+
+    @torch.library.register_fake("segkernels::kd_loss")
+    def _(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index):
+        cl, _unused = spatial is False and all(_is_channels_last(x) for x in list(students) + [teacher]), None
+        loss = teacher.new_empty(_map_sizes(len(students), teacher, spatial), dtype=_acc_dtype(teacher.dtype))
+        grads = [
+            torch.empty_like(s, memory_format=torch.channels_last if s.dim() == 4 else torch.channels_last_3d)
+            if cl
+            else torch.empty(s.shape, dtype=s.dtype, device=s.device)
+            for s in students
+        ]
+        return loss, grads
+
+    @torch.library.register_fake("segkernels::seg_kd_loss")
+    def _(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index):
+        cl = _is_channels_last(student) and _is_channels_last(teacher)
+        grad = (
+            torch.empty_like(student, memory_format=torch.channels_last if student.dim() == 4 else torch.channels_last_3d)
+            if cl
+            else torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        )
+        return teacher.new_empty((), dtype=_acc_dtype(teacher.dtype)), grad
+
+    def _kd_setup(ctx, inputs, output):
+        _students, _teacher, _labels, _t, spatial, _kl, _scale, _ignore = inputs
+        _loss, grads = output
+        ctx.spatial = spatial
+        ctx.save_for_backward(*grads)
+
+    def _kd_backward(ctx, grad_loss, _grad_grads):
+        grads = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None, None, None, None, None, None, None
+        out = []
+        for k, g in enumerate(grads):
+            gl = grad_loss[k].to(g.dtype)
+            gl = gl.reshape(*gl.shape, *([1] * (g.dim() - 2))) if ctx.spatial else gl.unsqueeze(1)
+            out.append(g * gl)
+        return out, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("segkernels::kd_loss", _kd_backward, setup_context=_kd_setup)
+
+    def _seg_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+
+    def _seg_backward(ctx, grad_loss, _grad_grad):
+        (g,) = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None, None, None, None, None, None, None
+        return g * grad_loss.to(g.dtype), None, None, None, None, None, None, None
+
+    torch.library.register_autograd("segkernels::seg_kd_loss", _seg_backward, setup_context=_seg_setup)
+
+    if _library.triton_available():
+        torch.library.register_kernel("segkernels::kd_loss", "cuda", _kd_loss_triton)
+        torch.library.register_kernel("segkernels::seg_kd_loss", "cuda", _seg_kd_loss_triton)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_logits(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64 logits, got {x.dtype}")
+    if not 2 <= x.dim() <= 5:
+        raise ValueError(f"{name} must be (N, C, *spatial) with 0 to 3 spatial dims, got shape {tuple(x.shape)}")
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive number, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
+    return float(temperature)
+
+
+def _check_labels(labels, teacher: torch.Tensor, ignore_index) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer (int64) tensor, got {labels.dtype}")
+    expected = (teacher.shape[0], *teacher.shape[2:])
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"labels must be (N, *spatial) = {expected}, got {tuple(labels.shape)}")
+    if labels.device != teacher.device:
+        raise ValueError(f"labels must be on {teacher.device}, got {labels.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return labels.long()
+
+
+def _use_kernels(teacher: torch.Tensor) -> bool:
+    if teacher.device.type == "cpu":
+        return _library.use_compiled(teacher)
+    if teacher.device.type == "cuda":  # Triton kernels (float32 arithmetic; float64 runs the reference)
+        return _library.kernels_available() and _library.triton_available() and teacher.dtype != torch.float64
+    return False
+
+
+def kd_loss(
+    student: Union[torch.Tensor, Sequence[torch.Tensor]],
+    teacher: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    axis: str = "channel",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = 255,
+    divergence: str = "kl",
+    reduction: str = "mean",
+    scale_by_t2: bool = True,
+) -> torch.Tensor:
+    """Tempered-softmax distillation loss between dense logit maps, fused (one pass each way).
+
+    Args:
+        student: logits (N, C, *spatial) with 0 to 3 spatial dims, float32/float16/bfloat16/
+            float64; or a list of K such students, distilled from the same teacher in one pass
+            that reads the teacher once (the result then has a leading K dim).
+        teacher: logits of the same shape and dtype; a target (it gets no gradient).
+        temperature: T > 0; both distributions are softmax(logits / T).
+        axis: "channel": a distribution over the C channels at every position (pixel-wise KD);
+            "spatial": a distribution over all positions of every (n, c) (channel-wise KD).
+        labels: optional (N, *spatial) integer map (axis="channel" only); positions equal to
+            ignore_index contribute nothing and get a zero gradient.
+        divergence: "kl" = sum p_t (log p_t - log p_s) (0 where p_t = 0); "ce" = -sum p_t log p_s.
+        reduction: "mean" (over valid positions for axis="channel", over N * C rows for
+            "spatial"; 0 with a zero gradient when there is none), "sum", or "none" (the
+            (N, *spatial) or (N, C) map).
+        scale_by_t2: multiply the loss by T^2 (keeps the gradient scale independent of T).
+
+    Returns:
+        The loss in the input dtype: a scalar, the map for reduction="none", with a leading (K,)
+        dim for a list of students. Computed in float32 for 16-bit inputs.
+    """
+    multi = isinstance(student, (list, tuple))
+    students = list(student) if multi else [student]
+    if multi and not students:
+        raise ValueError("student must be a tensor or a non-empty list of tensors")
+    _check_logits(teacher, "teacher")
+    for i, s in enumerate(students):
+        name = f"student[{i}]" if multi else "student"
+        _check_logits(s, name)
+        if s.shape != teacher.shape:
+            raise ValueError(f"{name} {tuple(s.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
+        if s.dtype != teacher.dtype:
+            raise TypeError(f"{name} ({s.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
+        if s.device != teacher.device:
+            raise ValueError(f"{name} ({s.device}) and teacher ({teacher.device}) must be on the same device")
+    temperature = _check_temperature(temperature)
+    if axis not in ("channel", "spatial"):
+        raise ValueError(f"axis must be 'channel' or 'spatial', got {axis!r}")
+    if divergence not in ("kl", "ce"):
+        raise ValueError(f"divergence must be 'kl' or 'ce', got {divergence!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+    if labels is not None:
+        if axis != "channel":
+            raise ValueError("labels (an ignore mask) are only supported with axis='channel'")
+        labels = _check_labels(labels, teacher, ignore_index)
+    elif isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    spatial = axis == "spatial"
+
+    if not _use_kernels(teacher):
+        return reference_kd_loss(student if multi else students[0], teacher, temperature=temperature, axis=axis,
+                                 labels=labels, ignore_index=ignore_index, divergence=divergence,
+                                 reduction=reduction, scale_by_t2=scale_by_t2)
+    maps, _grads = torch.ops.segkernels.kd_loss(
+        students, teacher.detach(), labels, temperature, spatial, divergence == "kl", scale_by_t2, ignore_index
+    )
+    if reduction == "none":
+        out = maps
+    else:
+        out = maps.flatten(1).sum(1)
+        if reduction == "mean":
+            if spatial:
+                out = out / max(1, maps[0].numel())
+            elif labels is not None:
+                out = out / (labels != ignore_index).sum().clamp_min(1).to(out.dtype)
+            else:
+                out = out / max(1, maps[0].numel())
+    out = out.to(teacher.dtype)
+    return out if multi else out[0]
+
+
+def seg_kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    hard_weight: float = 1.0,
+    soft_weight: float = 1.0,
+    class_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Hinton's total in one pass: hard_weight * F.cross_entropy(student, labels,
+    weight=class_weight, ignore_index=ignore_index) + soft_weight * kd_loss(student, teacher,
+    temperature=temperature, labels=labels, ignore_index=ignore_index).
+
+    Shapes: student, teacher (N, C, *spatial); labels (N, *spatial) with values in [0, C) or
+    ignore_index (the CPU kernel raises IndexError otherwise; on CUDA out-of-range labels are not
+    checked, to avoid a synchronisation). When every position is ignored the result is 0 with a
+    zero gradient (F.cross_entropy would give NaN). Returns a scalar in the input dtype.
+    """
+    _check_logits(student, "student")
+    _check_logits(teacher, "teacher")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
+    if student.dtype != teacher.dtype:
+        raise TypeError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
+    if student.device != teacher.device:
+        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must be on the same device")
+    temperature = _check_temperature(temperature)
+    labels = _check_labels(labels, teacher, ignore_index)
+    for name, v in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise TypeError(f"{name} must be a finite number, got {v!r}")
+    if class_weight is not None:
+        if not isinstance(class_weight, torch.Tensor) or not class_weight.is_floating_point():
+            raise TypeError("class_weight must be a floating-point tensor of shape (C,)")
+        if tuple(class_weight.shape) != (teacher.shape[1],):
+            raise ValueError(f"class_weight must be (C,) = ({teacher.shape[1]},), got {tuple(class_weight.shape)}")
+        if class_weight.device != teacher.device:
+            raise ValueError(f"class_weight must be on {teacher.device}, got {class_weight.device}")
+    if not _use_kernels(teacher):
+        return reference_seg_kd_loss(student, teacher, labels, temperature=temperature, hard_weight=hard_weight,
+                                     soft_weight=soft_weight, class_weight=class_weight, ignore_index=ignore_index)
+    loss, _grad = torch.ops.segkernels.seg_kd_loss(
+        student, teacher.detach(), labels, class_weight, temperature, float(hard_weight), float(soft_weight),
+        ignore_index,
+    )
+    return loss.to(teacher.dtype)

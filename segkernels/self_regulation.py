@@ -1,0 +1,136 @@
+"""Distillation modules over kd_loss: KDLoss, ChannelWiseKDLoss and the Self-Regulation losses
+(Zhang et al., "Self-Regulation for Semantic Segmentation", ICCV 2021)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kd_loss import kd_loss
+
+__all__ = ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss", "presence_targets"]
+
+
+class KDLoss(nn.Module):
+    """Pixel-wise tempered-softmax distillation (softmax over channels), ignore-label aware.
+
+    forward(student, teacher, labels=None): student (N, C, *spatial) or a list of students,
+    teacher of the same shape, labels (N, *spatial) optional. See segkernels.kd_loss.
+    """
+
+    def __init__(self, temperature: float = 1.0, *, ignore_index: int = 255, divergence: str = "kl",
+                 reduction: str = "mean", scale_by_t2: bool = True) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.divergence = divergence
+        self.reduction = reduction
+        self.scale_by_t2 = scale_by_t2
+
+    def forward(self, student, teacher: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return kd_loss(student, teacher, temperature=self.temperature, axis="channel", labels=labels,
+                       ignore_index=self.ignore_index, divergence=self.divergence, reduction=self.reduction,
+                       scale_by_t2=self.scale_by_t2)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, divergence={self.divergence!r}, reduction={self.reduction!r}"
+
+
+class ChannelWiseKDLoss(nn.Module):
+    """Channel-wise distillation (Shu et al., CWD): for every (n, c) a softmax over all spatial
+    positions; mean over the N * C rows, times T^2. forward(student, teacher)."""
+
+    def __init__(self, temperature: float = 4.0, *, divergence: str = "kl", reduction: str = "mean",
+                 scale_by_t2: bool = True) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.divergence = divergence
+        self.reduction = reduction
+        self.scale_by_t2 = scale_by_t2
+
+    def forward(self, student, teacher: torch.Tensor) -> torch.Tensor:
+        return kd_loss(student, teacher, temperature=self.temperature, axis="spatial", divergence=self.divergence,
+                       reduction=self.reduction, scale_by_t2=self.scale_by_t2)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, divergence={self.divergence!r}, reduction={self.reduction!r}"
+
+
+def presence_targets(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """(N, num_classes) float: 1 where the class occurs in the image's labels (ignored excluded)."""
+    lab = labels.reshape(labels.shape[0], -1).long()
+    valid = lab != ignore_index
+    idx = torch.where(valid, lab, torch.full_like(lab, num_classes))
+    out = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device)
+    out.scatter_(1, idx, 1.0)
+    return out[:, :num_classes]
+
+
+class SelfRegulationLoss(nn.Module):
+    """The Self-Regulation total: weights[0] * MEA-cls + weights[1] * MEA-seg + weights[2] * SR-L
+    + weights[3] * SR-F.
+
+    forward(class_maps, presence_logits, labels) -> (total, parts):
+        class_maps: E >= 2 exits' logits (N, C, H, W) at label resolution, deepest first.
+        presence_logits: E image-level presence logits (N, C), same order.
+        labels: (N, H, W) int64, ignore_index where unlabelled.
+        parts: dict with "mea_cls", "mea_seg", "sr_l", "sr_f" (each summed over exits).
+
+    - MEA-seg: per-exit pixel cross-entropy with the labels.
+    - MEA-cls: per-exit multi-label BCE of the presence logits against the classes in the labels.
+    - SR-F, sr_f="hard" (the official code): the shallowest exit's argmax (detached) is a hard
+      label for every deeper exit (pixel CE; ignored pixels stay ignored). sr_f="soft" (the
+      paper): tempered soft cross-entropy from the shallowest exit (teacher, detached) to every
+      deeper exit, T^2-scaled, mean over labelled pixels, through one multi-student kd_loss.
+    - SR-L: BCE of each shallow exit's presence logits against sigmoid of the deepest exit's
+      (detached).
+    """
+
+    def __init__(self, num_classes: int, weights: Tuple[float, float, float, float] = (0.2, 0.8, 1.0, 1.0),
+                 sr_f: str = "hard", temperature: float = 1.0, ignore_index: int = 255) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if len(tuple(weights)) != 4:
+            raise ValueError(f"weights must be 4 numbers (mea_cls, mea_seg, sr_l, sr_f), got {weights!r}")
+        if sr_f not in ("hard", "soft"):
+            raise ValueError(f"sr_f must be 'hard' or 'soft', got {sr_f!r}")
+        self.num_classes = num_classes
+        self.weights = tuple(float(w) for w in weights)
+        self.sr_f = sr_f
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+
+    def forward(self, class_maps: Sequence[torch.Tensor], presence_logits: Sequence[torch.Tensor],
+                labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        maps, pres = list(class_maps), list(presence_logits)
+        if len(maps) < 2 or len(pres) != len(maps):
+            raise ValueError(f"need E >= 2 class maps and as many presence logits, got {len(maps)} and {len(pres)}")
+        n, c = labels.shape[0], self.num_classes
+        for i, m in enumerate(maps):
+            if m.dim() != 4 or m.shape[1] != c or m.shape[0] != n or tuple(m.shape[2:]) != tuple(labels.shape[1:]):
+                raise ValueError(f"class_maps[{i}] must be (N, C, H, W) = ({n}, {c}, {tuple(labels.shape[1:])}), "
+                                 f"got {tuple(m.shape)}")
+        for i, p in enumerate(pres):
+            if tuple(p.shape) != (n, c):
+                raise ValueError(f"presence_logits[{i}] must be (N, C) = ({n}, {c}), got {tuple(p.shape)}")
+        ii = self.ignore_index
+        target = presence_targets(labels, c, ii)
+        mea_seg = sum(F.cross_entropy(m, labels, ignore_index=ii) for m in maps)
+        mea_cls = sum(F.binary_cross_entropy_with_logits(p, target.to(p.dtype)) for p in pres)
+        shallow = maps[-1].detach()
+        if self.sr_f == "hard":
+            pseudo = shallow.argmax(1)
+            pseudo = torch.where(labels == ii, labels, pseudo)
+            sr_f = sum(F.cross_entropy(m, pseudo, ignore_index=ii) for m in maps[:-1])
+        else:
+            sr_f = kd_loss(maps[:-1], shallow, temperature=self.temperature, labels=labels, ignore_index=ii,
+                           divergence="ce").sum()
+        deep = torch.sigmoid(pres[0].detach())
+        sr_l = sum(F.binary_cross_entropy_with_logits(p, deep) for p in pres[1:])
+        w = self.weights
+        total = w[0] * mea_cls + w[1] * mea_seg + w[2] * sr_l + w[3] * sr_f
+        return total, {"mea_cls": mea_cls, "mea_seg": mea_seg, "sr_l": sr_l, "sr_f": sr_f}

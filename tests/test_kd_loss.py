@@ -1,0 +1,502 @@
+"""kd_loss / seg_kd_loss / distillation modules against the eager references (computed in float64
+from the same inputs), gradcheck, opcheck, torch.compile, layouts, stability and errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segkernels
+from helpers import DEVICES, FLOAT_DTYPES, assert_close, gradcheck, requires_kernels, run_opcheck, to_layout
+from segkernels._library import triton_available
+from segkernels.kd_loss import reference_kd_loss, reference_seg_kd_loss
+
+pytestmark = requires_kernels
+
+SHAPES = [(2, 5, 7, 9), (3, 4), (2, 3, 11), (2, 4, 3, 5, 2)]  # 2-D, no, 1-D, 3-D spatial dims
+
+
+def _inputs(shape, dtype, device, k=1, scale=3.0):
+    students = [(torch.randn(shape, device=device) * scale).to(dtype).requires_grad_() for _ in range(k)]
+    teacher = (torch.randn(shape, device=device) * scale).to(dtype)
+    return students, teacher
+
+
+def _labels(shape, device, frac=0.3, classes=None):
+    classes = classes or shape[1]
+    lab = torch.randint(0, classes, (shape[0], *shape[2:]), device=device)
+    lab[torch.rand(lab.shape, device=device) < frac] = 255
+    return lab
+
+
+def _expected(students, teacher, *, grad_seed=None, **kw):
+    """Reference value and student gradients in float64, cast to the inputs' dtype."""
+    s64 = [s.detach().double().requires_grad_() for s in students]
+    out = reference_kd_loss(s64 if len(students) > 1 else s64[0], teacher.double(), **kw)
+    g = torch.randn(out.shape, dtype=torch.float64, device=out.device) if grad_seed else torch.ones_like(out)
+    grads = torch.autograd.grad(out, s64, g, allow_unused=True)
+    grads = [torch.zeros_like(s) if gr is None else gr for gr, s in zip(grads, s64)]
+    return out, g, grads
+
+
+def _check(students, teacher, multi=False, tol=None, **kw):
+    """tol: optional ((rtol, atol) of the loss, (rtol, atol) of the gradient)."""
+    dtype = teacher.dtype
+    ref, g, ref_grads = _expected(students, teacher, grad_seed=kw.get("reduction") == "none", **kw)
+    out = segkernels.kd_loss(students if multi else students[0], teacher, **kw)
+    if tol is None:
+        assert_close(out, ref.to(dtype))
+    else:
+        torch.testing.assert_close(out, ref.to(dtype), rtol=tol[0][0], atol=tol[0][1])
+    grads = torch.autograd.grad(out, students, g.to(out.dtype))
+    for gr, rg in zip(grads, ref_grads):
+        if tol is None:
+            assert_close(gr, rg.to(dtype))
+        else:
+            torch.testing.assert_close(gr, rg.to(dtype), rtol=tol[1][0], atol=tol[1][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(device, dtype, axis, reduction, shape):
+    students, teacher = _inputs(shape, dtype, device)
+    _check(students, teacher, temperature=2.0, axis=axis, reduction=reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("divergence", ["kl", "ce"])
+def test_ignore_mask_and_divergence(device, dtype, reduction, divergence):
+    shape = (3, 6, 13, 10)
+    students, teacher = _inputs(shape, dtype, device)
+    labels = _labels(shape, device)
+    _check(students, teacher, temperature=0.5, labels=labels, reduction=reduction, divergence=divergence)
+    out = segkernels.kd_loss(students[0], teacher, labels=labels, reduction="none", divergence=divergence)
+    assert (out[labels == 255] == 0).all()
+    (grad,) = torch.autograd.grad(out.sum(), students)
+    assert (grad.permute(0, 2, 3, 1)[labels == 255] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_several_students(device, axis, k, reduction):
+    shape = (2, 7, 9, 6)
+    students, teacher = _inputs(shape, torch.float32, device, k=k)
+    labels = _labels(shape, device) if axis == "channel" else None
+    _check(students, teacher, multi=True, temperature=3.0, axis=axis, labels=labels, reduction=reduction)
+    out = segkernels.kd_loss(students, teacher, axis=axis, labels=labels, reduction=reduction)
+    assert out.shape[0] == k
+    for i, s in enumerate(students):
+        single = segkernels.kd_loss(s, teacher, axis=axis, labels=labels, reduction=reduction)
+        assert_close(out[i], single)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "mixed"])
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+def test_layouts(device, layout, axis):
+    shape = (2, 5, 6, 7)
+    students, teacher = _inputs(shape, torch.float32, device, k=2)
+    if layout == "mixed":
+        s_lay, t_lay = "channels_last", "contiguous"
+    else:
+        s_lay = t_lay = layout
+    students = [to_layout(s.detach(), s_lay).requires_grad_() for s in students]
+    teacher = to_layout(teacher, t_lay)
+    labels = _labels(shape, device) if axis == "channel" else None
+    _check(students, teacher, multi=True, axis=axis, labels=labels, temperature=1.5)
+    _check(students[:1], teacher, axis=axis, labels=labels, reduction="none")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+def test_empty_batch(device, axis):
+    students, teacher = _inputs((0, 4, 3, 5), torch.float32, device)
+    labels = torch.empty(0, 3, 5, dtype=torch.long, device=device) if axis == "channel" else None
+    out = segkernels.kd_loss(students[0], teacher, axis=axis, labels=labels)
+    assert out.shape == () and out.item() == 0
+    out.backward()
+    assert students[0].grad.shape == students[0].shape
+    none = segkernels.kd_loss(students[0], teacher, axis=axis, reduction="none")
+    assert none.shape == ((0, 3, 5) if axis == "channel" else (0, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_fully_ignored_gives_zero_and_zero_gradient(device, dtype):
+    students, teacher = _inputs((2, 5, 4, 6), dtype, device)
+    labels = torch.full((2, 4, 6), 255, device=device)
+    out = segkernels.kd_loss(students[0], teacher, labels=labels, temperature=2.0)
+    assert out.item() == 0 and not torch.isnan(out)
+    out.backward()
+    assert (students[0].grad == 0).all()
+    # One image fully ignored, the other not: its positions alone count.
+    labels[1] = 1
+    _check(students, teacher, labels=labels, temperature=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 100.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_logits_and_temperatures(device, axis, temperature, dtype):
+    shape = (2, 6, 5, 7)
+    students, teacher = _inputs(shape, dtype, device, scale=1e4)
+    # float32 resolves log-probabilities of magnitude |logit| / T to about 1e-7 of that, and the
+    # loss is then scaled by T^2: the tolerances follow those magnitudes.
+    t2 = temperature**2
+    loss_atol = 2e-7 * t2 * 1e4 / temperature * 10
+    if dtype == torch.float32:
+        tol = ((1e-4, loss_atol), (1e-4, 2e-6 * temperature))
+    else:  # the float32 arithmetic error, then bfloat16 rounding of the result
+        tol = ((1.6e-2, max(loss_atol, 1e-2)), (1.6e-2, 1e-2))
+    _check(students, teacher, temperature=temperature, axis=axis, tol=tol)
+    _check(students, teacher, temperature=temperature, axis=axis, reduction="none", tol=tol)
+    # identical student and teacher: KL is 0 (no cancellation error at this magnitude)
+    same = segkernels.kd_loss(teacher.clone().requires_grad_(), teacher, temperature=temperature, axis=axis)
+    assert abs(same.item()) < 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+@pytest.mark.parametrize("divergence", ["kl", "ce"])
+def test_minus_inf_logits(device, axis, divergence):
+    shape = (2, 5, 4, 6)
+    students, teacher = _inputs(shape, torch.float32, device)
+    masked = torch.rand(shape, device=device) < 0.3
+    masked[:, 0] = False  # every distribution keeps some mass
+    masked.view(2, 5, -1)[:, :, 0] = False
+    teacher = teacher.masked_fill(masked, float("-inf"))
+    s = students[0].detach().masked_fill(masked, float("-inf")).requires_grad_()
+    out = segkernels.kd_loss(s, teacher, axis=axis, divergence=divergence, reduction="none")
+    assert torch.isfinite(out).all()
+    _check([s], teacher, axis=axis, divergence=divergence, reduction="none")
+    (g,) = torch.autograd.grad(out.sum(), s)
+    assert torch.isfinite(g).all()
+    # teacher mass where the student has -inf: infinite KL, still a finite gradient, no NaN
+    s2 = students[0].detach().clone()
+    s2[:, 1, 0] = float("-inf")
+    s2.requires_grad_()
+    t2 = torch.randn(shape, device=device)
+    out2 = segkernels.kd_loss(s2, t2, axis=axis, divergence=divergence, reduction="none")
+    assert not torch.isnan(out2).any() and torch.isinf(out2).any()
+    (g2,) = torch.autograd.grad(out2.sum(), s2)
+    assert torch.isfinite(g2).all()
+
+
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (3, 5), (1, 3, 2, 2, 3)], ids=str)
+def test_gradcheck(axis, shape):
+    s = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    s2 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(shape, dtype=torch.float64)
+    labels = _labels(shape, "cpu") if axis == "channel" else None
+    gradcheck(lambda a: segkernels.kd_loss(a, t, temperature=1.7, axis=axis, labels=labels, reduction="none"), (s,))
+    gradcheck(lambda a, b: segkernels.kd_loss([a, b], t, axis=axis, labels=labels, divergence="ce"), (s, s2))
+    if axis == "channel":
+        lab = _labels(shape, "cpu", frac=0.2)
+        w = torch.rand(shape[1], dtype=torch.float64) + 0.5
+        gradcheck(lambda a: segkernels.seg_kd_loss(a, t, lab, temperature=2.0, class_weight=w, hard_weight=0.7), (s,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    shape = (2, 4, 3, 5)
+    (s1, s2), t = _inputs(shape, torch.float32, device, k=2)
+    labels = _labels(shape, device)
+    op = torch.ops.segkernels.kd_loss.default
+    run_opcheck(op, ([s1, s2], t, labels, 2.0, False, True, True, 255))
+    run_opcheck(op, ([s1], t, None, 0.5, True, False, False, 255))
+    cl = [to_layout(s1.detach(), "channels_last").requires_grad_()]
+    run_opcheck(op, (cl, to_layout(t, "channels_last"), None, 1.0, False, True, True, 255))
+    w = torch.rand(4, device=device)
+    run_opcheck(torch.ops.segkernels.seg_kd_loss.default, (s1, t, labels, w, 2.0, 1.0, 0.5, 255))
+    run_opcheck(torch.ops.segkernels.seg_kd_loss.default, (s1, t, labels, None, 1.0, 1.0, 1.0, 255))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile(device):
+    shape = (2, 5, 6, 4)
+    (s1, s2), t = _inputs(shape, torch.float32, device, k=2)
+    labels = _labels(shape, device)
+
+    def fn(a, b, tt, lab):
+        x = segkernels.kd_loss(a * 1.0, tt, temperature=2.0, labels=lab)
+        y = segkernels.kd_loss([a, b], tt, axis="spatial").sum()
+        z = segkernels.seg_kd_loss(b, tt, lab, temperature=3.0)
+        return x + y + z
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(s1, s2, t, labels)
+    ga = torch.autograd.grad(out, [s1, s2])
+    ref = fn(s1, s2, t, labels)
+    gr = torch.autograd.grad(ref, [s1, s2])
+    assert_close(out, ref)
+    for a, b in zip(ga, gr):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(2, 6, 9, 7), (5, 3), (2, 4, 3, 2, 3)], ids=str)
+def test_seg_kd_loss(device, dtype, weighted, shape):
+    students, teacher = _inputs(shape, dtype, device)
+    s = students[0]
+    labels = _labels(shape, device)
+    labels.view(-1)[0] = 0  # at least one valid position
+    w = (torch.rand(shape[1], device=device) + 0.5).to(dtype) if weighted else None
+    kw = dict(temperature=2.5, hard_weight=0.6, soft_weight=1.3, class_weight=w)
+    s64 = s.detach().double().requires_grad_()
+    ref = reference_seg_kd_loss(s64, teacher.double(), labels, **{**kw, "class_weight": w.double() if weighted else None})
+    (rg,) = torch.autograd.grad(ref, s64)
+    out = segkernels.seg_kd_loss(s, teacher, labels, **kw)
+    assert_close(out, ref.to(dtype))
+    (g,) = torch.autograd.grad(out * 2.0, s)
+    assert_close(g, (2 * rg).to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seg_kd_loss_fully_ignored_and_channels_last(device):
+    students, teacher = _inputs((2, 5, 4, 6), torch.float32, device)
+    s = students[0]
+    labels = torch.full((2, 4, 6), 255, device=device)
+    out = segkernels.seg_kd_loss(s, teacher, labels)
+    assert out.item() == 0
+    (g,) = torch.autograd.grad(out, s)
+    assert (g == 0).all()
+    labels = _labels((2, 5, 4, 6), device)
+    scl = to_layout(s.detach(), "channels_last").requires_grad_()
+    tcl = to_layout(teacher, "channels_last")
+    out = segkernels.seg_kd_loss(scl, tcl, labels, temperature=4.0)
+    ref = reference_seg_kd_loss(s.detach().double(), teacher.double(), labels, temperature=4.0)
+    assert_close(out, ref.float())
+
+
+def test_seg_kd_loss_bad_label_raises():
+    students, teacher = _inputs((2, 5, 4, 6), torch.float32, "cpu")
+    labels = _labels((2, 5, 4, 6), "cpu")
+    labels[0, 0, 0] = 5
+    with pytest.raises(IndexError, match="label 5"):
+        segkernels.seg_kd_loss(students[0], teacher, labels)
+
+
+def test_argument_errors():
+    s, t = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    lab = torch.zeros(2, 4, 5, dtype=torch.long)
+    cases = [
+        (TypeError, "student\\[0\\] must be a torch.Tensor", lambda: segkernels.kd_loss([1], t)),
+        (TypeError, "student must be a torch.Tensor", lambda: segkernels.kd_loss(1, t)),
+        (ValueError, "non-empty list", lambda: segkernels.kd_loss([], t)),
+        (TypeError, "teacher must be float32", lambda: segkernels.kd_loss(s, t.long())),
+        (TypeError, "must have the same dtype", lambda: segkernels.kd_loss(s, t.double())),
+        (ValueError, "same shape", lambda: segkernels.kd_loss(s, t[:, :2])),
+        (ValueError, "teacher must be \\(N, C", lambda: segkernels.kd_loss(s[0, 0, 0], t[0, 0, 0])),
+        (ValueError, "0 to 3 spatial", lambda: segkernels.kd_loss(s.view(2, 3, 2, 2, 5, 1), t.view(2, 3, 2, 2, 5, 1))),
+        (ValueError, "temperature must be positive", lambda: segkernels.kd_loss(s, t, temperature=0.0)),
+        (ValueError, "temperature must be positive", lambda: segkernels.kd_loss(s, t, temperature=math.inf)),
+        (TypeError, "temperature", lambda: segkernels.kd_loss(s, t, temperature="2")),
+        (ValueError, "axis must be", lambda: segkernels.kd_loss(s, t, axis="pixel")),
+        (ValueError, "divergence must be", lambda: segkernels.kd_loss(s, t, divergence="js")),
+        (ValueError, "reduction must be", lambda: segkernels.kd_loss(s, t, reduction="batchmean")),
+        (ValueError, "only supported with axis='channel'", lambda: segkernels.kd_loss(s, t, axis="spatial", labels=lab)),
+        (ValueError, "labels must be \\(N, \\*spatial\\)", lambda: segkernels.kd_loss(s, t, labels=lab[:, :2])),
+        (TypeError, "labels must be an integer", lambda: segkernels.kd_loss(s, t, labels=lab.float())),
+        (TypeError, "ignore_index must be an int", lambda: segkernels.kd_loss(s, t, labels=lab, ignore_index=2.5)),
+        (TypeError, "scale_by_t2 must be a bool", lambda: segkernels.kd_loss(s, t, scale_by_t2=1)),
+        (ValueError, "class_weight must be \\(C,\\)", lambda: segkernels.seg_kd_loss(s, t, lab, class_weight=torch.ones(4))),
+        (TypeError, "class_weight must be a floating", lambda: segkernels.seg_kd_loss(s, t, lab, class_weight=torch.ones(3, dtype=torch.long))),
+        (TypeError, "hard_weight must be a finite", lambda: segkernels.seg_kd_loss(s, t, lab, hard_weight=math.nan)),
+        (ValueError, "labels must be \\(N, \\*spatial\\)", lambda: segkernels.seg_kd_loss(s, t, lab[0])),
+    ]
+    for exc, match, fn in cases:
+        with pytest.raises(exc, match=match):
+            fn()
+
+
+def test_teacher_gets_no_gradient():
+    s = torch.randn(2, 3, 4, requires_grad=True)
+    t = torch.randn(2, 3, 4, requires_grad=True)
+    segkernels.kd_loss(s, t).backward()
+    assert t.grad is None and s.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+def test_modules():
+    students, teacher = _inputs((2, 5, 6, 4), torch.float32, "cpu")
+    labels = _labels((2, 5, 6, 4), "cpu")
+    m = segkernels.nn.KDLoss(temperature=2.0)
+    assert_close(m(students[0], teacher, labels), segkernels.kd_loss(students[0], teacher, temperature=2.0, labels=labels))
+    c = segkernels.nn.ChannelWiseKDLoss(temperature=4.0)
+    assert_close(c(students[0], teacher), segkernels.kd_loss(students[0], teacher, temperature=4.0, axis="spatial"))
+
+
+def _sr_transcription(maps, pres, labels, c, weights, sr_f, temperature, ii):
+    """The Self-Regulation formulas written out directly, term by term."""
+    n = labels.shape[0]
+    target = torch.zeros(n, c, dtype=torch.float64)
+    for i in range(n):
+        for k in labels[i].unique().tolist():
+            if k != ii:
+                target[i, k] = 1.0
+    mea_seg = sum(F.cross_entropy(m, labels, ignore_index=ii) for m in maps)
+    mea_cls = sum(F.binary_cross_entropy_with_logits(p, target) for p in pres)
+    valid = labels != ii
+    if sr_f == "hard":
+        pseudo = maps[-1].detach().argmax(1)
+        sr_f_val = 0
+        for m in maps[:-1]:
+            ce = -F.log_softmax(m, 1).gather(1, pseudo.unsqueeze(1)).squeeze(1)
+            sr_f_val = sr_f_val + ce[valid].mean()
+    else:
+        pt = F.softmax(maps[-1].detach() / temperature, 1)
+        sr_f_val = 0
+        for m in maps[:-1]:
+            ce = -(pt * F.log_softmax(m / temperature, 1)).sum(1) * temperature**2
+            sr_f_val = sr_f_val + ce[valid].sum() / valid.sum()
+    deep = torch.sigmoid(pres[0].detach())
+    sr_l = sum(-(deep * F.logsigmoid(p) + (1 - deep) * F.logsigmoid(-p)).mean() for p in pres[1:])
+    w = weights
+    return w[0] * mea_cls + w[1] * mea_seg + w[2] * sr_l + w[3] * sr_f_val
+
+
+@pytest.mark.parametrize("sr_f", ["hard", "soft"])
+def test_self_regulation_matches_transcription(sr_f):
+    c, e = 6, 5
+    maps = [torch.randn(2, c, 9, 7, dtype=torch.float64, requires_grad=True) for _ in range(e)]
+    pres = [torch.randn(2, c, dtype=torch.float64, requires_grad=True) for _ in range(e)]
+    labels = _labels((2, c, 9, 7), "cpu")
+    loss_fn = segkernels.nn.SelfRegulationLoss(c, sr_f=sr_f, temperature=2.0)
+    total, parts = loss_fn(maps, pres, labels)
+    assert set(parts) == {"mea_cls", "mea_seg", "sr_l", "sr_f"}
+    ref = _sr_transcription(maps, pres, labels, c, (0.2, 0.8, 1.0, 1.0), sr_f, 2.0, 255)
+    assert_close(total, ref)
+    g = torch.autograd.grad(total, maps + pres)
+    gr = torch.autograd.grad(ref, maps + pres)
+    for a, b in zip(g, gr):
+        assert_close(a, b)
+    with pytest.raises(ValueError, match="sr_f"):
+        segkernels.nn.SelfRegulationLoss(c, sr_f="medium")
+    with pytest.raises(ValueError, match="class_maps\\[1\\]"):
+        loss_fn([maps[0], maps[1][:, :3]], pres[:2], labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels on CPU tensors under TRITON_INTERPRET=1 (float32, tiny grids)
+
+
+def _triton_or_skip(t):
+    from segkernels._library import triton_runs_on
+
+    if not triton_runs_on(t):
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_channel_kernel_under_interpreter(layout):
+    from segkernels.kd_loss import _kd_loss_triton
+
+    shape = (2, 5, 7, 11)
+    students, teacher = _inputs(shape, torch.float32, "cpu", k=5)
+    _triton_or_skip(teacher)
+    students = [to_layout(s.detach(), layout) for s in students]
+    teacher = to_layout(teacher, layout)
+    labels = _labels(shape, "cpu")
+    for kl in (True, False):
+        loss, grads = _kd_loss_triton(students, teacher, labels, 2.0, False, kl, True, 255)
+        ref, ref_grads = torch.ops.segkernels.kd_loss(students, teacher, labels, 2.0, False, kl, True, 255)
+        assert_close(loss, ref)
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r)
+    loss, grads = _kd_loss_triton(students[:1], teacher * 1e4, None, 0.1, False, True, False, 255)
+    ref, ref_grads = torch.ops.segkernels.kd_loss(students[:1], teacher * 1e4, None, 0.1, False, True, False, 255)
+    # log-probabilities of magnitude 3e5 resolve to 0.03 in float32 (loss not T^2-scaled here)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=0.1)
+    assert_close(grads[0], ref_grads[0])
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_spatial_kernel_under_interpreter():
+    from segkernels.kd_loss import _kd_loss_triton
+
+    shape = (2, 3, 17, 31)  # rows of 527 > one block: exercises the online softmax
+    students, teacher = _inputs(shape, torch.float32, "cpu", k=2)
+    _triton_or_skip(teacher)
+    students = [s.detach() for s in students]
+    teacher = teacher.masked_fill(torch.rand(shape) < 0.2, float("-inf"))
+    for kl in (True, False):
+        loss, grads = _kd_loss_triton(students, teacher, None, 3.0, True, kl, True, 255)
+        ref, ref_grads = torch.ops.segkernels.kd_loss(students, teacher, None, 3.0, True, kl, True, 255)
+        assert_close(loss, ref)
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("weighted", [False, True])
+def test_triton_seg_kd_kernel_under_interpreter(weighted):
+    from segkernels.kd_loss import _seg_kd_loss_triton
+
+    shape = (2, 4, 9, 10)
+    students, teacher = _inputs(shape, torch.float32, "cpu")
+    _triton_or_skip(teacher)
+    s = students[0].detach()
+    labels = _labels(shape, "cpu")
+    w = torch.rand(4) + 0.5 if weighted else None
+    for temperature in (1.0, 2.0):
+        loss, grad = _seg_kd_loss_triton(s, teacher, labels, w, temperature, 0.7, 1.2, 255)
+        ref, ref_grad = torch.ops.segkernels.seg_kd_loss(s, teacher, labels, w, temperature, 0.7, 1.2, 255)
+        assert_close(loss, ref)
+        assert_close(grad, ref_grad)
+    loss, grad = _seg_kd_loss_triton(s, teacher, torch.full_like(labels, 255), w, 2.0, 1.0, 1.0, 255)
+    assert loss.item() == 0 and (grad == 0).all()
+
+
+@pytest.mark.cuda
+def test_no_host_synchronisation_on_cuda():
+    shape = (2, 19, 32, 64)
+    students, teacher = _inputs(shape, torch.float32, "cuda", k=2)
+    labels = _labels(shape, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        segkernels.kd_loss(students[0], teacher, labels=labels, temperature=2.0).backward()
+        segkernels.kd_loss(students, teacher, axis="spatial").sum().backward()
+        segkernels.seg_kd_loss(students[1], teacher, labels, temperature=2.0).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+def test_baseline_and_avx2_cpu_builds_agree(axis, monkeypatch):
+    """The CPU kernels are compiled twice (baseline and AVX2+FMA, picked at run time)."""
+    shape = (2, 6, 9, 13)
+    students, teacher = _inputs(shape, torch.float32, "cpu", k=2)
+    labels = _labels(shape, "cpu") if axis == "channel" else None
+    args = ([s.detach() for s in students], teacher, labels, 2.0, axis == "spatial", True, True, 255)
+    fast = torch.ops.segkernels.kd_loss(*args)
+    monkeypatch.setenv("SEGKERNELS_NO_AVX2", "1")
+    base = torch.ops.segkernels.kd_loss(*args)
+    assert_close(fast[0], base[0])
+    for a, b in zip(fast[1], base[1]):
+        assert_close(a, b)
+    _check(students, teacher, multi=True, axis=axis, labels=labels, temperature=2.0)
+    if axis == "channel":
+        lab = _labels(shape, "cpu")
+        _check_seg = segkernels.seg_kd_loss(students[0], teacher, lab, temperature=2.0)
+        ref = reference_seg_kd_loss(students[0].detach().double(), teacher.double(), lab, temperature=2.0)
+        assert_close(_check_seg, ref.float())
