@@ -36,3 +36,7 @@ __all__ = [
     "median_frequency_weights",
     "nn",
 ]
+
+from .ps_assemble import ps_assemble, ps_assemble_dense  # noqa: E402
+
+__all__ += ["ps_assemble", "ps_assemble_dense"]
