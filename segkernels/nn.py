@@ -114,3 +114,7 @@ class MaxUnpool3d(_MaxUnpoolNd):
     """Like nn.MaxUnpool3d; also takes compact uint8 indices."""
 
     _unpool = staticmethod(max_unpool3d)
+
+from .instancefcn import InstanceFCNHead  # noqa: E402
+
+__all__ += ["InstanceFCNHead"]
