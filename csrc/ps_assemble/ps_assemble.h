@@ -57,33 +57,50 @@ SK_HD scalar_t window_value(const Geometry& g, const scalar_t* __restrict__ scor
   return scores[b * g.sN + ch * g.sC + (y0 + u) * g.sH + (x0 + v) * g.sW];
 }
 
-// Sparse forward: element e of the contiguous (R, G, m, m) output.
-template <typename scalar_t>
-SK_HD scalar_t forward_element(const Geometry& g, const scalar_t* __restrict__ scores,
-                               const int64_t* __restrict__ windows, int64_t e, scalar_t pad) {
-  const int64_t v = e % g.m;
-  int64_t t = e / g.m;
-  const int64_t u = t % g.m;
-  t /= g.m;
-  const int64_t gi = t % g.G;
+// The outputs are sequences of m x m tiles: tile t of the sparse output is (window t / G,
+// group t % G); tile t of the dense output is (b, g, oy, ox) in row-major order. The CUDA
+// forward gives each tile to a thread block (window decoded once per tile).
+struct Tile {
+  int64_t b, y0, x0, gi;
+};
+
+SK_HD Tile sparse_tile(const Geometry& g, const int64_t* __restrict__ windows, int64_t t) {
   const int64_t r = t / g.G;
-  return window_value(g, scores, windows[3 * r], windows[3 * r + 1], windows[3 * r + 2], gi, u, v, pad);
+  return Tile{windows[3 * r], windows[3 * r + 1], windows[3 * r + 2], t - r * g.G};
 }
 
-// Dense forward: element e of the contiguous (N, G, Ho, Wo, m, m) output.
-template <typename scalar_t>
-SK_HD scalar_t dense_forward_element(const Geometry& g, const scalar_t* __restrict__ scores, int64_t e, scalar_t pad) {
-  const int64_t v = e % g.m;
-  int64_t t = e / g.m;
-  const int64_t u = t % g.m;
-  t /= g.m;
+SK_HD Tile dense_tile(const Geometry& g, int64_t t) {
   const int64_t ox = t % g.Wo;
   t /= g.Wo;
   const int64_t oy = t % g.Ho;
   t /= g.Ho;
   const int64_t gi = t % g.G;
-  const int64_t b = t / g.G;
-  return window_value(g, scores, b, oy * g.stride - g.half(), ox * g.stride - g.half(), gi, u, v, pad);
+  return Tile{t / g.G, oy * g.stride - g.half(), ox * g.stride - g.half(), gi};
+}
+
+// Element idx in [0, m * m) of a tile.
+template <typename scalar_t>
+SK_HD scalar_t tile_element(const Geometry& g, const scalar_t* __restrict__ scores, const Tile& tile, int64_t idx,
+                            scalar_t pad) {
+  const int64_t u = idx / g.m;
+  return window_value(g, scores, tile.b, tile.y0, tile.x0, tile.gi, u, idx - u * g.m, pad);
+}
+
+// Sparse forward: element e of the contiguous (R, G, m, m) output.
+template <typename scalar_t>
+SK_HD scalar_t forward_element(const Geometry& g, const scalar_t* __restrict__ scores,
+                               const int64_t* __restrict__ windows, int64_t e, scalar_t pad) {
+  const int64_t mm = g.m * g.m;
+  const int64_t t = e / mm;
+  return tile_element(g, scores, sparse_tile(g, windows, t), e - t * mm, pad);
+}
+
+// Dense forward: element e of the contiguous (N, G, Ho, Wo, m, m) output.
+template <typename scalar_t>
+SK_HD scalar_t dense_forward_element(const Geometry& g, const scalar_t* __restrict__ scores, int64_t e, scalar_t pad) {
+  const int64_t mm = g.m * g.m;
+  const int64_t t = e / mm;
+  return tile_element(g, scores, dense_tile(g, t), e - t * mm, pad);
 }
 
 // Decoded score element (b, ch, y, x) of the contiguous (N, C, H, W) gradient, with its group

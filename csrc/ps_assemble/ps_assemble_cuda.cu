@@ -1,6 +1,6 @@
 // CUDA kernels for InstanceFCN position-sensitive assembly. The per-element logic is the
 // host/device code of ps_assemble.h (the CPU tests run it through the _ps_assemble_* ops);
-// this file maps it onto threads: one thread per output element in the forward, one thread per
+// this file maps it onto threads: one block per output tile in the forward, one thread per
 // score element in the backward (a gather: no atomics, a fixed summation order, so the
 // gradient is bitwise repeatable). The sparse backward sorts the windows with at::sort on the
 // device; nothing here reads back to the host.
@@ -30,16 +30,31 @@ int64_t blocks_for(int64_t total) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < (total); \
        e += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
-template <typename scalar_t>
-__global__ void forward_kernel(Geometry g, const scalar_t* __restrict__ scores, const int64_t* __restrict__ windows,
-                               scalar_t* __restrict__ out, int64_t total, scalar_t pad) {
-  SK_GRID_STRIDE(e, total) { out[e] = forward_element(g, scores, windows, e, pad); }
+// One tile per block iteration: the window is decoded once, threads stride over its m * m
+// elements (consecutive threads write consecutive outputs and read consecutive x).
+template <typename scalar_t, bool kDense>
+__global__ void forward_tiles_kernel(Geometry g, const scalar_t* __restrict__ scores,
+                                     const int64_t* __restrict__ windows, scalar_t* __restrict__ out, int64_t tiles,
+                                     scalar_t pad) {
+  const int64_t mm = g.m * g.m;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const Tile tile = kDense ? dense_tile(g, t) : sparse_tile(g, windows, t);
+    scalar_t* o = out + t * mm;
+    for (int64_t idx = threadIdx.x; idx < mm; idx += blockDim.x) o[idx] = tile_element(g, scores, tile, idx, pad);
+  }
 }
 
-template <typename scalar_t>
-__global__ void dense_forward_kernel(Geometry g, const scalar_t* __restrict__ scores, scalar_t* __restrict__ out,
-                                     int64_t total, scalar_t pad) {
-  SK_GRID_STRIDE(e, total) { out[e] = dense_forward_element(g, scores, e, pad); }
+template <typename scalar_t, bool kDense>
+void launch_forward(const Geometry& g, const Tensor& scores, const int64_t* windows, Tensor& out, double pad_value) {
+  const int64_t mm = g.m * g.m;
+  const int64_t tiles = out.numel() / mm;
+  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (mm + 31) / 32 * 32)));
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(tiles, sms * (2048 / threads) * 8));
+  forward_tiles_kernel<scalar_t, kDense><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      g, scores.const_data_ptr<scalar_t>(), windows, out.mutable_data_ptr<scalar_t>(), tiles,
+      static_cast<scalar_t>(pad_value));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
@@ -68,12 +83,8 @@ Tensor ps_assemble_cuda(const Tensor& scores, const Tensor& windows_in, int64_t 
   Tensor out = new_output({windows.size(0), g.G, m, m}, scores.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t total = out.numel();
   if (total == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "ps_assemble_cuda", [&] {
-    forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        g, scores.const_data_ptr<scalar_t>(), windows.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(),
-        total, static_cast<scalar_t>(pad_value));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_forward<scalar_t, false>(g, scores, windows.const_data_ptr<int64_t>(), out, pad_value);
   });
   return out;
 }
@@ -85,12 +96,8 @@ Tensor ps_assemble_dense_cuda(const Tensor& scores, int64_t k, int64_t m, int64_
   Tensor out = new_output({g.N, g.G, g.Ho, g.Wo, m, m}, scores.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t total = out.numel();
   if (total == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "ps_assemble_dense_cuda", [&] {
-    dense_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        g, scores.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), total,
-        static_cast<scalar_t>(pad_value));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_forward<scalar_t, true>(g, scores, nullptr, out, pad_value);
   });
   return out;
 }
