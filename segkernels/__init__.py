@@ -39,3 +39,7 @@ __all__ = [
     "kd_loss",
     "seg_kd_loss",
 ]
+
+from .ps_assemble import ps_assemble, ps_assemble_dense  # noqa: E402
+
+__all__ += ["ps_assemble", "ps_assemble_dense"]

@@ -119,3 +119,7 @@ class MaxUnpool3d(_MaxUnpoolNd):
 from .self_regulation import ChannelWiseKDLoss, KDLoss, SelfRegulationLoss  # noqa: E402
 
 __all__ += ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss"]
+
+from .instancefcn import InstanceFCNHead  # noqa: E402
+
+__all__ += ["InstanceFCNHead"]

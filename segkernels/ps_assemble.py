@@ -1,0 +1,278 @@
+"""InstanceFCN position-sensitive instance assembly (Dai et al., "Instance-sensitive Fully
+Convolutional Networks", ECCV 2016).
+
+k * k position-sensitive score maps per group become instance masks: an m x m window is split
+into a k x k grid of cells (cell of offset u is ``floor(u * k / m)``; m = 21, k = 5 gives cells
+of 5, 4, 4, 4, 4), and each cell copies its own sub-window from the score map of its relative
+position::
+
+    out[r, g, u, v] = scores[b, g * k * k + (u * k // m) * k + (v * k // m), y0 + u, x0 + v]
+
+for window r = (b, y0, x0), and ``pad_value`` where (y0 + u, x0 + v) lies outside the map.
+
+* :func:`ps_assemble` takes explicit windows (R, 3) int64 rows (batch_index, y0, x0), the
+  top-left corners of the windows in score-map coordinates.
+* :func:`ps_assemble_dense` assembles the window centred at every position of a stride grid.
+
+Gradients (with respect to ``scores``) are gathers, not scatters: every score element sums the
+gradients of the output elements that copied it in a fixed order (windows in ascending
+(y0, window index) order), with no float atomics, so they are bitwise repeatable on every
+device, also with thousands of overlapping windows, and the CPU and CUDA kernels give the same
+bits. The sparse backward sorts the windows on their device (``torch.sort``, stable); nothing
+in forward or backward synchronises with the host.
+
+Batch indices: with ``check_windows=True`` (default) a batch index outside [0, N) raises
+IndexError; on CUDA that check is one host read. With ``check_windows=False`` nothing is read
+back: rows with an invalid batch index are assembled as all ``pad_value`` and receive no
+gradient (never an out-of-bounds read). Under ``torch.compile(fullgraph=True)`` pass
+``check_windows=False`` (the check is data-dependent).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _library
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = [
+    "ps_assemble",
+    "ps_assemble_dense",
+    "reference_ps_assemble",
+    "reference_ps_assemble_dense",
+    "dense_windows",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain-PyTorch references (tests and benchmarks import these; they are also the fallback)
+
+
+def dense_windows(n: int, h: int, w: int, m: int, stride: int = 1, device=None) -> torch.Tensor:
+    """Windows (n * ceil(h / stride) * ceil(w / stride), 3) of the dense op, image-major then
+    row-major: the window centred at (y, x) of the stride grid has top-left (y - m // 2, x - m // 2)."""
+    b = torch.arange(n, device=device)
+    ys = torch.arange(0, h, stride, device=device) - m // 2
+    xs = torch.arange(0, w, stride, device=device) - m // 2
+    bb, yy, xx = torch.meshgrid(b, ys, xs, indexing="ij")
+    return torch.stack([bb, yy, xx], dim=-1).reshape(-1, 3)
+
+
+def reference_ps_assemble(
+    scores: torch.Tensor, windows: torch.Tensor, k: int, m: int, pad_value: float = 0.0
+) -> torch.Tensor:
+    """Plain advanced indexing: (R, G, m, m). Raises IndexError for a batch index out of range."""
+    n, c, h, w = scores.shape
+    g = c // (k * k)
+    b = windows[:, 0]
+    if bool(((b < 0) | (b >= n)).any()):
+        raise IndexError("reference_ps_assemble: windows hold a batch index outside the batch")
+    off = torch.arange(m, device=scores.device)
+    cell = off * k // m
+    yy = windows[:, 1:2] + off  # (R, m)
+    xx = windows[:, 2:3] + off
+    ch = torch.arange(g, device=scores.device).view(g, 1, 1) * (k * k) + cell.view(1, m, 1) * k + cell.view(1, 1, m)
+    valid = ((yy >= 0) & (yy < h))[:, None, :, None] & ((xx >= 0) & (xx < w))[:, None, None, :]
+    yc = yy.clamp(0, max(h - 1, 0))
+    xc = xx.clamp(0, max(w - 1, 0))
+    picked = scores[b.view(-1, 1, 1, 1), ch.unsqueeze(0), yc[:, None, :, None], xc[:, None, None, :]]
+    return torch.where(valid, picked, torch.full((), pad_value, dtype=scores.dtype, device=scores.device))
+
+
+def reference_ps_assemble_dense(
+    scores: torch.Tensor, k: int, m: int, stride: int = 1, pad_value: float = 0.0
+) -> torch.Tensor:
+    """The sparse reference on every window of the stride grid: (N, G, Ho, Wo, m, m)."""
+    n, c, h, w = scores.shape
+    ho, wo = -(-h // stride), -(-w // stride)
+    out = reference_ps_assemble(scores, dense_windows(n, h, w, m, stride, scores.device), k, m, pad_value)
+    return out.view(n, ho, wo, c // (k * k), m, m).permute(0, 3, 1, 2, 4, 5).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Op registration: fake kernels and autograd (the C++ side registers schemas and kernels)
+
+
+if _library.kernels_available():
+    _ops = torch.ops.segkernels
+
+    @torch.library.register_fake("segkernels::ps_assemble")
+    def _(scores, windows, k, m, pad_value):
+        return scores.new_empty((windows.shape[0], scores.shape[1] // (k * k), m, m))
+
+    @torch.library.register_fake("segkernels::ps_assemble_backward")
+    def _(grad_output, windows, scores_size, k, m):
+        return grad_output.new_empty(scores_size)
+
+    @torch.library.register_fake("segkernels::ps_assemble_dense")
+    def _(scores, k, m, stride, pad_value):
+        n, c, h, w = scores.shape
+        return scores.new_empty((n, c // (k * k), (h + stride - 1) // stride, (w + stride - 1) // stride, m, m))
+
+    @torch.library.register_fake("segkernels::ps_assemble_dense_backward")
+    def _(grad_output, scores_size, k, m, stride):
+        return grad_output.new_empty(scores_size)
+
+    def _sparse_setup(ctx, inputs, output):
+        scores, windows, k, m, _pad = inputs
+        ctx.params = (list(scores.shape), k, m)
+        ctx.save_for_backward(windows)
+
+    def _sparse_backward(ctx, grad):
+        (windows,) = ctx.saved_tensors
+        size, k, m = ctx.params
+        return _ops.ps_assemble_backward(grad, windows, size, k, m), None, None, None, None
+
+    torch.library.register_autograd("segkernels::ps_assemble", _sparse_backward, setup_context=_sparse_setup)
+
+    # The backward ops are linear; their adjoints are the forward ops with pad 0 (double backward).
+    def _sparse_bwd_setup(ctx, inputs, output):
+        _grad, windows, _size, k, m = inputs
+        ctx.params = (k, m)
+        ctx.save_for_backward(windows)
+
+    def _sparse_bwd_backward(ctx, gg):
+        (windows,) = ctx.saved_tensors
+        k, m = ctx.params
+        return _ops.ps_assemble(gg, windows, k, m, 0.0), None, None, None, None
+
+    torch.library.register_autograd(
+        "segkernels::ps_assemble_backward", _sparse_bwd_backward, setup_context=_sparse_bwd_setup
+    )
+
+    def _dense_setup(ctx, inputs, output):
+        scores, k, m, stride, _pad = inputs
+        ctx.params = (list(scores.shape), k, m, stride)
+
+    def _dense_backward(ctx, grad):
+        return _ops.ps_assemble_dense_backward(grad, *ctx.params), None, None, None, None
+
+    torch.library.register_autograd("segkernels::ps_assemble_dense", _dense_backward, setup_context=_dense_setup)
+
+    def _dense_bwd_setup(ctx, inputs, output):
+        _grad, _size, k, m, stride = inputs
+        ctx.params = (k, m, stride)
+
+    def _dense_bwd_backward(ctx, gg):
+        k, m, stride = ctx.params
+        return _ops.ps_assemble_dense(gg, k, m, stride, 0.0), None, None, None, None
+
+    torch.library.register_autograd(
+        "segkernels::ps_assemble_dense_backward", _dense_bwd_backward, setup_context=_dense_bwd_setup
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_scores(scores, k, m) -> tuple:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"scores must be float16, bfloat16, float32 or float64, got {scores.dtype}")
+    k = _check_int(k, "k", 1)
+    m = _check_int(m, "m", 1)
+    if k > m:
+        raise ValueError(f"k must be <= m (each of the k x k cells needs at least one offset), got k={k}, m={m}")
+    if scores.dim() != 4:
+        raise ValueError(f"scores must have shape (N, G * k * k, H, W), got {tuple(scores.shape)}")
+    c = scores.shape[1]
+    if c == 0 or c % (k * k) != 0:
+        raise ValueError(f"scores must have a positive multiple of k * k = {k * k} channels, got {c}")
+    return k, m
+
+
+def _check_pad(pad_value) -> float:
+    if not isinstance(pad_value, numbers.Real) or isinstance(pad_value, bool):
+        raise TypeError(f"pad_value must be a real number, got {type(pad_value).__name__}")
+    return float(pad_value)
+
+
+def ps_assemble(
+    scores: torch.Tensor,
+    windows: torch.Tensor,
+    *,
+    k: int,
+    m: int,
+    pad_value: float = 0.0,
+    check_windows: bool = True,
+) -> torch.Tensor:
+    """Assembles one m x m instance mask per window from k x k position-sensitive score maps.
+
+    Args:
+        scores: (N, G * k * k, H, W), float16/bfloat16/float32/float64, any layout (NCHW,
+            channels_last, strided views: read in place). Channel ``g * k * k + i * k + j`` is
+            the score map of cell (i, j) of group g.
+        windows: (R, 3) int64 rows (batch_index, y0, x0): top-left corners in score-map
+            coordinates; a window may reach past the border (or lie wholly outside).
+        k: cells per side, 1 <= k <= m.
+        m: window side.
+        pad_value: value of the offsets outside the map.
+        check_windows: raise IndexError for a batch index outside [0, N) (on CUDA: one host
+            read); False skips the check: such rows are all pad_value, with zero gradient.
+
+    Returns:
+        (R, G, m, m) contiguous, dtype of scores;
+        ``out[r, g, u, v] = scores[b, g*k*k + (u*k//m)*k + (v*k//m), y0 + u, x0 + v]``.
+        Differentiable with respect to scores (deterministic gather backward).
+    """
+    k, m = _check_scores(scores, k, m)
+    pad = _check_pad(pad_value)
+    if not isinstance(windows, torch.Tensor):
+        raise TypeError(f"windows must be a torch.Tensor, got {type(windows).__name__}")
+    if windows.dtype != torch.int64:
+        raise TypeError(f"windows must be int64 rows (batch_index, y0, x0), got {windows.dtype}")
+    if windows.dim() != 2 or windows.shape[1] != 3:
+        raise ValueError(f"windows must have shape (R, 3) with rows (batch_index, y0, x0), got {tuple(windows.shape)}")
+    if windows.device != scores.device:
+        raise ValueError(f"windows must be on the device of scores ({scores.device}), got {windows.device}")
+    if check_windows and windows.shape[0] > 0:
+        b = windows[:, 0]
+        bad = (b < 0) | (b >= scores.shape[0])
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise IndexError(
+                f"windows[{row}, 0] = {int(b[row])} is not a batch index of scores (batch size {scores.shape[0]})"
+            )
+    if _library.use_compiled(scores):
+        return torch.ops.segkernels.ps_assemble(scores, windows, k, m, pad)
+    if not check_windows:  # the reference raises on invalid rows; give them the kernels' rule
+        valid = (windows[:, 0] >= 0) & (windows[:, 0] < scores.shape[0])
+        out = reference_ps_assemble(scores, torch.where(valid[:, None], windows, torch.zeros_like(windows)), k, m, pad)
+        return torch.where(valid.view(-1, 1, 1, 1), out, torch.full((), pad, dtype=out.dtype, device=out.device))
+    return reference_ps_assemble(scores, windows, k, m, pad)
+
+
+def ps_assemble_dense(
+    scores: torch.Tensor, *, k: int, m: int, stride: int = 1, pad_value: float = 0.0
+) -> torch.Tensor:
+    """Assembles the window centred at every position (y, x) of the stride grid
+    (top-left (y - m // 2, x - m // 2)).
+
+    Args:
+        scores: (N, G * k * k, H, W), any float dtype and layout.
+        k, m, pad_value: as :func:`ps_assemble`.
+        stride: window grid step (>= 1); y, x run over 0, stride, 2 * stride, ...
+
+    Returns:
+        (N, G, ceil(H / stride), ceil(W / stride), m, m) contiguous; equal to
+        ``ps_assemble`` on ``dense_windows(N, H, W, m, stride)`` reshaped. Deterministic backward.
+    """
+    k, m = _check_scores(scores, k, m)
+    stride = _check_int(stride, "stride", 1)
+    pad = _check_pad(pad_value)
+    if _library.use_compiled(scores):
+        return torch.ops.segkernels.ps_assemble_dense(scores, k, m, stride, pad)
+    return reference_ps_assemble_dense(scores, k, m, stride, pad)
