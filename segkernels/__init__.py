@@ -19,6 +19,8 @@ from .max_unpool import (
 from .confusion_matrix import confusion_matrix
 from .metrics import median_frequency_weights, segmentation_scores
 from . import nn  # noqa: E402  (modules over the ops above)
+from .pruning import channel_gram, lasso_gram  # noqa: E402
+from . import pruning  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,4 +37,7 @@ __all__ = [
     "segmentation_scores",
     "median_frequency_weights",
     "nn",
+    "channel_gram",
+    "lasso_gram",
+    "pruning",
 ]
