@@ -478,8 +478,25 @@ class LayerStats:
             rows, cols = flat // wo, flat % wo
             xf = self.patches(x, rows, cols)
             yf = y[torch.arange(N, device=y.device)[:, None], :, rows, cols].reshape(-1, self.out_channels)
-        xf = xf.double()
-        yf = yf.double()
+        return self.update_rows(xf, yf)
+
+    @torch.no_grad()
+    def update_rows(self, patches: torch.Tensor, targets: torch.Tensor) -> "LayerStats":
+        """Adds explicit rows: patches (rows, c*K) ordered (channel, tap) as F.unfold, and
+        targets (rows, n) without bias (for rows sampled elsewhere)."""
+        if not isinstance(patches, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError("patches and targets must be torch.Tensor")
+        cK, n = self.A.shape[0], self.out_channels
+        if patches.dim() != 2 or patches.shape[1] != cK:
+            raise ValueError(f"patches must be (rows, {cK}), got {tuple(patches.shape)}")
+        if tuple(targets.shape) != (patches.shape[0], n):
+            raise ValueError(f"targets must be ({patches.shape[0]}, {n}), got {tuple(targets.shape)}")
+        if not patches.is_floating_point() or not targets.is_floating_point():
+            raise TypeError(f"patches and targets must be floating point, got {patches.dtype} and {targets.dtype}")
+        if patches.device != self.A.device or targets.device != self.A.device:
+            raise ValueError(f"patches and targets must be on {self.A.device}")
+        xf = patches.double()
+        yf = targets.double()
         self.A.addmm_(xf.t(), xf)
         self.B.addmm_(xf.t(), yf)
         self.x_sum += xf.sum(0)
@@ -671,8 +688,9 @@ def reconstruct(stats: LayerStats, keep: torch.Tensor, *, ridge: float = 0.0) ->
     """Least-squares weights and bias for the kept input channels, from the statistics.
 
     Minimises ||Y - Xf_S W^T - 1 b^T||^2 (+ ridge ||W||^2) over W (n, n_keep*K) and b (n,) via the
-    normal equations [[A_SS, s_S], [s_S^T, rows]] [W^T; b^T] = [B_S; y_sum^T] (Cholesky; if it
-    fails, a least-squares solve of the same system). Equal to torch.linalg.lstsq on the explicit
+    normal equations [[A_SS, s_S], [s_S^T, rows]] [W^T; b^T] = [B_S; y_sum^T] (Cholesky; when the
+    system is singular, e.g. fewer rows than unknowns or dead channels, a tiny ridge escalating
+    from 1e-12 of the mean diagonal is added to the weights' block until it factorises). Equal to torch.linalg.lstsq on the explicit
     sampled rows with a ones column. Targets are as given to update() (without the original bias).
 
     Returns weight (n, n_keep, kh, kw) and bias (n,), float64 on the statistics' device.
@@ -717,7 +735,15 @@ def _solve_normal(stats: LayerStats, keep: torch.Tensor, ridge: float) -> torch.
     L, info = torch.linalg.cholesky_ex(Aa)
     if int(info) == 0:
         return torch.cholesky_solve(Ba, L)
-    # Singular (fewer rows than unknowns, or dead channels): the minimum-norm solution.
+    # Singular (fewer rows than unknowns, or channels dead after a ReLU): a tiny ridge on the
+    # weights, escalating from 1e-12 of the mean diagonal, until the factorisation succeeds.
+    mean_diag = float(Aa.diagonal()[:m].mean()) if m else 1.0
+    for rel in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4):
+        Aj = Aa.clone()
+        Aj.diagonal()[:m] += rel * max(mean_diag, 1e-300)
+        L, info = torch.linalg.cholesky_ex(Aj)
+        if int(info) == 0:
+            return torch.cholesky_solve(Ba, L)
     return torch.linalg.lstsq(Aa.cpu(), Ba.cpu(), driver="gelsd").solution.to(Aa.device)
 
 

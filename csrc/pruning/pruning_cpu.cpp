@@ -43,6 +43,9 @@ void check_gram_args(const Tensor& A, const Tensor& B, const Tensor& weight) {
                     c * K, ", ", n, ") for weight ", weight.sizes(), ", got ", B.sizes());
 }
 
+// Wf^T Wf is formed one block of rows at a time (bK x cK, about 32 MB, by BLAS: an inner
+// dimension of n keeps it efficient) and immediately folded into G by a fused multiply with A
+// and (k, l)-block reduction; only the upper block triangle (j >= i) is computed, then mirrored.
 std::tuple<Tensor, Tensor> channel_gram_cpu(const Tensor& A_in, const Tensor& B_in, const Tensor& weight) {
   check_gram_args(A_in, B_in, weight);
   const int64_t n = weight.size(0), c = weight.size(1);
@@ -51,60 +54,46 @@ std::tuple<Tensor, Tensor> channel_gram_cpu(const Tensor& A_in, const Tensor& B_
   Tensor G = new_output({c, c}, A_in.options());
   Tensor q = new_output({c}, A_in.options());
   if (c == 0) return {G, q};
+  const int64_t cK = c * K;
   const Tensor A = A_in.contiguous();
   const Tensor B = B_in.contiguous();
-  // Wt[i][k][o] = W[o, i, k]: each (channel, tap) is a contiguous row over outputs.
-  const Tensor Wt = weight.reshape({n, c * K}).t().contiguous();
+  const Tensor Wf = weight.reshape({n, cK}).contiguous();
+  const int64_t elem = static_cast<int64_t>(A.element_size());
+  const int64_t block_c = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(1, K * cK * elem));
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "channel_gram_cpu", [&] {
     const scalar_t* a = A.const_data_ptr<scalar_t>();
-    const scalar_t* b = B.const_data_ptr<scalar_t>();
-    const scalar_t* wt = Wt.const_data_ptr<scalar_t>();
     scalar_t* g = G.mutable_data_ptr<scalar_t>();
-    scalar_t* qp = q.mutable_data_ptr<scalar_t>();
-    const int64_t cK = c * K;
-    // Pairs (i, j >= i) in row-major order of the upper triangle, split evenly over threads.
-    const int64_t pairs = c * (c + 1) / 2;
-    at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
-      std::vector<double> row(n);
-      // Locate (i, j) of the first pair of this range.
-      int64_t i = 0, first = 0;
-      while (first + (c - i) <= begin) {
-        first += c - i;
-        ++i;
-      }
-      int64_t j = i + (begin - first);
-      for (int64_t p = begin; p < end; ++p) {
-        double acc = 0.0;
-        for (int64_t k = 0; k < K; ++k) {
-          // row = A[(i,k), (j,:)] @ Wt[j] : a K-term combination of contiguous n-vectors.
-          const scalar_t* arow = a + (i * K + k) * cK + j * K;
-          std::fill(row.begin(), row.end(), 0.0);
-          double* r = row.data();
-          for (int64_t l = 0; l < K; ++l) {
-            const double al = static_cast<double>(arow[l]);
-            const scalar_t* wj = wt + (j * K + l) * n;
-            for (int64_t o = 0; o < n; ++o) r[o] += al * static_cast<double>(wj[o]);
+    for (int64_t i0 = 0; i0 < c; i0 += block_c) {
+      const int64_t i1 = std::min(c, i0 + block_c);
+      const int64_t r0 = i0 * K, r1 = i1 * K, width = cK - r0;
+      // M[(i,k), (j,l)] for i in [i0, i1), j >= i0: (r1 - r0, width).
+      Tensor M = n == 0 ? at::zeros({r1 - r0, width}, A.options())
+                        : at::mm(Wf.slice(1, r0, r1).t(), Wf.slice(1, r0, cK)).contiguous();
+      const scalar_t* m = M.const_data_ptr<scalar_t>();
+      at::parallel_for(i0, i1, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          for (int64_t j = i; j < c; ++j) {
+            double acc = 0.0;
+            for (int64_t k = 0; k < K; ++k) {
+              const scalar_t* arow = a + (i * K + k) * cK + j * K;
+              const scalar_t* mrow = m + ((i - i0) * K + k) * width + (j * K - r0);
+              for (int64_t l = 0; l < K; ++l) acc += static_cast<double>(arow[l]) * static_cast<double>(mrow[l]);
+            }
+            g[i * c + j] = static_cast<scalar_t>(acc);
+            g[j * c + i] = static_cast<scalar_t>(acc);
           }
-          const scalar_t* wi = wt + (i * K + k) * n;
-          double s = 0.0;
-          for (int64_t o = 0; o < n; ++o) s += static_cast<double>(wi[o]) * r[o];
-          acc += s;
         }
-        g[i * c + j] = static_cast<scalar_t>(acc);
-        g[j * c + i] = static_cast<scalar_t>(acc);
-        if (++j == c) {
-          ++i;
-          j = i;
-        }
-      }
-    });
+      });
+    }
+    const scalar_t* b = B.const_data_ptr<scalar_t>();
+    const scalar_t* wf = Wf.const_data_ptr<scalar_t>();
+    scalar_t* qp = q.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, c, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         double acc = 0.0;
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t* brow = b + (i * K + k) * n;
-          const scalar_t* wi = wt + (i * K + k) * n;
-          for (int64_t o = 0; o < n; ++o) acc += static_cast<double>(brow[o]) * static_cast<double>(wi[o]);
+          for (int64_t o = 0; o < n; ++o) acc += static_cast<double>(brow[o]) * static_cast<double>(wf[o * cK + i * K + k]);
         }
         qp[i] = static_cast<scalar_t>(acc);
       }
