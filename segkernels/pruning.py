@@ -147,57 +147,57 @@ if _library.triton_available():
             if i == j:
                 tl.store(q_ptr + i, tl.sum(tl.sum(qacc, axis=1), axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["c", "max_iter"])
     def _lasso_gram_kernel(
         g_ptr,
         q_ptr,
-        alpha_ptr,
+        thr_ptr,
         init_ptr,
         out_ptr,
         c,
-        n_samples,
         tol,
         max_iter,
         HAS_INIT: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        # One program per alpha; the coefficients w and H = G w live in registers, and each
-        # coordinate step reads one row of G (cached in L2, shared by all programs).
+        # One program per alpha; the coefficients w and H = G w live in registers. Each
+        # coordinate step reads q_j and G_jj as scalars and, only when w_j changes, one row of G
+        # (cached in L2, shared by all programs). thr = alpha * n_samples, computed on the host.
         pid = tl.program_id(0)
         offs = tl.arange(0, BLOCK_C)
         mask = offs < c
-        q = tl.load(q_ptr + offs, mask=mask, other=0.0)
-        gd = tl.load(g_ptr + offs.to(tl.int64) * c + offs, mask=mask, other=0.0)
-        thr = tl.load(alpha_ptr + pid) * n_samples
+        thr = tl.load(thr_ptr + pid)
         if HAS_INIT:
             w = tl.load(init_ptr + pid.to(tl.int64) * c + offs, mask=mask, other=0.0)
         else:
-            w = tl.zeros([BLOCK_C], dtype=q.dtype)
-        h = tl.zeros([BLOCK_C], dtype=q.dtype)
-        for j in range(0, c):
-            wj = tl.sum(tl.where(offs == j, w, 0.0), axis=0)
-            row = tl.load(g_ptr + j * c + offs, mask=mask, other=0.0)
-            h += row * wj
-        it = 0
+            w = tl.zeros([BLOCK_C], dtype=thr.dtype)
+        h = tl.zeros([BLOCK_C], dtype=thr.dtype)
+        if HAS_INIT:
+            for j in range(0, c):
+                wj = tl.sum(tl.where(offs == j, w, 0.0), axis=0)
+                row = tl.load(g_ptr + j * c + offs, mask=mask, other=0.0)
+                h += row * wj
+        it = max_iter * 0
         done = max_iter <= 0
         while (it < max_iter) & (done == 0):
-            w_max = tl.sum(tl.zeros([BLOCK_C], dtype=q.dtype), axis=0)
-            d_max = tl.sum(tl.zeros([BLOCK_C], dtype=q.dtype), axis=0)
+            w_max = thr * 0.0
+            d_max = thr * 0.0
             for j in range(0, c):
                 sel = offs == j
                 wj = tl.sum(tl.where(sel, w, 0.0), axis=0)
                 hj = tl.sum(tl.where(sel, h, 0.0), axis=0)
-                qj = tl.sum(tl.where(sel, q, 0.0), axis=0)
-                gjj = tl.sum(tl.where(sel, gd, 0.0), axis=0)
+                qj = tl.load(q_ptr + j)
+                gjj = tl.load(g_ptr + j * c + j)
                 rho = qj - hj + gjj * wj
                 mag = tl.abs(rho) - thr
                 safe = tl.where(gjj != 0.0, gjj, 1.0)
                 nw = tl.where(mag > 0.0, tl.where(rho < 0.0, -mag, mag) / safe, 0.0)
                 nw = tl.where(gjj != 0.0, nw, wj)
                 d = nw - wj
-                row = tl.load(g_ptr + j * c + offs, mask=mask, other=0.0)
-                h += row * d
-                w = tl.where(sel, nw, w)
+                if d != 0.0:
+                    row = tl.load(g_ptr + j * c + offs, mask=mask, other=0.0)
+                    h += row * d
+                    w = tl.where(sel, nw, w)
                 d_max = tl.maximum(d_max, tl.abs(d))
                 w_max = tl.maximum(w_max, tl.where(gjj != 0.0, tl.abs(nw), 0.0))
             it += 1
@@ -226,14 +226,14 @@ if _library.triton_available():
             return out
         block_c = max(2, triton.next_power_of_2(c))
         init_t = init.contiguous() if init is not None else out
+        thresholds = (alphas.double() * float(n_samples)).to(G.dtype).contiguous()
         _lasso_gram_kernel[(L,)](
             G.contiguous(),
             q.contiguous(),
-            alphas.contiguous(),
+            thresholds,
             init_t,
             out,
             c,
-            float(n_samples),
             float(tol),
             int(max_iter),
             HAS_INIT=init is not None,
