@@ -541,8 +541,8 @@ def alpha_search(
     """Finds an alpha whose LASSO solution has exactly n_keep non-zeros.
 
     solve(alphas (L,) float64 CPU, init (L, c) or None) -> (L, c) coefficients. A geometric path
-    from alpha_max down (``points`` alphas per batch, each batch warm-started from the smallest
-    alpha of the previous one) until some solution has >= n_keep non-zeros; then rounds of
+    from alpha_max down (``points`` alphas per batch spanning a factor of 16, each batch
+    warm-started from the smallest alpha of the previous one) until some solution has >= n_keep non-zeros; then rounds of
     ``points`` geometric interior points of the bracket (warm-started from the denser end) until a
     solution has exactly n_keep non-zeros or the bracket closes. Returns (alpha, beta, exact); when
     not exact, alpha is the smallest-gap alpha with more than n_keep non-zeros (or the densest seen).
@@ -561,14 +561,16 @@ def alpha_search(
             res.append((al, b, nnz))
         return res
 
-    # Path: alpha_max * ratio^t, t = 1, 2, ... (ratio 1/2 per step, as the official doubling).
+    # Path: alpha_max * r^t, t = 1, 2, ..., each batch of ``points`` alphas spanning a factor of
+    # 16 (r = 1/2 with 4 points, as the official doubling; finer with more points at once).
+    r = 16.0 ** (-1.0 / points)
     hi: Optional[Tuple[float, torch.Tensor, int]] = None  # sparser side: nnz < n_keep
     lo: Optional[Tuple[float, torch.Tensor, int]] = None  # denser side: nnz > n_keep
     warm: Optional[torch.Tensor] = None
     t = 0
     floor = alpha_max * 1e-9
     while lo is None:
-        alphas = [alpha_max * 0.5 ** (t + s + 1) for s in range(points)]
+        alphas = [alpha_max * r ** (t + s + 1) for s in range(points)]
         t += points
         for al, b, nnz in run(alphas, warm):
             if nnz == n_keep:
@@ -657,6 +659,8 @@ def select_channels(
     alpha_max = float(q.abs().max()) / n_samples
     if points is None:
         points = 64 if device.type == "cuda" else 4
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise ValueError(f"points must be a positive int, got {points!r}")
     if alpha_max == 0.0:  # no channel correlates with the targets
         beta = torch.zeros(c, dtype=torch.float64, device=device)
         return _keep_from_beta(beta.cpu(), n_keep, torch.diagonal(G).cpu()), beta

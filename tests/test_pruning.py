@@ -235,6 +235,9 @@ def test_select_channels_hits_n_keep(device, n_keep):
     if n_keep < 12:
         nz = torch.nonzero(beta.cpu()).flatten()
         assert set(keep.tolist()) <= set(nz.tolist()) or nz.numel() > n_keep
+    # Many alphas per step (the CUDA default) keeps the same channels.
+    keep64, _ = pruning.select_channels(stats, conv.weight.detach(), n_keep, points=64)
+    assert torch.equal(keep64, keep)
 
 
 def test_select_channels_matches_official_search_with_sklearn():
