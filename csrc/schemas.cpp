@@ -45,6 +45,12 @@ TORCH_LIBRARY(segkernels, m) {
         "bool scale_by_t2, int ignore_index) -> (Tensor, Tensor[])");
   m.def("seg_kd_loss(Tensor student, Tensor teacher, Tensor labels, Tensor? class_weight, float temperature, "
         "float hard_weight, float soft_weight, int ignore_index) -> (Tensor, Tensor)");
+  // Channel pruning on Gram statistics (csrc/pruning). channel_gram: A (cK, cK) = Xf^T Xf,
+  // B (cK, n) = Xf^T Y, weight (n, c, *kernel) -> G (c, c) = Z^T Z, q (c,) = Z^T y with
+  // Z_i = X_i W_i^T. lasso_gram: coordinate descent for every alpha at once -> (L, c);
+  // init (L, c) warm-starts each alpha. Not differentiable.
+  m.def("channel_gram(Tensor A, Tensor B, Tensor weight) -> (Tensor, Tensor)");
+  m.def("lasso_gram(Tensor G, Tensor q, Tensor alphas, float n_samples, float tol, int max_iter, Tensor? init) -> Tensor");
 }
 
 // `import segkernels._C` loads this library, which runs the static registrations above;

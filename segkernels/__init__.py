@@ -20,6 +20,8 @@ from .confusion_matrix import confusion_matrix
 from .metrics import median_frequency_weights, segmentation_scores
 from . import nn  # noqa: E402  (modules over the ops above)
 from .kd_loss import kd_loss, seg_kd_loss  # noqa: E402
+from .pruning import channel_gram, lasso_gram  # noqa: E402
+from . import pruning  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,9 @@ __all__ = [
     "nn",
     "kd_loss",
     "seg_kd_loss",
+    "channel_gram",
+    "lasso_gram",
+    "pruning",
 ]
 
 from .ps_assemble import ps_assemble, ps_assemble_dense  # noqa: E402

@@ -1,0 +1,582 @@
+"""Channel pruning on Gram statistics: channel_gram, lasso_gram, LayerStats, select_channels,
+reconstruct and prune_sequential, against explicit design matrices, sklearn and torch.linalg."""
+
+import os
+import socket
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import segkernels
+from helpers import DEVICES, requires_kernels, run_opcheck
+from segkernels import pruning
+from segkernels._library import triton_available
+from segkernels.pruning import LayerStats, reference_channel_gram, reference_lasso_gram
+
+pytestmark = requires_kernels
+
+
+def _conv(c, n, k=3, stride=1, padding=1, dilation=1, device="cpu", bias=True):
+    conv = nn.Conv2d(c, n, k, stride=stride, padding=padding, dilation=dilation, bias=bias).to(device)
+    return conv
+
+
+def _explicit_rows(conv, x):
+    """Every row of the layer: patches Xf (rows, cK) and targets Y (rows, n) without bias."""
+    u = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    xf = u.transpose(1, 2).reshape(-1, u.shape[1]).double()
+    y = F.conv2d(x, conv.weight.detach(), None, conv.stride, conv.padding, conv.dilation)
+    yf = y.permute(0, 2, 3, 1).reshape(-1, conv.out_channels).double()
+    return xf, yf, y
+
+
+def _explicit_Z(xf, weight):
+    """Z (rows * n, c): column i = vec(X_i W_i^T), as the official code builds it."""
+    n, c = weight.shape[:2]
+    K = weight[0, 0].numel()
+    w = weight.double().reshape(n, c, K)
+    cols = [(xf[:, i * K : (i + 1) * K] @ w[:, i, :].t()).reshape(-1) for i in range(c)]
+    return torch.stack(cols, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# channel_gram
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "c,n,k,stride,padding,dilation",
+    [(5, 4, 3, 1, 1, 1), (3, 7, (1, 3), 2, (0, 1), 1), (1, 1, 1, 1, 0, 1), (6, 5, 3, 2, 2, 2)],
+)
+def test_gram_identity_against_explicit_Z(device, c, n, k, stride, padding, dilation):
+    conv = _conv(c, n, k, stride, padding, dilation, device).double()
+    x = torch.randn(2, c, 9, 11, device=device, dtype=torch.float64)
+    stats = LayerStats(conv)
+    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+    stats.update(x, y, positions_per_image=None)
+    xf, yf, _ = _explicit_rows(conv, x)
+    torch.testing.assert_close(stats.A, xf.t() @ xf, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(stats.B, xf.t() @ yf, rtol=1e-12, atol=1e-10)
+    assert stats.rows == xf.shape[0]
+    Z = _explicit_Z(xf, conv.weight.detach())
+    G, q = segkernels.channel_gram(stats.A, stats.B, conv.weight.detach())
+    torch.testing.assert_close(G, Z.t() @ Z, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(q, Z.t() @ yf.reshape(-1), rtol=1e-10, atol=1e-9)
+    Gr, qr = reference_channel_gram(stats.A, stats.B, conv.weight.detach())
+    torch.testing.assert_close(G, Gr, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(q, qr, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c,n,K", [(7, 5, 9), (2, 33, 1), (13, 3, 4), (1, 1, 9)])
+def test_channel_gram_matches_reference(device, dtype, c, n, K):
+    X = torch.randn(50, c * K, dtype=torch.float64, device=device)
+    A = (X.t() @ X).to(dtype)
+    B = (X.t() @ torch.randn(50, n, dtype=torch.float64, device=device)).to(dtype)
+    w = torch.randn(n, c, K, 1, dtype=dtype, device=device)
+    G, q = segkernels.channel_gram(A, B, w)
+    Gr, qr = reference_channel_gram(A.double(), B.double(), w.double())
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-9)
+    assert G.dtype == dtype and q.dtype == dtype
+    torch.testing.assert_close(G.double(), Gr, **tol)
+    torch.testing.assert_close(q.double(), qr, **tol)
+    # Non-contiguous inputs with the same values (A is symmetric, so A.t() is A).
+    B2 = torch.empty(n, c * K, dtype=dtype, device=device).t()
+    B2.copy_(B)
+    w2 = torch.empty(c, n, K, 1, dtype=dtype, device=device).transpose(0, 1)
+    w2.copy_(w)
+    G2, q2 = segkernels.channel_gram(A.t(), B2, w2)
+    torch.testing.assert_close(G2, G, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    torch.testing.assert_close(q2, q, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
+
+
+def test_channel_gram_empty():
+    G, q = segkernels.channel_gram(torch.zeros(0, 0), torch.zeros(0, 4), torch.zeros(4, 0, 3, 3))
+    assert G.shape == (0, 0) and q.shape == (0,)
+    G, q = segkernels.channel_gram(torch.eye(18, dtype=torch.float64), torch.zeros(18, 0, dtype=torch.float64),
+                                   torch.zeros(0, 2, 3, 3, dtype=torch.float64))
+    assert torch.equal(G, torch.zeros(2, 2, dtype=torch.float64)) and torch.equal(q, torch.zeros(2, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# lasso_gram
+
+
+def _lasso_problem(rows, c, seed, device="cpu", sparse=0.5):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, c, generator=g, dtype=torch.float64)
+    mix = torch.eye(c, dtype=torch.float64) + 0.3 * torch.randn(c, c, generator=g, dtype=torch.float64)
+    Z = base @ mix  # correlated columns, like channel contributions
+    beta = torch.randn(c, generator=g, dtype=torch.float64) * (torch.rand(c, generator=g) < sparse)
+    y = Z @ beta + 0.5 * torch.randn(rows, generator=g, dtype=torch.float64)
+    return Z.to(device), y.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,c,seed", [(200, 8, 0), (500, 17, 1), (64, 32, 2), (300, 1, 3)])
+def test_lasso_gram_matches_sklearn(device, rows, c, seed):
+    from sklearn.linear_model import Lasso
+
+    Z, y = _lasso_problem(rows, c, seed, device)
+    G, q = Z.t() @ Z, Z.t() @ y
+    alpha_max = float(q.abs().max()) / rows
+    alphas = torch.tensor([alpha_max * f for f in (1.5, 0.5, 0.2, 0.05, 0.01, 1e-3)], dtype=torch.float64,
+                          device=device)
+    beta = segkernels.lasso_gram(G, q, alphas, n_samples=rows, tol=1e-8)
+    assert beta.shape == (len(alphas), c) and beta.dtype == torch.float64
+    Zn, yn = Z.cpu().numpy(), y.cpu().numpy()
+    for a, alpha in enumerate(alphas.tolist()):
+        ref = Lasso(alpha=alpha, fit_intercept=False, tol=1e-8, max_iter=100000).fit(Zn, yn).coef_
+        got = beta[a].cpu().numpy()
+        assert np.array_equal(got != 0, ref != 0), (alpha, got, ref)
+        scale = max(np.abs(ref).max(), 1e-300)
+        assert np.abs(got - ref).max() <= 1e-6 * scale, (alpha, np.abs(got - ref).max() / scale)
+    assert not beta[0].any()  # alpha above alpha_max: all zero
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lasso_gram_warm_start_reference_and_float32(device):
+    Z, y = _lasso_problem(120, 6, 5, device)
+    G, q = Z.t() @ Z, Z.t() @ y
+    alphas = torch.tensor([0.5, 0.1, 0.02], dtype=torch.float64, device=device) * float(q.abs().max()) / 120
+    cold = segkernels.lasso_gram(G, q, alphas, n_samples=120, tol=1e-10)
+    init = torch.randn(3, 6, dtype=torch.float64, device=device)
+    warm = segkernels.lasso_gram(G, q, alphas, n_samples=120, tol=1e-10, init=init)
+    torch.testing.assert_close(warm, cold, rtol=1e-7, atol=1e-9)
+    ref = reference_lasso_gram(G, q, alphas, n_samples=120, tol=1e-10)
+    torch.testing.assert_close(cold, ref, rtol=1e-9, atol=1e-12)
+    f32 = segkernels.lasso_gram(G.float(), q.float(), alphas.float(), n_samples=120, tol=1e-6)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), cold, rtol=1e-3, atol=1e-4)
+    # max_iter=0 returns the start; no alphas gives an empty result.
+    torch.testing.assert_close(segkernels.lasso_gram(G, q, alphas, n_samples=120, max_iter=0, init=init), init)
+    assert segkernels.lasso_gram(G, q, alphas[:0], n_samples=120).shape == (0, 6)
+
+
+def test_lasso_gram_zero_column():
+    Z, y = _lasso_problem(100, 5, 7)
+    Z[:, 2] = 0  # a dead channel: G[2, 2] == 0, its coefficient stays 0
+    G, q = Z.t() @ Z, Z.t() @ y
+    beta = segkernels.lasso_gram(G, q, torch.tensor([1e-3], dtype=torch.float64), n_samples=100)
+    assert beta[0, 2] == 0 and torch.isfinite(beta).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerStats
+
+
+def test_update_sampling_and_layouts():
+    conv = _conv(4, 6, 3, stride=2, padding=1).double()
+    x = torch.randn(3, 4, 10, 9, dtype=torch.float64)
+    y = F.conv2d(x, conv.weight, None, 2, 1)
+    ho, wo = y.shape[2:]
+    s1 = LayerStats(conv).update(x, y, positions_per_image=5, generator=torch.Generator().manual_seed(1))
+    assert s1.rows == 15
+    # The same positions, recovered from the generator, give the explicit rows' statistics.
+    scores = torch.rand(3, ho * wo, generator=torch.Generator().manual_seed(1))
+    flat = scores.topk(5, dim=1).indices
+    xf_all, yf_all, _ = _explicit_rows(conv, x)
+    sel = (torch.arange(3)[:, None] * ho * wo + flat).reshape(-1)
+    xf, yf = xf_all[sel], yf_all[sel]
+    torch.testing.assert_close(s1.A, xf.t() @ xf)
+    torch.testing.assert_close(s1.B, xf.t() @ yf)
+    torch.testing.assert_close(s1.x_sum, xf.sum(0))
+    torch.testing.assert_close(s1.y_sum, yf.sum(0))
+    torch.testing.assert_close(s1.y_sq, (yf * yf).sum())
+    # channels_last and strided inputs, and more positions than there are: every position.
+    s_all = LayerStats(conv).update(x, y, positions_per_image=None)
+    s_cl = LayerStats(conv).update(x.contiguous(memory_format=torch.channels_last), y[..., :, :].transpose(2, 3)
+                                   .contiguous().transpose(2, 3), positions_per_image=10_000)
+    torch.testing.assert_close(s_cl.A, s_all.A)
+    torch.testing.assert_close(s_cl.B, s_all.B)
+    # An empty batch adds nothing.
+    LayerStats(conv).update(x[:0], y[:0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_update_low_precision_inputs(dtype):
+    conv = _conv(3, 4, 3)
+    x = torch.randn(2, 3, 7, 7).to(dtype)
+    y = F.conv2d(x.float(), conv.weight, None, 1, 1).to(dtype)
+    s = LayerStats(conv).update(x, y, positions_per_image=None)
+    ref = LayerStats(conv).update(x.double(), y.double(), positions_per_image=None)
+    assert s.A.dtype == torch.float64
+    torch.testing.assert_close(s.A, ref.A, rtol=0, atol=0)
+    torch.testing.assert_close(s.B, ref.B, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# select_channels and reconstruct
+
+
+def _stats_for(c, n, images=6, seed=0, device="cpu", hw=8):
+    g = torch.Generator().manual_seed(seed)
+    conv = _conv(c, n, 3, device=device).double()
+    scale = torch.exp(torch.randn(1, c, 1, 1, generator=g, dtype=torch.float64)).to(device)
+    x = torch.randn(images, c, hw, hw, generator=g, dtype=torch.float64).to(device) * scale
+    y = F.conv2d(x, conv.weight, None, 1, 1)
+    stats = LayerStats(conv).update(x, y, positions_per_image=None)
+    return conv, stats, x, y
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_keep", [1, 3, 6, 11, 12])
+def test_select_channels_hits_n_keep(device, n_keep):
+    conv, stats, _, _ = _stats_for(12, 8, device=device)
+    keep, beta = pruning.select_channels(stats, conv.weight.detach(), n_keep)
+    assert keep.dtype == torch.int64 and keep.shape == (n_keep,)
+    assert torch.equal(keep, keep.sort().values) and keep.unique().numel() == n_keep
+    assert beta.shape == (12,)
+    if n_keep < 12:
+        nz = torch.nonzero(beta.cpu()).flatten()
+        assert set(keep.tolist()) <= set(nz.tolist()) or nz.numel() > n_keep
+    # Many alphas per step (the CUDA default) keeps the same channels.
+    keep64, _ = pruning.select_channels(stats, conv.weight.detach(), n_keep, points=64)
+    assert torch.equal(keep64, keep)
+
+
+def test_select_channels_matches_official_search_with_sklearn():
+    """The same alpha search over sklearn's Lasso on the explicit Z keeps the same channels."""
+    from sklearn.linear_model import Lasso
+
+    conv, stats, x, _ = _stats_for(10, 6, images=2, hw=6, seed=3)
+    keep, _ = pruning.select_channels(stats, conv.weight.detach(), 4)
+    xf, yf, _ = _explicit_rows(conv, x)
+    Z = _explicit_Z(xf, conv.weight.detach()).numpy()
+    yv = yf.reshape(-1).numpy()
+
+    def solve(alphas, init):
+        out = []
+        for a, alpha in enumerate(alphas.tolist()):
+            m = Lasso(alpha=alpha, fit_intercept=False, tol=1e-8, max_iter=100000, warm_start=init is not None)
+            if init is not None:
+                m.coef_ = init[a].numpy().copy()
+            out.append(torch.from_numpy(m.fit(Z, yv).coef_.copy()))
+        return torch.stack(out)
+
+    alpha_max = float(np.abs(Z.T @ yv).max()) / Z.shape[0]
+    _, beta, exact = pruning.alpha_search(solve, alpha_max, 4, 10)
+    assert exact
+    assert torch.nonzero(beta).flatten().tolist() == keep.tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reconstruct_matches_lstsq(device):
+    conv, stats, x, _ = _stats_for(7, 5, images=3, device=device)
+    keep = torch.tensor([0, 2, 3, 6])
+    weight, bias = pruning.reconstruct(stats, keep)
+    assert weight.shape == (5, 4, 3, 3) and bias.shape == (5,)
+    xf, yf, _ = _explicit_rows(conv, x)
+    cols = (keep[:, None] * 9 + torch.arange(9)).reshape(-1).to(device)
+    design = torch.cat([xf[:, cols], torch.ones(xf.shape[0], 1, dtype=torch.float64, device=device)], 1)
+    sol = torch.linalg.lstsq(design.cpu(), yf.cpu()).solution.to(device)
+    torch.testing.assert_close(weight, sol[:-1].t().reshape(5, 4, 3, 3), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(bias, sol[-1], rtol=1e-8, atol=1e-9)
+    # The error from the statistics equals the explicit one.
+    pred = design @ sol
+    err = float(((yf - pred) ** 2).sum() / (yf**2).sum())
+    assert abs(pruning.reconstruction_error(stats, keep, weight, bias) - err) < 1e-9
+    # Ridge: the regularised normal equations (bias not penalised).
+    w_r, b_r = pruning.reconstruct(stats, keep, ridge=10.0)
+    lhs = design.t() @ design
+    lhs.diagonal()[:-1] += 10.0
+    sol_r = torch.linalg.solve(lhs, design.t() @ yf)
+    torch.testing.assert_close(w_r, sol_r[:-1].t().reshape(5, 4, 3, 3), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(b_r, sol_r[-1], rtol=1e-8, atol=1e-9)
+
+
+def test_reconstruct_underdetermined_is_finite():
+    conv = _conv(4, 3, 3).double()
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    y = F.conv2d(x, conv.weight, None, 1, 1)
+    stats = LayerStats(conv).update(x, y, positions_per_image=2)  # 2 rows, 37 unknowns
+    w, b = pruning.reconstruct(stats, torch.arange(4))
+    assert torch.isfinite(w).all() and torch.isfinite(b).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# prune_sequential
+
+
+def _vgg(device="cpu", seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.Conv2d(12, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2, 2, ceil_mode=True),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 10, 3, padding=1, bias=False), nn.BatchNorm2d(10), nn.ReLU(),
+    ).to(device)
+    with torch.no_grad():  # channels of very different importance, and non-trivial BN statistics
+        for m in net:
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(torch.exp(2 * torch.randn(m.out_channels, 1, 1, 1, device=device)))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return net.eval()
+
+
+def _first_k_baseline(net, batches, ratio):
+    """Keeps the first n_keep channels of each layer, refitted the same way."""
+    convs = [i for i, m in enumerate(net) if isinstance(m, nn.Conv2d)]
+    orig_select = pruning.select_channels
+    try:
+        pruning.select_channels = lambda stats, w, k, **kw: (torch.arange(k), None)
+        return pruning.prune_sequential(net, batches, ratio=ratio, positions_per_image=40, progress=False)[0]
+    finally:
+        pruning.select_channels = orig_select
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prune_sequential_small_vgg(device):
+    net = _vgg(device)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = [torch.randn(4, 3, 13, 15, device=device) for _ in range(3)]
+    pruned, report = pruning.prune_sequential(net, batches, ratio=0.5, positions_per_image=40)
+    # The original is untouched.
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert len(pruned) == len(net)
+    convs = [m for m in pruned if isinstance(m, nn.Conv2d)]
+    assert [m.in_channels for m in convs] == [3, 6, 8, 8]
+    assert [m.out_channels for m in convs] == [6, 8, 8, 10]
+    assert pruned[1].num_features == 6 and pruned[4].num_features == 8 and pruned[10].num_features == 10
+    assert [r.channels_before for r in report] == [12, 16, 16] and [r.channels_after for r in report] == [6, 8, 8]
+    assert all(0 <= r.rel_error < 1 and r.seconds >= 0 for r in report)
+    assert "channels before" in str(report)
+    test = torch.randn(4, 3, 13, 15, device=device)
+    with torch.no_grad():
+        ref = net(test)
+        out = pruned(test)
+        assert out.shape == ref.shape
+        err = float((out - ref).pow(2).sum() / ref.pow(2).sum())
+        base = _first_k_baseline(net, batches, 0.5)
+        err_base = float((base(test) - ref).pow(2).sum() / ref.pow(2).sum())
+    assert err < err_base, (err, err_base)
+
+
+def test_prune_sequential_options_and_errors():
+    net = _vgg()
+    batches = [torch.randn(2, 3, 8, 8)]
+    pruned, report = pruning.prune_sequential(net, batches, n_keep={2: 5}, layers=[2], progress=False)
+    assert [m.in_channels for m in pruned if isinstance(m, nn.Conv2d)] == [3, 12, 5, 16]
+    pruned, _ = pruning.prune_sequential(net, batches, n_keep=4, layers=[1, 3], progress=False)
+    assert [m.in_channels for m in pruned if isinstance(m, nn.Conv2d)] == [3, 4, 16, 4]
+    with pytest.raises(IndexError, match="layers"):
+        pruning.prune_sequential(net, batches, layers=[0])
+    with pytest.raises(IndexError, match="layers"):
+        pruning.prune_sequential(net, batches, layers=[4])
+    with pytest.raises(ValueError, match="n_keep"):
+        pruning.prune_sequential(net, batches, n_keep=17)
+    with pytest.raises(ValueError, match="ratio"):
+        pruning.prune_sequential(net, batches, ratio=1.5)
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        pruning.prune_sequential(net[0], batches)
+    with pytest.raises(ValueError, match="calibration_batches"):
+        pruning.prune_sequential(net, [])
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="grouped"):
+        pruning.prune_sequential(grouped, [torch.randn(1, 4, 8, 8)])
+    odd = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 4), nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="between conv 0 and conv 1"):
+        pruning.prune_sequential(odd, [torch.randn(1, 3, 8, 8)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed statistics
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, world, port, path, x, y, state):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        conv = nn.Conv2d(4, 5, 3, padding=1).double()
+        conv.load_state_dict(state)
+        half = x.shape[0] // world
+        stats = LayerStats(conv).update(x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half],
+                                        positions_per_image=None)
+        stats.all_reduce()
+        if rank == 0:
+            torch.save({k: getattr(stats, k) for k in ("A", "B", "x_sum", "y_sum", "y_sq", "count")}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_two_gloo_ranks():
+    conv = nn.Conv2d(4, 5, 3, padding=1).double()
+    x = torch.randn(4, 4, 6, 7, dtype=torch.float64)
+    y = F.conv2d(x, conv.weight, None, 1, 1)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "stats.pt")
+        torch.multiprocessing.spawn(_dist_worker, args=(2, _free_port(), path, x, y.detach(), conv.state_dict()),
+                                    nprocs=2, join=True)
+        got = torch.load(path)
+    ref = LayerStats(conv).update(x, y, positions_per_image=None)
+    for k, v in got.items():
+        torch.testing.assert_close(v, getattr(ref, k), rtol=1e-12, atol=1e-10)
+
+
+def test_all_reduce_needs_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        LayerStats(nn.Conv2d(2, 2, 1)).all_reduce()
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck, compile, errors
+
+
+def test_opcheck():
+    X = torch.randn(30, 12, dtype=torch.float64)
+    A, B = X.t() @ X, X.t() @ torch.randn(30, 5, dtype=torch.float64)
+    w = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    run_opcheck(torch.ops.segkernels.channel_gram.default, (A, B, w))
+    G, q = segkernels.channel_gram(A, B, w)
+    alphas = torch.tensor([0.1, 0.01], dtype=torch.float64)
+    run_opcheck(torch.ops.segkernels.lasso_gram.default, (G, q, alphas, 30.0, 1e-8, 1000, None))
+    run_opcheck(torch.ops.segkernels.lasso_gram.default, (G, q, alphas, 30.0, 1e-8, 1000, torch.zeros(2, 3, dtype=torch.float64)))
+
+
+def test_torch_compile():
+    X = torch.randn(30, 12, dtype=torch.float64)
+    A, B = X.t() @ X, X.t() @ torch.randn(30, 5, dtype=torch.float64)
+    w = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+
+    def f(A, B, w, alphas):
+        G, q = torch.ops.segkernels.channel_gram(A, B, w)
+        return torch.ops.segkernels.lasso_gram(G, q, alphas, 30.0, 1e-8, 1000, None)
+
+    alphas = torch.tensor([0.1, 0.01], dtype=torch.float64)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(A, B, w, alphas)
+    torch.testing.assert_close(got, f(A, B, w, alphas))
+
+
+def test_bad_inputs():
+    A, B, w = torch.eye(18, dtype=torch.float64), torch.zeros(18, 4, dtype=torch.float64), torch.zeros(4, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="A must be"):
+        segkernels.channel_gram(A[:17, :17], B, w)
+    with pytest.raises(ValueError, match="B must be"):
+        segkernels.channel_gram(A, B[:, :3], w)
+    with pytest.raises(TypeError, match="share a dtype"):
+        segkernels.channel_gram(A, B.float(), w)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        segkernels.channel_gram(A.half(), B.half(), w.half())
+    G, q, al = torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="G must be square"):
+        segkernels.lasso_gram(G[:2], q, al, n_samples=10)
+    with pytest.raises(ValueError, match="q must be"):
+        segkernels.lasso_gram(G, q[:2], al, n_samples=10)
+    with pytest.raises(ValueError, match="n_samples"):
+        segkernels.lasso_gram(G, q, al, n_samples=0)
+    with pytest.raises(ValueError, match="alphas"):
+        segkernels.lasso_gram(G, q, -al, n_samples=10)
+    with pytest.raises(ValueError, match="init"):
+        segkernels.lasso_gram(G, q, al, n_samples=10, init=torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_iter"):
+        segkernels.lasso_gram(G, q, al, n_samples=10, max_iter=-1)
+    # The raw ops check too (no crash on bad shapes).
+    with pytest.raises(ValueError):
+        torch.ops.segkernels.channel_gram(A[:17], B, w)
+    with pytest.raises(ValueError):
+        torch.ops.segkernels.lasso_gram(G, q[:2], al, 10.0, 1e-8, 10, None)
+    with pytest.raises(ValueError, match="groups=1"):
+        LayerStats(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        LayerStats(nn.Linear(3, 3))
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    stats = LayerStats(conv)
+    with pytest.raises(ValueError, match="x must be"):
+        stats.update(torch.randn(1, 2, 5, 5), torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="y must be"):
+        stats.update(torch.randn(1, 3, 5, 5), torch.randn(1, 4, 4, 5))
+    with pytest.raises(ValueError, match="positions_per_image"):
+        stats.update(torch.randn(1, 3, 5, 5), torch.randn(1, 4, 5, 5), positions_per_image=0)
+    with pytest.raises(TypeError, match="floating"):
+        stats.update(torch.ones(1, 3, 5, 5, dtype=torch.long), torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="no rows"):
+        pruning.select_channels(stats, conv.weight, 2)
+    stats.update(torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5))
+    for bad in (0, 4, 2.5):
+        with pytest.raises(ValueError, match="n_keep"):
+            pruning.select_channels(stats, conv.weight, bad)
+    with pytest.raises(ValueError, match="weight must be"):
+        pruning.select_channels(stats, conv.weight[:, :2], 2)
+    with pytest.raises(IndexError, match="keep"):
+        pruning.reconstruct(stats, torch.tensor([0, 3]))
+    with pytest.raises(TypeError, match="keep"):
+        pruning.reconstruct(stats, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="repeat"):
+        pruning.reconstruct(stats, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="ridge"):
+        pruning.reconstruct(stats, torch.tensor([1]), ridge=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels on CPU tensors (TRITON_INTERPRET=1), tiny grids
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_kernels_interpreted():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1")
+    for dtype in (torch.float64, torch.float32):
+        X = torch.randn(40, 12, dtype=torch.float64)
+        A = (X.t() @ X).to(dtype)
+        B = (X.t() @ torch.randn(40, 5, dtype=torch.float64)).to(dtype)
+        w = torch.randn(5, 3, 2, 2, dtype=dtype)
+        G, q = pruning._channel_gram_triton(A, B, w)
+        Gr, qr = reference_channel_gram(A.double(), B.double(), w.double())
+        tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-9)
+        torch.testing.assert_close(G.double(), Gr, **tol)
+        torch.testing.assert_close(q.double(), qr, **tol)
+    Z, y = _lasso_problem(60, 5, 11)
+    G, q = Z.t() @ Z, Z.t() @ y
+    alphas = torch.tensor([2.0, 0.3, 0.01], dtype=torch.float64) * float(q.abs().max()) / 60
+    got = pruning._lasso_gram_triton(G, q, alphas, 60.0, 1e-8, 10000, None)
+    ref = segkernels.lasso_gram(G, q, alphas, n_samples=60, tol=1e-8)
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)
+    init = torch.randn(3, 5, dtype=torch.float64)
+    got = pruning._lasso_gram_triton(G, q, alphas, 60.0, 1e-8, 0, init)
+    torch.testing.assert_close(got, init)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_kernels_compile_for_sm90():
+    """Ahead-of-time compilation for an H100 (no GPU needed): catches GPU-only typing errors
+    that the interpreter accepts."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter replaces compilation")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    try:
+        for dt in ("fp64", "fp32"):
+            sig = {k: f"*{dt}" for k in ("g_ptr", "q_ptr", "thr_ptr", "init_ptr", "out_ptr")}
+            sig.update(c="i32", tol="fp32", max_iter="i32", HAS_INIT="constexpr", BLOCK_C="constexpr")
+            src = ASTSource(fn=pruning._lasso_gram_kernel, signature=sig, constexprs={"HAS_INIT": True, "BLOCK_C": 512})
+            assert triton.compile(src, target=target, options={"num_warps": 8}).asm["ptx"]
+            sig = {k: f"*{dt}" for k in ("a_ptr", "b_ptr", "wt_ptr", "g_ptr", "q_ptr")}
+            sig.update(c="i32", n="i32", K="i32", BLOCK_K="constexpr", BLOCK_N="constexpr")
+            src = ASTSource(fn=pruning._channel_gram_kernel, signature=sig, constexprs={"BLOCK_K": 16, "BLOCK_N": 32})
+            assert triton.compile(src, target=target, options={"num_warps": 4}).asm["ptx"]
+    except (RuntimeError, FileNotFoundError) as exc:  # no ptxas / CUDA backend in this triton
+        if "ptxas" in str(exc) or "backend" in str(exc).lower():
+            pytest.skip(f"cannot compile for CUDA here: {exc}")
+        raise
