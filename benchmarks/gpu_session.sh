@@ -2,7 +2,8 @@
 # One call on a lent GPU machine (see README "GPU results"): build with the CUDA kernels, run
 # every test (CUDA-marked ones included) and the CUDA benchmarks, leaving logs and the report
 # under $OUT. Knobs: TESTS (pytest args, default "tests"), BENCH_FILTER (pytest -k for the
-# benchmarks, empty = all, "none" = skip), SEGKERNELS_BENCH_SCALE.
+# benchmarks, empty = all, "none" = skip), BENCH_ONLY (op stems), BENCH_TIMEOUT (seconds per
+# benchmark file), SEGKERNELS_BENCH_SCALE.
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu-out}"
 mkdir -p "$OUT"
@@ -26,14 +27,18 @@ $PY -c "import segkernels as s; print('kernels', s.kernels_available(), 'cuda ke
 stamp tests
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-$PY -m pytest ${TESTS:-tests} -q $XDIST -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest ${TESTS:-tests} -q $XDIST -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 echo "pytest rc=$?"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
 tail -3 "$OUT/tests.log"
 if [ "${BENCH_FILTER:-}" != "none" ]; then
   stamp bench
-  SEGKERNELS_BENCH_DEVICE=cuda $PY benchmarks/run.py ${BENCH_FILTER:+--filter "$BENCH_FILTER"} --out "$OUT/results" > "$OUT/bench.log" 2>&1
+  # Per-file raw JSON stays on the machine; only the merged report comes back (8 files at most).
+  SEGKERNELS_BENCH_DEVICE=cuda $PY benchmarks/run.py ${BENCH_FILTER:+--filter "$BENCH_FILTER"} \
+    ${BENCH_ONLY:+--only "$BENCH_ONLY"} --timeout "${BENCH_TIMEOUT:-150}" --out /tmp/bench-results > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"
-  tail -60 "$OUT/bench.log"
+  mkdir -p "$OUT/results" && cp /tmp/bench-results/*/benchmark.json /tmp/bench-results/*/report.md \
+    /tmp/bench-results/*/speedup.png "$OUT/results/" 2>/dev/null
+  grep -E "^\| |Incomplete|stopped after" "$OUT/bench.log" | cut -c1-160 | tail -${BENCH_TAIL:-60}
 fi
 stamp done

@@ -1,7 +1,8 @@
 """`make bench`: runs every benchmarks/bench_*.py on the default device and writes
 benchmarks/results/<device>/{benchmark.json, report.md, speedup.png}, then prints the table.
 
-Options: --filter EXPR (pytest -k), --out DIR; SEGKERNELS_BENCH_DEVICE=cpu|cuda picks the
+Options: --filter EXPR (pytest -k), --only STEMS (e.g. kd_loss,pruning), --timeout SECONDS per
+file, --out DIR; SEGKERNELS_BENCH_DEVICE=cpu|cuda picks the
 device, SEGKERNELS_BENCH_SCALE=0.25 shrinks batches for a quick run.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
+import json
 import os
 import platform
 import re
@@ -57,32 +60,67 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+def run_file(path: str, json_path: str, filt: str | None, timeout: float | None) -> int:
+    cmd = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py"]
+    cmd += [f"--benchmark-json={json_path}", "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
+    if filt:
+        cmd += ["-k", filt]
+    try:
+        return subprocess.call(cmd, cwd=HERE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{os.path.basename(path)}: stopped after {timeout:.0f} s", file=sys.stderr)
+        return 124
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--filter", default=None, help="pytest -k expression")
+    parser.add_argument("--only", default=None, help="comma-separated op stems (bench_<stem>.py) to run")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark file")
     args = parser.parse_args()
     device = bench_device()
     out_dir = os.path.join(args.out, device_label(device))
-    os.makedirs(out_dir, exist_ok=True)
+    raw_dir = os.path.join(out_dir, "raw")
+    os.makedirs(raw_dir, exist_ok=True)
+    # One pytest run per op file (the copy bandwidth first): a failing or slow op loses only
+    # its own rows, and the report still comes out.
+    files = sorted(glob.glob(os.path.join(HERE, "bench_*.py")), key=lambda f: (not f.endswith("bench_copy.py"), f))
+    if args.only:
+        wanted = {"copy"} | set(args.only.split(","))
+        files = [f for f in files if os.path.basename(f)[6:-3] in wanted]
+    merged, failed = None, []
+    for path in files:
+        stem = os.path.basename(path)[:-3]
+        json_path = os.path.join(raw_dir, f"{stem}.json")
+        if os.path.exists(json_path):
+            os.remove(json_path)
+        rc = run_file(path, json_path, args.filter, args.timeout)
+        if rc not in (0, 5):
+            failed.append(f"{stem} (pytest exit {rc})")
+        if os.path.exists(json_path):
+            with open(json_path) as f:
+                data = json.load(f)
+            if merged is None:
+                merged = data
+            else:
+                merged["benchmarks"] += data["benchmarks"]
+    if merged is None:
+        print("no benchmark produced results", file=sys.stderr)
+        return 1
     json_path = os.path.join(out_dir, "benchmark.json")
-    cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py"]
-    cmd += [f"--benchmark-json={json_path}"]
-    cmd += ["--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
-    if args.filter:
-        cmd += ["-k", args.filter]
-    rc = subprocess.call(cmd, cwd=HERE)
-    if rc != 0 or not os.path.exists(json_path):
-        print(f"benchmarks failed (pytest exit {rc})", file=sys.stderr)
-        return rc or 1
+    with open(json_path, "w") as f:
+        json.dump(merged, f, indent=1)
     title = [
         f"# segkernels benchmarks on {device_label(device)}",
         "",
         f"{datetime.date.today().isoformat()}; {versions()}.",
         "",
     ]
+    if failed:
+        title += [f"Incomplete: {', '.join(failed)}.", ""]
     print(report.write_report(json_path, out_dir, title))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
