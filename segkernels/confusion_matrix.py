@@ -51,39 +51,57 @@ if _library.triton_available():
         stride_p,
         FROM_LOGITS: tl.constexpr,
         BLOCK: tl.constexpr,
+        TILES: tl.constexpr,
+        STATIC_CLASSES: tl.constexpr,
         NUM_BINS: tl.constexpr,
         USE_HISTOGRAM: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
-        offs = pid_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < spatial
-        ptrs = x_ptr + n * stride_n + offs * stride_p
-        if FROM_LOGITS:
-            best = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            pred = tl.zeros([BLOCK], dtype=tl.int64)
-            for c in range(1, classes):
-                v = tl.load(ptrs + c * stride_c, mask=mask, other=0.0).to(tl.float32)
-                # torch.argmax: first maximum wins, and the first NaN wins over everything.
-                take = (best == best) & ((v > best) | (v != v))
-                best = tl.where(take, v, best)
-                pred = tl.where(take, c, pred)
-        else:
-            pred = tl.load(ptrs, mask=mask, other=0).to(tl.int64)
-        lab = tl.load(lab_ptr + n * spatial + offs, mask=mask, other=ignore_index)
-        counted = mask & (lab != ignore_index)
-        good = counted & (lab >= 0) & (lab < classes) & (pred >= 0) & (pred < classes)
-        bad = tl.sum((counted & ~good).to(tl.int64), axis=0)
-        tl.atomic_add(bad_ptr, bad, mask=bad > 0)
-        bins = tl.where(good, lab * classes + pred, 0)
+        bad = tl.zeros([BLOCK], dtype=tl.int64)
         if USE_HISTOGRAM:
-            # One atomic per non-empty bin per block instead of one per position: thousands of
-            # positions land in the same few bins, and same-address atomics serialise.
-            hist = tl.histogram(bins.to(tl.int32), NUM_BINS, mask=good)
+            hist = tl.zeros([NUM_BINS], dtype=tl.int32)
+        # TILES tiles per program: the histogram is flushed once per program, not per tile.
+        for t in range(TILES):
+            offs = (pid_p.to(tl.int64) * TILES + t) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < spatial
+            ptrs = x_ptr + n * stride_n + offs * stride_p
+            if FROM_LOGITS:
+                best = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                pred = tl.zeros([BLOCK], dtype=tl.int64)
+                if STATIC_CLASSES > 0:
+                    # Unrolled: every class's load is in flight at once.
+                    for c in tl.static_range(1, STATIC_CLASSES):
+                        v = tl.load(ptrs + c * stride_c, mask=mask, other=0.0).to(tl.float32)
+                        # torch.argmax: first maximum wins, and the first NaN wins over everything.
+                        take = (best == best) & ((v > best) | (v != v))
+                        best = tl.where(take, v, best)
+                        pred = tl.where(take, c, pred)
+                else:
+                    for c in range(1, classes):
+                        v = tl.load(ptrs + c * stride_c, mask=mask, other=0.0).to(tl.float32)
+                        take = (best == best) & ((v > best) | (v != v))
+                        best = tl.where(take, v, best)
+                        pred = tl.where(take, c, pred)
+            else:
+                pred = tl.load(ptrs, mask=mask, other=0).to(tl.int64)
+            lab = tl.load(lab_ptr + n * spatial + offs, mask=mask, other=ignore_index)
+            counted = mask & (lab != ignore_index)
+            good = counted & (lab >= 0) & (lab < classes) & (pred >= 0) & (pred < classes)
+            bad += (counted & ~good).to(tl.int64)
+            bins = tl.where(good, lab * classes + pred, 0)
+            if USE_HISTOGRAM:
+                # One atomic per non-empty bin per program instead of one per position:
+                # thousands of positions land in the same few bins, and same-address atomics
+                # serialise.
+                hist += tl.histogram(bins.to(tl.int32), NUM_BINS, mask=good)
+            else:
+                tl.atomic_add(cm_ptr + bins, tl.full([BLOCK], 1, tl.int64), mask=good)
+        bad_count = tl.sum(bad, axis=0)
+        tl.atomic_add(bad_ptr, bad_count, mask=bad_count > 0)
+        if USE_HISTOGRAM:
             nb = tl.arange(0, NUM_BINS)
             tl.atomic_add(cm_ptr + nb, hist.to(tl.int64), mask=(nb < classes * classes) & (hist > 0))
-        else:
-            tl.atomic_add(cm_ptr + bins, tl.full([BLOCK], 1, tl.int64), mask=good)
 
     _HISTOGRAM_MAX_BINS = 4096
 
@@ -108,7 +126,8 @@ if _library.triton_available():
             return matrix, invalid
         bins = triton.next_power_of_2(num_classes * num_classes)
         block = 1024 if not input.is_cuda else 512
-        grid = (triton.cdiv(spatial, block), n)
+        tiles = 8 if input.is_cuda else 2
+        grid = (triton.cdiv(spatial, block * tiles), n)
         _confusion_kernel[grid](
             x,
             lab,
@@ -122,6 +141,8 @@ if _library.triton_available():
             stride_p,
             FROM_LOGITS=from_logits,
             BLOCK=block,
+            TILES=tiles,
+            STATIC_CLASSES=num_classes if from_logits and num_classes <= 32 else 0,
             NUM_BINS=bins if bins <= _HISTOGRAM_MAX_BINS else 1,
             USE_HISTOGRAM=bins <= _HISTOGRAM_MAX_BINS,
         )

@@ -150,3 +150,19 @@ def test_triton_kernel_under_interpreter():
     # more classes than the in-register histogram holds: the per-position atomic path
     logits, labels = _case((1, 9, 11), 70, torch.float32, "cpu")
     assert torch.equal(_confusion_matrix_triton(logits, labels, 70, 255)[0], reference_confusion_matrix(logits, labels, 70))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("classes", [7, 40])
+def test_triton_kernel_several_tiles_per_program(classes):
+    # Several full tiles per program (histogram accumulated across them), with the unrolled
+    # class loop (7) and the runtime one with an in-register histogram (40).
+    from segkernels._library import triton_runs_on
+    from segkernels.confusion_matrix import _confusion_matrix_triton
+
+    logits, labels = _case((2, 41, 57), classes, torch.float32, "cpu")
+    if not triton_runs_on(logits):
+        pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernel on CPU tensors")
+    cm, invalid = _confusion_matrix_triton(logits, labels, classes, 255)
+    assert torch.equal(cm, reference_confusion_matrix(logits, labels, classes)) and int(invalid) == 0
