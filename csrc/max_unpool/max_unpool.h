@@ -372,6 +372,24 @@ SK_HD bool tiled_window(const TiledAxis<I>& a, I q, I& pc, I& tap) {
   return pc < a.pooled;
 }
 
+// Element e of a map with extents (D, H, W) and `inner` channels-last channels, as
+// (outer, z, y, x, channel).
+template <typename I>
+SK_HD void tiled_decode(I e, I D, I H, I W, I inner, I& o, I& z, I& y, I& x, I& c) {
+  I rest = e;
+  c = 0;
+  if (inner != 1) {
+    rest = e / inner;
+    c = e - rest * inner;
+  }
+  I s = rest / W;
+  x = rest - s * W;
+  I t = s / H;
+  y = s - t * H;
+  o = t / D;
+  z = t - o * D;
+}
+
 // Unpool forward for full-map element e: the value of the entry whose index names e, else 0.
 // Adds 1 to matches when an entry names e (summed over the map: the count of valid entries).
 template <typename scalar_t, typename index_t, typename I>
@@ -380,17 +398,8 @@ SK_HD scalar_t unpool_tiled_element(const TiledGeometry<I>& g, const scalar_t* v
   const TiledAxis<I>& az = g.ax[0];
   const TiledAxis<I>& ay = g.ax[1];
   const TiledAxis<I>& ax = g.ax[2];
-  I rest = e, c = 0;
-  if (g.inner != 1) {
-    rest = e / g.inner;
-    c = e - rest * g.inner;
-  }
-  I s = rest / ax.full;
-  const I x = rest - s * ax.full;
-  I t = s / ay.full;
-  const I y = s - t * ay.full;
-  const I o = t / az.full;
-  const I z = t - o * az.full;
+  I o, z, y, x, c;
+  tiled_decode(e, az.full, ay.full, ax.full, g.inner, o, z, y, x, c);
   I pz, tz, py, ty, px, tx;
   if (!tiled_window(az, z, pz, tz) || !tiled_window(ay, y, py, ty) || !tiled_window(ax, x, px, tx))
     return scalar_t(0);
@@ -412,22 +421,12 @@ SK_HD scalar_t unpool_backward_tiled_element(const TiledGeometry<I>& g, const sc
   const TiledAxis<I>& az = g.ax[0];
   const TiledAxis<I>& ay = g.ax[1];
   const TiledAxis<I>& ax = g.ax[2];
-  I rest = e, c = 0;
-  if (g.inner != 1) {
-    rest = e / g.inner;
-    c = e - rest * g.inner;
-  }
+  I o, pz, py, px, c;
+  tiled_decode(e, az.pooled, ay.pooled, ax.pooled, g.inner, o, pz, py, px, c);
   const I plane = az.full * ay.full * ax.full;
   const int64_t id = static_cast<int64_t>(indices[e]);
   int64_t target;
-  I o;
   if (IndexKind<index_t>::compact) {
-    I s = rest / ax.pooled;
-    const I px = rest - s * ax.pooled;
-    I t = s / ay.pooled;
-    const I py = s - t * ay.pooled;
-    o = t / az.pooled;
-    const I pz = t - o * az.pooled;
     const I kxy = ay.kernel * ax.kernel;
     if (id >= static_cast<int64_t>(az.kernel * kxy)) return scalar_t(0);
     const I off = static_cast<I>(id);
@@ -438,7 +437,6 @@ SK_HD scalar_t unpool_backward_tiled_element(const TiledGeometry<I>& g, const sc
     if (z < 0 || z >= az.full || y < 0 || y >= ay.full || x < 0 || x >= ax.full) return scalar_t(0);
     target = (static_cast<int64_t>(z) * ay.full + y) * ax.full + x;
   } else {
-    o = rest / (az.pooled * ay.pooled * ax.pooled);
     if (id < 0 || id >= static_cast<int64_t>(plane)) return scalar_t(0);
     target = id;
   }
