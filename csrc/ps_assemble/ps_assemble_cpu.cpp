@@ -1,8 +1,9 @@
 // CPU kernels for InstanceFCN position-sensitive assembly (sparse windows and the dense grid).
 // The index math lives in ps_assemble.h and is shared with the CUDA kernels.
 //
-// Forward: one task per (window, group) tile; each tile row reads its k row cells' channels
-// through a per-column channel-offset table, pads written around them.
+// Forward: one task per (image, group, cell row i): the k score planes of cells (i, 0..k-1)
+// stay cache-resident while every window of the image writes its tile rows of cell row i
+// (each column reads its cell's plane through a channel-offset table; pads around).
 // Backward: one task per (image, group, cell row i): k float accumulator planes (the channels
 // of cells (i, 0..k-1)) are zeroed, then every window of the image adds the rows of cell row i
 // of its gradient tile (contiguous in the tile), windows taken in ascending (y0, window index)
@@ -16,7 +17,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "ps_assemble/ps_assemble_host.h"
 
@@ -25,6 +30,25 @@ namespace ps_assemble {
 namespace {
 
 using at::Tensor;
+
+// Large outputs are written once, right after allocation, so first-touch page faults cost as
+// much as the copy itself (4 KiB pages; a fresh 69 MB gradient takes ~17k faults). Ask for
+// transparent huge pages on them before the kernel touches them (a hint; no effect where THP is
+// off or the pages were already touched).
+Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = new_output(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+  if (bytes >= 2 * kHuge) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (start + bytes) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
 
 std::vector<int64_t> cell_table(const Geometry& g) {
   std::vector<int64_t> cb(g.k + 1);
@@ -50,25 +74,25 @@ inline void valid_span(int64_t origin, int64_t m, int64_t size, int64_t& lo, int
   if (hi < lo) hi = lo;
 }
 
-// One m x m tile of window (b, y0, x0), group gi: each row reads its k row cells' channels
-// through the per-column channel-offset table.
+// Rows [cb[i], cb[i + 1]) of the tile of window (b, y0, x0), group gi (b valid): the forward
+// per (image, group, cell row) task, which reads only k score planes (contiguous in NCHW,
+// cache-resident across the image's windows) instead of gathering from k * k planes per tile.
 template <typename scalar_t>
-void copy_tile(const Geometry& g, const Tables& t, const scalar_t* scores, int64_t b, int64_t y0, int64_t x0,
-               int64_t gi, scalar_t pad, scalar_t* out) {
+inline void copy_cell_row(const Geometry& g, const Tables& t, const scalar_t* planes, int64_t i, int64_t y0,
+                          int64_t x0, scalar_t pad, scalar_t* out) {
   const int64_t m = g.m;
-  if (b < 0 || b >= g.N) {
-    std::fill(out, out + m * m, pad);
-    return;
-  }
   int64_t ulo, uhi, vlo, vhi;
   valid_span(y0, m, g.H, ulo, uhi);
   valid_span(x0, m, g.W, vlo, vhi);
-  std::fill(out, out + ulo * m, pad);
   const int64_t* col_off = t.col_off.data();
-  for (int64_t u = ulo; u < uhi; ++u) {
+  for (int64_t u = t.cb[i]; u < t.cb[i + 1]; ++u) {
     scalar_t* row = out + u * m;
+    if (u < ulo || u >= uhi) {
+      for (int64_t v = 0; v < m; ++v) row[v] = pad;
+      continue;
+    }
     for (int64_t v = 0; v < vlo; ++v) row[v] = pad;
-    const scalar_t* src = scores + (b * g.sN + (gi * g.kk() + t.cell[u] * g.k) * g.sC + (y0 + u) * g.sH);
+    const scalar_t* src = planes + (y0 + u) * g.sH;
     if (g.sW == 1) {
       for (int64_t v = vlo; v < vhi; ++v) row[v] = src[col_off[v] + x0 + v];
     } else {
@@ -76,7 +100,25 @@ void copy_tile(const Geometry& g, const Tables& t, const scalar_t* scores, int64
     }
     for (int64_t v = vhi; v < m; ++v) row[v] = pad;
   }
-  std::fill(out + uhi * m, out + m * m, pad);
+}
+
+// Forward driver: one task per (image b, group gi, cell row i); `each_window(b, fn)` calls
+// fn(tile_index, y0, x0) for the windows of image b.
+template <typename scalar_t, typename Windows>
+void assemble_cell_rows(const Geometry& g, const Tables& tables, int64_t windows_per_image, const scalar_t* scores,
+                        scalar_t pad, scalar_t* out, const Windows& each_window) {
+  const int64_t mm = g.m * g.m;
+  const int64_t work = windows_per_image * (g.m / g.k + 1) * g.m;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work));
+  at::parallel_for(0, g.N * g.G * g.k, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t % g.k, gi = (t / g.k) % g.G, b = t / (g.k * g.G);
+      const scalar_t* planes = scores + b * g.sN + (gi * g.kk() + i * g.k) * g.sC;
+      each_window(b, gi, [&](int64_t tile, int64_t y0, int64_t x0) {
+        copy_cell_row(g, tables, planes, i, y0, x0, pad, out + tile * mm);
+      });
+    }
+  });
 }
 
 // Adds the rows of cell row i of one gradient tile into k accumulator planes (H, W), one per
@@ -106,20 +148,40 @@ Tensor ps_assemble_cpu(const Tensor& scores, const Tensor& windows_in, int64_t k
   const Geometry g = make_geometry(scores.sizes(), scores.strides(), k, m, 1);
   const Tensor windows = windows_in.contiguous();
   const int64_t R = windows.size(0);
-  Tensor out = new_output({R, g.G, m, m}, scores.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = fresh_output({R, g.G, m, m}, scores.options());
   if (out.numel() == 0) return out;
   const Tables tables(g, g.sC);
   const int64_t* win = windows.const_data_ptr<int64_t>();
+  // Windows grouped by image (stable); rows with an invalid batch index are all pad.
+  std::vector<int64_t> start(g.N + 1, 0), by_image, invalid;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = win[3 * r];
+    if (b >= 0 && b < g.N) ++start[b + 1];
+  }
+  for (int64_t b = 0; b < g.N; ++b) start[b + 1] += start[b];
+  by_image.resize(start[g.N]);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t b = win[3 * r];
+      if (b >= 0 && b < g.N)
+        by_image[fill[b]++] = r;
+      else
+        invalid.push_back(r);
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "ps_assemble_cpu", [&] {
     const scalar_t* src = scores.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const scalar_t pad = static_cast<scalar_t>(pad_value);
-    at::parallel_for(0, R * g.G, std::max<int64_t>(1, 32768 / (m * m)), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t r = t / g.G, gi = t % g.G;
-        copy_tile(g, tables, src, win[3 * r], win[3 * r + 1], win[3 * r + 2], gi, pad, dst + t * m * m);
-      }
-    });
+    assemble_cell_rows<scalar_t>(g, tables, R / std::max<int64_t>(1, g.N), src, pad, dst,
+                                 [&](int64_t b, int64_t gi, auto&& fn) {
+                                   for (int64_t p = start[b]; p < start[b + 1]; ++p) {
+                                     const int64_t r = by_image[p];
+                                     fn(r * g.G + gi, win[3 * r + 1], win[3 * r + 2]);
+                                   }
+                                 });
+    for (const int64_t r : invalid) std::fill(dst + r * g.G * m * m, dst + (r + 1) * g.G * m * m, pad);
   });
   return out;
 }
@@ -127,20 +189,18 @@ Tensor ps_assemble_cpu(const Tensor& scores, const Tensor& windows_in, int64_t k
 Tensor ps_assemble_dense_cpu(const Tensor& scores, int64_t k, int64_t m, int64_t stride, double pad_value) {
   check_float(scores, "scores");
   const Geometry g = make_geometry(scores.sizes(), scores.strides(), k, m, stride);
-  Tensor out = new_output({g.N, g.G, g.Ho, g.Wo, m, m}, scores.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = fresh_output({g.N, g.G, g.Ho, g.Wo, m, m}, scores.options());
   if (out.numel() == 0) return out;
   const Tables tables(g, g.sC);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "ps_assemble_dense_cpu", [&] {
     const scalar_t* src = scores.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const scalar_t pad = static_cast<scalar_t>(pad_value);
-    const int64_t tiles = g.N * g.G * g.Ho * g.Wo;
-    at::parallel_for(0, tiles, std::max<int64_t>(1, 32768 / (m * m)), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t ox = t % g.Wo, oy = (t / g.Wo) % g.Ho, gi = (t / (g.Wo * g.Ho)) % g.G;
-        const int64_t b = t / (g.Wo * g.Ho * g.G);
-        copy_tile(g, tables, src, b, oy * stride - g.half(), ox * stride - g.half(), gi, pad, dst + t * m * m);
-      }
+    assemble_cell_rows<scalar_t>(g, tables, g.Ho * g.Wo, src, pad, dst, [&](int64_t b, int64_t gi, auto&& fn) {
+      const int64_t first = (b * g.G + gi) * g.Ho * g.Wo;
+      for (int64_t oy = 0; oy < g.Ho; ++oy)
+        for (int64_t ox = 0; ox < g.Wo; ++ox)
+          fn(first + oy * g.Wo + ox, oy * stride - g.half(), ox * stride - g.half());
     });
   });
   return out;
@@ -179,7 +239,7 @@ Tensor ps_assemble_backward_cpu(const Tensor& grad_in, const Tensor& windows_in,
   const Tensor grad = grad_in.contiguous();
   const Tensor windows = windows_in.contiguous();
   const int64_t R = windows.size(0);
-  Tensor out = new_output(scores_size, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = fresh_output(scores_size, grad.options());
   if (out.numel() == 0) return out;
   Tensor keys, order;
   std::tie(keys, order) = sort_windows(g, windows);
@@ -212,7 +272,7 @@ Tensor ps_assemble_dense_backward_cpu(const Tensor& grad_in, at::IntArrayRef sco
   const Geometry g = contiguous_geometry(scores_size, k, m, stride);
   check_grad_output(grad_in, {g.N, g.G, g.Ho, g.Wo, m, m}, "ps_assemble_dense_backward");
   const Tensor grad = grad_in.contiguous();
-  Tensor out = new_output(scores_size, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = fresh_output(scores_size, grad.options());
   if (out.numel() == 0) return out;
   const Tables tables(g, 1);
   const std::vector<int64_t>& cb = tables.cb;
