@@ -390,7 +390,7 @@ if _library.kernels_available():
 
     @torch.library.register_fake("segkernels::kd_loss")
     def _(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index):
-        cl, _unused = spatial is False and all(_is_channels_last(x) for x in list(students) + [teacher]), None
+        cl = not spatial and all(_is_channels_last(x) for x in list(students) + [teacher])
         loss = teacher.new_empty(_map_sizes(len(students), teacher, spatial), dtype=_acc_dtype(teacher.dtype))
         grads = [
             torch.empty_like(s, memory_format=torch.channels_last if s.dim() == 4 else torch.channels_last_3d)
@@ -415,6 +415,10 @@ if _library.kernels_available():
         _loss, grads = output
         ctx.spatial = spatial
         ctx.save_for_backward(*grads)
+        # The gradient outputs are not differentiable; without this autograd would hand the
+        # backward an input-sized tensor of zeros for each of them.
+        ctx.mark_non_differentiable(*grads)
+        ctx.set_materialize_grads(False)
 
     def _kd_backward(ctx, grad_loss, _grad_grads):
         grads = ctx.saved_tensors
@@ -431,6 +435,8 @@ if _library.kernels_available():
 
     def _seg_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def _seg_backward(ctx, grad_loss, _grad_grad):
         (g,) = ctx.saved_tensors
