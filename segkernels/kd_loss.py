@@ -423,7 +423,7 @@ if _library.kernels_available():
     def _kd_backward(ctx, grad_loss, _grad_grads):
         grads = ctx.saved_tensors
         if grad_loss is None:
-            return None, None, None, None, None, None, None, None
+            return [None] * len(grads), None, None, None, None, None, None, None
         out = []
         for k, g in enumerate(grads):
             gl = grad_loss[k].to(g.dtype)
