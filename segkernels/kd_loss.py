@@ -436,7 +436,14 @@ if _library.kernels_available():
         ctx.mark_non_differentiable(*grads)
         ctx.set_materialize_grads(False)
 
+    def _no_double_backward(name):
+        # The saved gradient is a constant to autograd: a graph of this backward would miss the
+        # second derivative, so refuse rather than return a silently wrong one.
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(f"segkernels.{name}: double backward (create_graph=True) is not supported")
+
     def _kd_backward(ctx, grad_loss, _grad_grads):
+        _no_double_backward("kd_loss")
         grads = ctx.saved_tensors
         if grad_loss is None:
             return [None] * len(grads), None, None, None, None, None, None, None
@@ -455,6 +462,7 @@ if _library.kernels_available():
         ctx.set_materialize_grads(False)
 
     def _seg_backward(ctx, grad_loss, _grad_grad):
+        _no_double_backward("seg_kd_loss")
         (g,) = ctx.saved_tensors
         if grad_loss is None:
             return None, None, None, None, None, None, None, None

@@ -321,6 +321,15 @@ def test_argument_errors():
             fn()
 
 
+def test_double_backward_raises():
+    s = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 4, dtype=torch.float64)
+    lab = torch.zeros(2, 4, dtype=torch.long)
+    for loss in (segkernels.kd_loss(s, t), segkernels.seg_kd_loss(s, t, lab)):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(loss, s, create_graph=True)
+
+
 def test_teacher_gets_no_gradient():
     s = torch.randn(2, 3, 4, requires_grad=True)
     t = torch.randn(2, 3, 4, requires_grad=True)
