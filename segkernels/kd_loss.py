@@ -137,11 +137,16 @@ if _library.triton_available():
 
     @triton.jit
     def _term(pt, lpt, lps, KL: tl.constexpr):
+        # 0 where pt == 0 (p log p = 0); the inputs are zeroed there first so that no
+        # -inf - (-inf) or 0 * -inf is ever formed.
+        has = pt > 0
+        lpt = tl.where(has, lpt, 0.0)
+        lps = tl.where(has, lps, 0.0)
         if KL:
             v = pt * (lpt - lps)
         else:
             v = -pt * lps
-        return tl.where(pt > 0, v, 0.0)
+        return v
 
     @triton.jit
     def _channel_student(s_ptr, g_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
