@@ -241,10 +241,12 @@ if _library.triton_available():
                              lscale, hard_coef, w_ptr, loss_ptr, loss_off + loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
         if K > 2:
             _channel_student(s2, g2, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * loss_stride_k, KL, HARD,
+                             HAS_WEIGHT, BLOCK)
         if K > 3:
             _channel_student(s3, g3, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * loss_stride_k, KL, HARD,
+                             HAS_WEIGHT, BLOCK)
 
     @triton.jit
     def _row_stats(x_ptr, row, L, inv_t, BLOCK: tl.constexpr):
@@ -312,7 +314,9 @@ def _layout(tensors: Sequence[torch.Tensor], spatial: bool):
 
 
 def _new_grad(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    fmt = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if channels_last else torch.contiguous_format
+    fmt = torch.contiguous_format
+    if channels_last:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return new_output(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
@@ -424,11 +428,7 @@ if _library.kernels_available():
     @torch.library.register_fake("segkernels::seg_kd_loss")
     def _(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index):
         cl = _is_channels_last(student) and _is_channels_last(teacher)
-        grad = (
-            torch.empty_like(student, memory_format=torch.channels_last if student.dim() == 4 else torch.channels_last_3d)
-            if cl
-            else torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        )
+        grad = _new_grad(student, cl)
         return teacher.new_empty((), dtype=_acc_dtype(teacher.dtype)), grad
 
     def _kd_setup(ctx, inputs, output):

@@ -255,7 +255,8 @@ def test_seg_kd_loss(device, dtype, weighted, shape):
     w = (torch.rand(shape[1], device=device) + 0.5).to(dtype) if weighted else None
     kw = dict(temperature=2.5, hard_weight=0.6, soft_weight=1.3, class_weight=w)
     s64 = s.detach().double().requires_grad_()
-    ref = reference_seg_kd_loss(s64, teacher.double(), labels, **{**kw, "class_weight": w.double() if weighted else None})
+    w64 = w.double() if weighted else None
+    ref = reference_seg_kd_loss(s64, teacher.double(), labels, **{**kw, "class_weight": w64})
     (rg,) = torch.autograd.grad(ref, s64)
     out = segkernels.seg_kd_loss(s, teacher, labels, **kw)
     assert_close(out, ref.to(dtype))
@@ -306,13 +307,16 @@ def test_argument_errors():
         (ValueError, "axis must be", lambda: segkernels.kd_loss(s, t, axis="pixel")),
         (ValueError, "divergence must be", lambda: segkernels.kd_loss(s, t, divergence="js")),
         (ValueError, "reduction must be", lambda: segkernels.kd_loss(s, t, reduction="batchmean")),
-        (ValueError, "only supported with axis='channel'", lambda: segkernels.kd_loss(s, t, axis="spatial", labels=lab)),
+        (ValueError, "only supported with axis='channel'",
+         lambda: segkernels.kd_loss(s, t, axis="spatial", labels=lab)),
         (ValueError, "labels must be \\(N, \\*spatial\\)", lambda: segkernels.kd_loss(s, t, labels=lab[:, :2])),
         (TypeError, "labels must be an integer", lambda: segkernels.kd_loss(s, t, labels=lab.float())),
         (TypeError, "ignore_index must be an int", lambda: segkernels.kd_loss(s, t, labels=lab, ignore_index=2.5)),
         (TypeError, "scale_by_t2 must be a bool", lambda: segkernels.kd_loss(s, t, scale_by_t2=1)),
-        (ValueError, "class_weight must be \\(C,\\)", lambda: segkernels.seg_kd_loss(s, t, lab, class_weight=torch.ones(4))),
-        (TypeError, "class_weight must be a floating", lambda: segkernels.seg_kd_loss(s, t, lab, class_weight=torch.ones(3, dtype=torch.long))),
+        (ValueError, "class_weight must be \\(C,\\)",
+         lambda: segkernels.seg_kd_loss(s, t, lab, class_weight=torch.ones(4))),
+        (TypeError, "class_weight must be a floating",
+         lambda: segkernels.seg_kd_loss(s, t, lab, class_weight=torch.ones(3, dtype=torch.long))),
         (TypeError, "hard_weight must be a finite", lambda: segkernels.seg_kd_loss(s, t, lab, hard_weight=math.nan)),
         (ValueError, "labels must be \\(N, \\*spatial\\)", lambda: segkernels.seg_kd_loss(s, t, lab[0])),
     ]
@@ -345,7 +349,8 @@ def test_modules():
     students, teacher = _inputs((2, 5, 6, 4), torch.float32, "cpu")
     labels = _labels((2, 5, 6, 4), "cpu")
     m = segkernels.nn.KDLoss(temperature=2.0)
-    assert_close(m(students[0], teacher, labels), segkernels.kd_loss(students[0], teacher, temperature=2.0, labels=labels))
+    expected = segkernels.kd_loss(students[0], teacher, temperature=2.0, labels=labels)
+    assert_close(m(students[0], teacher, labels), expected)
     c = segkernels.nn.ChannelWiseKDLoss(temperature=4.0)
     assert_close(c(students[0], teacher), segkernels.kd_loss(students[0], teacher, temperature=4.0, axis="spatial"))
 
