@@ -518,3 +518,36 @@ def test_baseline_and_avx2_cpu_builds_agree(axis, monkeypatch):
         _check_seg = segkernels.seg_kd_loss(students[0], teacher, lab, temperature=2.0)
         ref = reference_seg_kd_loss(students[0].detach().double(), teacher.double(), lab, temperature=2.0)
         assert_close(_check_seg, ref.float())
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_kernels_compile_for_sm90_without_a_gpu():
+    """Ahead-of-time compilation of the GPU kernels (Triton to PTX and cubin) for an H100, so
+    that a machine without a GPU still checks what the interpreter cannot (types, constexpr
+    branches, code generation)."""
+    import sys
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod = sys.modules["segkernels.kd_loss"]
+    if not isinstance(mod._kd_channel_kernel, triton.runtime.JITFunction):
+        pytest.skip("kernels are interpreted (TRITON_INTERPRET=1)")
+    target = GPUTarget("cuda", 90, 32)
+    ch = ["t_ptr", "s0", "s1", "s2", "s3", "g0", "g1", "g2", "g3", "loss_ptr", "lab_ptr", "w_ptr", "coef_ptr",
+          "C", "P", "stride_n", "stride_c", "stride_p", "loss_stride_k", "ignore_index", "inv_t", "scale", "gscale"]
+    for dt, consts in [
+        ("bf16", dict(K=1, KL=True, HAS_LABELS=True, HARD=True, HAS_WEIGHT=True, BLOCK=256)),
+        ("fp32", dict(K=4, KL=False, HAS_LABELS=False, HARD=False, HAS_WEIGHT=False, BLOCK=256)),
+    ]:
+        types = ["*" + dt] * 9 + ["*fp32", "*i64", "*fp32", "*fp32"] + ["i32"] * 7 + ["fp32"] * 3
+        sig = dict(zip(ch, types), **{k: "constexpr" for k in consts})
+        compiled = triton.compile(ASTSource(mod._kd_channel_kernel, sig, consts), target=target)
+        assert compiled.asm.get("cubin")
+    sp = ["t_ptr", "s0", "s1", "s2", "s3", "g0", "g1", "g2", "g3", "loss_ptr", "L", "loss_stride_k", "inv_t",
+          "scale", "gscale"]
+    consts = dict(K=2, KL=True, BLOCK=1024)
+    sig = dict(zip(sp, ["*fp32"] * 10 + ["i32", "i32", "fp32", "fp32", "fp32"]), **{k: "constexpr" for k in consts})
+    compiled = triton.compile(ASTSource(mod._kd_spatial_kernel, sig, consts), target=target)
+    assert compiled.asm.get("cubin")
