@@ -455,6 +455,8 @@ def test_triton_spatial_kernel_under_interpreter():
     _triton_or_skip(teacher)
     students = [s.detach() for s in students]
     teacher = teacher.masked_fill(torch.rand(shape) < 0.2, float("-inf"))
+    teacher[0, 1, :8] = float("-inf")  # a whole leading segment of a row without mass
+    students[1][1, 2, 9:] = float("-inf")  # and a whole trailing one, on the student side
     for kl in (True, False):
         loss, grads = _kd_loss_triton(students, teacher, None, 3.0, True, kl, True, 255)
         ref, ref_grads = torch.ops.segkernels.kd_loss(students, teacher, None, 3.0, True, kl, True, 255)
@@ -545,9 +547,13 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
         sig = dict(zip(ch, types), **{k: "constexpr" for k in consts})
         compiled = triton.compile(ASTSource(mod._kd_channel_kernel, sig, consts), target=target)
         assert compiled.asm.get("cubin")
-    sp = ["t_ptr", "s0", "s1", "s2", "s3", "g0", "g1", "g2", "g3", "loss_ptr", "L", "loss_stride_k", "inv_t",
-          "scale", "gscale"]
+    stats = ["t_ptr", "s0", "s1", "s2", "s3", "stats_ptr", "L", "SEG", "S", "inv_t"]
+    consts = dict(K=2, BLOCK=1024)
+    sig = dict(zip(stats, ["*bf16"] * 5 + ["*fp32", "i32", "i32", "i32", "fp32"]), **{k: "constexpr" for k in consts})
+    assert triton.compile(ASTSource(mod._kd_spatial_stats_kernel, sig, consts), target=target).asm.get("cubin")
+    apply = ["t_ptr", "s0", "s1", "s2", "s3", "g0", "g1", "g2", "g3", "fin_ptr", "part_ptr", "L", "SEG", "S", "rows",
+             "inv_t", "gscale"]
     consts = dict(K=2, KL=True, BLOCK=1024)
-    sig = dict(zip(sp, ["*fp32"] * 10 + ["i32", "i32", "fp32", "fp32", "fp32"]), **{k: "constexpr" for k in consts})
-    compiled = triton.compile(ASTSource(mod._kd_spatial_kernel, sig, consts), target=target)
-    assert compiled.asm.get("cubin")
+    types = ["*bf16"] * 9 + ["*fp32", "*fp32", "i32", "i32", "i32", "i32", "fp32", "fp32"]
+    sig = dict(zip(apply, types), **{k: "constexpr" for k in consts})
+    assert triton.compile(ASTSource(mod._kd_spatial_apply_kernel, sig, consts), target=target).asm.get("cubin")
