@@ -6,6 +6,25 @@ several students against one teacher) and ``seg_kd_loss`` (Hinton's hard CE + so
 CPU: C++ (csrc/kd_loss). CUDA: Triton kernels below. The gradient is computed in the forward
 and kept in the input dtype; the backward multiplies it by the incoming gradient (no host
 synchronisation anywhere).
+
+Design notes:
+- Gradient in the forward, not recomputed in the backward: the kernel is bound by its
+  exponentials and two reads of the inputs, so recomputing would run it twice, while the
+  backward's broadcast multiply is one light streaming pass (on the 2-core CPU, fused op
+  ~150-200 ms vs multiply ~30 ms for (1, 19, 512, 1024) float32). The price is the saved
+  gradient: one input-sized tensor until the backward has run.
+- Loss maps come out of the op unreduced (float32, 1/C of the input) and are reduced with torch
+  ops, so "mean" over valid positions needs no host read of the count, and the incoming
+  gradient of every reduction reaches the backward as an expanded (stride-0) tensor.
+- Several students: one launch per group of up to 4 students; the teacher's softmax statistics
+  are computed once per tile and shared (CPU: the teacher's probabilities of a tile stay in a
+  scratch buffer; GPU: the second read of the teacher tile per student hits cache).
+- axis="spatial" reads each (n, c) row twice (online softmax for max and sum, then the terms
+  and the gradient), whatever the row length. Its inputs are made NCHW-contiguous. On the GPU
+  rows are split into segments (about 1024 programs in all) so that few long rows (N * C = 152
+  rows of 10^6) still fill the device: per-segment (max, sum) pairs are merged with small torch
+  ops between the two launches.
+- CUDA float64 runs the eager reference (the Triton kernels compute in float32).
 """
 
 from __future__ import annotations
@@ -121,11 +140,16 @@ if _library.triton_available():
 
     @triton.jit
     def _term(pt, lpt, lps, KL: tl.constexpr):
+        # 0 where pt == 0 (p log p = 0); the inputs are zeroed there first so that no
+        # -inf - (-inf) or 0 * -inf is ever formed.
+        has = pt > 0
+        lpt = tl.where(has, lpt, 0.0)
+        lps = tl.where(has, lps, 0.0)
         if KL:
             v = pt * (lpt - lps)
         else:
             v = -pt * lps
-        return tl.where(pt > 0, v, 0.0)
+        return v
 
     @triton.jit
     def _channel_student(s_ptr, g_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
@@ -220,33 +244,65 @@ if _library.triton_available():
                              lscale, hard_coef, w_ptr, loss_ptr, loss_off + loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
         if K > 2:
             _channel_student(s2, g2, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * loss_stride_k, KL, HARD,
+                             HAS_WEIGHT, BLOCK)
         if K > 3:
             _channel_student(s3, g3, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * loss_stride_k, KL, HARD,
+                             HAS_WEIGHT, BLOCK)
 
     @triton.jit
-    def _row_stats(x_ptr, row, L, inv_t, BLOCK: tl.constexpr):
-        # Online softmax along a row: per-lane running max and sum, merged at the end.
+    def _segment_stats(x_ptr, row, start, end, inv_t, BLOCK: tl.constexpr):
+        # Online softmax over row[start:end]: per-lane running max and sum, merged at the end.
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         z = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, L, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row + idx, mask=idx < L, other=float("-inf")).to(tl.float32)
+        for off in range(start, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row + idx, mask=idx < end, other=float("-inf")).to(tl.float32)
             m, z = _online_update(m, z, x * inv_t)
         mm = tl.max(m, axis=0)
         mm_safe = tl.where(mm == float("-inf"), 0.0, mm)
-        zz = tl.sum(z * tl.exp(m - mm_safe), axis=0)
-        return mm, tl.log(zz)
+        return mm, tl.sum(z * tl.exp(m - mm_safe), axis=0)
 
     @triton.jit
-    def _spatial_student(s_ptr, g_ptr, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr, loss_off,
-                         KL: tl.constexpr, BLOCK: tl.constexpr):
-        ms, lzs = _row_stats(s_ptr, row, L, inv_t, BLOCK)
+    def _kd_spatial_stats_kernel(
+        t_ptr, s0, s1, s2, s3, stats_ptr, L, SEG, S, inv_t, K: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # Pass 1 of axis="spatial": each program takes one segment of one (n, c) row and stores
+        # the (max, sum) of the teacher and of every student; rows are split into segments so
+        # that a few long rows still fill the GPU.
+        r = tl.program_id(0).to(tl.int64)
+        sg = tl.program_id(1).to(tl.int64)
+        row = r * L
+        start = sg * SEG
+        end = tl.minimum(start + SEG, L)
+        out = stats_ptr + (r * S + sg) * (2 * (K + 1))
+        m, z = _segment_stats(t_ptr, row, start, end, inv_t, BLOCK)
+        tl.store(out, m)
+        tl.store(out + 1, z)
+        m, z = _segment_stats(s0, row, start, end, inv_t, BLOCK)
+        tl.store(out + 2, m)
+        tl.store(out + 3, z)
+        if K > 1:
+            m, z = _segment_stats(s1, row, start, end, inv_t, BLOCK)
+            tl.store(out + 4, m)
+            tl.store(out + 5, z)
+        if K > 2:
+            m, z = _segment_stats(s2, row, start, end, inv_t, BLOCK)
+            tl.store(out + 6, m)
+            tl.store(out + 7, z)
+        if K > 3:
+            m, z = _segment_stats(s3, row, start, end, inv_t, BLOCK)
+            tl.store(out + 8, m)
+            tl.store(out + 9, z)
+
+    @triton.jit
+    def _spatial_apply(s_ptr, g_ptr, t_ptr, row, start, end, mt, lzt, ms, lzs, inv_t, gscale,
+                       KL: tl.constexpr, BLOCK: tl.constexpr):
         acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, L, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            m = idx < L
+        for off in range(start, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            m = idx < end
             x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
             y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
             lps = x * inv_t - ms - lzs
@@ -255,26 +311,40 @@ if _library.triton_available():
             ps = tl.exp(lps)
             acc += tl.where(m, _term(pt, lpt, lps, KL), 0.0)
             tl.store(g_ptr + row + idx, (gscale * (ps - pt)).to(g_ptr.dtype.element_ty), mask=m)
-        tl.store(loss_ptr + loss_off, tl.sum(acc, axis=0) * scale)
+        return tl.sum(acc, axis=0)
 
     @triton.jit
-    def _kd_spatial_kernel(
-        t_ptr, s0, s1, s2, s3, g0, g1, g2, g3, loss_ptr, L, loss_stride_k, inv_t, scale, gscale,
+    def _kd_spatial_apply_kernel(
+        t_ptr, s0, s1, s2, s3, g0, g1, g2, g3, fin_ptr, part_ptr, L, SEG, S, rows, inv_t, gscale,
         K: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr,
     ):
+        # Pass 2 of axis="spatial": with every row's (max, log-sum) known, one segment's terms and
+        # gradient; one partial loss per (student, row, segment), summed afterwards.
         r = tl.program_id(0).to(tl.int64)
+        sg = tl.program_id(1).to(tl.int64)
         row = r * L
-        mt, lzt = _row_stats(t_ptr, row, L, inv_t, BLOCK)
-        _spatial_student(s0, g0, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr, r, KL, BLOCK)
+        start = sg * SEG
+        end = tl.minimum(start + SEG, L)
+        fin = fin_ptr + r * (2 * (K + 1))
+        mt = tl.load(fin)
+        lzt = tl.load(fin + 1)
+        v = _spatial_apply(s0, g0, t_ptr, row, start, end, mt, lzt, tl.load(fin + 2), tl.load(fin + 3), inv_t,
+                           gscale, KL, BLOCK)
+        tl.store(part_ptr + r * S + sg, v)
         if K > 1:
-            _spatial_student(s1, g1, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr, r + loss_stride_k,
-                             KL, BLOCK)
+            v = _spatial_apply(s1, g1, t_ptr, row, start, end, mt, lzt, tl.load(fin + 4), tl.load(fin + 5), inv_t,
+                               gscale, KL, BLOCK)
+            tl.store(part_ptr + (rows + r) * S + sg, v)
         if K > 2:
-            _spatial_student(s2, g2, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr,
-                             r + 2 * loss_stride_k, KL, BLOCK)
+            v = _spatial_apply(s2, g2, t_ptr, row, start, end, mt, lzt, tl.load(fin + 6), tl.load(fin + 7), inv_t,
+                               gscale, KL, BLOCK)
+            tl.store(part_ptr + (2 * rows + r) * S + sg, v)
         if K > 3:
-            _spatial_student(s3, g3, t_ptr, row, L, mt, lzt, inv_t, gscale, scale, loss_ptr,
-                             r + 3 * loss_stride_k, KL, BLOCK)
+            v = _spatial_apply(s3, g3, t_ptr, row, start, end, mt, lzt, tl.load(fin + 8), tl.load(fin + 9), inv_t,
+                               gscale, KL, BLOCK)
+            tl.store(part_ptr + (3 * rows + r) * S + sg, v)
+
+    _SPATIAL_PROGRAMS = 1024  # rows are split into segments until about this many programs run
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -291,7 +361,9 @@ def _layout(tensors: Sequence[torch.Tensor], spatial: bool):
 
 
 def _new_grad(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    fmt = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if channels_last else torch.contiguous_format
+    fmt = torch.contiguous_format
+    if channels_last:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return new_output(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
@@ -327,11 +399,29 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
         gp = [grads[k] for k in group] + [grads[group[0]]] * (_TRITON_MAX_STUDENTS - len(group))
         lk = loss[k0]
         if spatial:
-            block = 1024 if teacher.is_cuda else 256
-            _kd_spatial_kernel[(N * C,)](
-                teacher, *sp, *gp, lk, P, loss_stride_k, inv_t, scale, gscale,
-                K=len(group), KL=kl, BLOCK=block, num_warps=4,
+            kg, rows = len(group), N * C
+            block = 1024 if teacher.is_cuda else 64
+            segments = max(1, min(triton.cdiv(P, 4 * block), triton.cdiv(_SPATIAL_PROGRAMS, rows)))
+            seg = triton.cdiv(triton.cdiv(P, segments), block) * block
+            segments = triton.cdiv(P, seg)
+            stats = torch.empty(rows * segments * 2 * (kg + 1), dtype=torch.float32, device=teacher.device)
+            _kd_spatial_stats_kernel[(rows, segments)](
+                teacher, *sp, stats, P, seg, segments, inv_t, K=kg, BLOCK=block, num_warps=4,
             )
+            # Merge the segments' (max, sum) into each row's (max, log-sum): small torch ops on
+            # the device, no synchronisation.
+            st = stats.view(rows, segments, kg + 1, 2)
+            m, z = st[..., 0], st[..., 1]
+            top = m.amax(1)
+            top_safe = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+            lz = torch.log((z * torch.exp(m - top_safe.unsqueeze(1))).sum(1))
+            fin = torch.stack([top, lz], dim=-1).contiguous()
+            part = torch.empty(kg * rows * segments, dtype=torch.float32, device=teacher.device)
+            _kd_spatial_apply_kernel[(rows, segments)](
+                teacher, *sp, *gp, fin, part, P, seg, segments, rows, inv_t, gscale,
+                K=kg, KL=kl, BLOCK=block, num_warps=4,
+            )
+            loss[k0:k0 + kg].copy_(part.view(kg, rows, segments).sum(-1).mul_(scale).view(kg, N, C))
         else:
             block = 256 if teacher.is_cuda else 64
             stride_p = C if cl else 1
@@ -390,7 +480,7 @@ if _library.kernels_available():
 
     @torch.library.register_fake("segkernels::kd_loss")
     def _(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index):
-        cl, _unused = spatial is False and all(_is_channels_last(x) for x in list(students) + [teacher]), None
+        cl = not spatial and all(_is_channels_last(x) for x in list(students) + [teacher])
         loss = teacher.new_empty(_map_sizes(len(students), teacher, spatial), dtype=_acc_dtype(teacher.dtype))
         grads = [
             torch.empty_like(s, memory_format=torch.channels_last if s.dim() == 4 else torch.channels_last_3d)
@@ -403,11 +493,7 @@ if _library.kernels_available():
     @torch.library.register_fake("segkernels::seg_kd_loss")
     def _(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index):
         cl = _is_channels_last(student) and _is_channels_last(teacher)
-        grad = (
-            torch.empty_like(student, memory_format=torch.channels_last if student.dim() == 4 else torch.channels_last_3d)
-            if cl
-            else torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        )
+        grad = _new_grad(student, cl)
         return teacher.new_empty((), dtype=_acc_dtype(teacher.dtype)), grad
 
     def _kd_setup(ctx, inputs, output):
@@ -415,11 +501,22 @@ if _library.kernels_available():
         _loss, grads = output
         ctx.spatial = spatial
         ctx.save_for_backward(*grads)
+        # The gradient outputs are not differentiable; without this autograd would hand the
+        # backward an input-sized tensor of zeros for each of them.
+        ctx.mark_non_differentiable(*grads)
+        ctx.set_materialize_grads(False)
+
+    def _no_double_backward(name):
+        # The saved gradient is a constant to autograd: a graph of this backward would miss the
+        # second derivative, so refuse rather than return a silently wrong one.
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(f"segkernels.{name}: double backward (create_graph=True) is not supported")
 
     def _kd_backward(ctx, grad_loss, _grad_grads):
+        _no_double_backward("kd_loss")
         grads = ctx.saved_tensors
         if grad_loss is None:
-            return None, None, None, None, None, None, None, None
+            return [None] * len(grads), None, None, None, None, None, None, None
         out = []
         for k, g in enumerate(grads):
             gl = grad_loss[k].to(g.dtype)
@@ -431,8 +528,11 @@ if _library.kernels_available():
 
     def _seg_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def _seg_backward(ctx, grad_loss, _grad_grad):
+        _no_double_backward("seg_kd_loss")
         (g,) = ctx.saved_tensors
         if grad_loss is None:
             return None, None, None, None, None, None, None, None
