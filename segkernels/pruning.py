@@ -238,7 +238,8 @@ if _library.triton_available():
             int(max_iter),
             HAS_INIT=init is not None,
             BLOCK_C=block_c,
-            num_warps=4 if block_c <= 256 else 8,
+            # A latency-bound loop of tiny reductions: few warps keep them in shuffles.
+            num_warps=2 if block_c <= 1024 else 4,
         )
         return out
 
@@ -419,16 +420,19 @@ class LayerStats:
         if rows is None:
             u = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
             return u.transpose(1, 2).reshape(-1, u.shape[1])
-        N, c = x.shape[0], x.shape[1]
+        N, c, H, W = x.shape
         (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
-        xp = F.pad(x, (pw, pw, ph, ph))
         kh, kw = self.kernel_size
         ti = torch.arange(kh, device=x.device).repeat_interleave(kw) * dh  # (K,)
         tj = torch.arange(kw, device=x.device).repeat(kh) * dw
-        hi = rows[:, :, None] * sh + ti  # (N, P, K)
-        wi = cols[:, :, None] * sw + tj
+        hi = rows[:, :, None] * sh - ph + ti  # (N, P, K), may fall in the zero padding
+        wi = cols[:, :, None] * sw - pw + tj
+        inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         nidx = torch.arange(N, device=x.device)[:, None, None]
-        g = xp[nidx, :, hi, wi]  # (N, P, K, c): advanced indices first, then the sliced dim
+        # Gathers only the sampled taps (no padded copy of x); taps in the padding read a clamped
+        # neighbour and are zeroed. Advanced indices first, then the sliced channel dim.
+        g = x[nidx, :, hi.clamp(0, H - 1), wi.clamp(0, W - 1)]  # (N, P, K, c)
+        g = torch.where(inside[..., None], g, g.new_zeros(()))
         return g.permute(0, 1, 3, 2).reshape(N * rows.shape[1], c * self.K)
 
     @torch.no_grad()
