@@ -546,8 +546,8 @@ def alpha_search(
 
     solve(alphas (L,) float64 CPU, init (L, c) or None) -> (L, c) coefficients. A geometric path
     from alpha_max down (``points`` alphas per batch spanning a factor of 16, each batch
-    warm-started from the smallest alpha of the previous one) until some solution has >= n_keep non-zeros; then rounds of
-    ``points`` geometric interior points of the bracket (warm-started from the denser end) until a
+    warm-started from the smallest alpha of the previous one) until some solution has >= n_keep
+    non-zeros; then rounds of ``points`` geometric interior points of the bracket (warm-started from the denser end) until a
     solution has exactly n_keep non-zeros or the bracket closes. Returns (alpha, beta, exact); when
     not exact, alpha is the smallest-gap alpha with more than n_keep non-zeros (or the densest seen).
     """
@@ -632,8 +632,9 @@ def select_channels(
     """Chooses n_keep input channels by the LASSO of He et al. 2017.
 
     Solves the LASSO over the per-channel contributions (through channel_gram and lasso_gram)
-    along a warm-started alpha path (alpha halved per step from alpha_max = max|q| / n_samples),
-    then narrows the bracket around n_keep non-zeros with batches of interior alphas. When no
+    along a warm-started geometric alpha path down from alpha_max = max|q| / n_samples (halved per
+    step with 4 alphas at once; a batch of alphas is solved in parallel), then narrows the
+    bracket around n_keep non-zeros with batches of interior alphas. When no
     alpha gives exactly n_keep non-zeros (ties in the path, or channels whose contribution is
     zero), the n_keep largest |beta| at the nearest alpha with more non-zeros are kept (ties by
     ||Z_i||^2, then index). With n_keep == c, every channel is kept and beta is all ones.
@@ -698,8 +699,8 @@ def reconstruct(stats: LayerStats, keep: torch.Tensor, *, ridge: float = 0.0) ->
     Minimises ||Y - Xf_S W^T - 1 b^T||^2 (+ ridge ||W||^2) over W (n, n_keep*K) and b (n,) via the
     normal equations [[A_SS, s_S], [s_S^T, rows]] [W^T; b^T] = [B_S; y_sum^T] (Cholesky; when the
     system is singular, e.g. fewer rows than unknowns or dead channels, a tiny ridge escalating
-    from 1e-12 of the mean diagonal is added to the weights' block until it factorises). Equal to torch.linalg.lstsq on the explicit
-    sampled rows with a ones column. Targets are as given to update() (without the original bias).
+    from 1e-12 of the mean diagonal is added to the weights' block until it factorises). Equal to
+    torch.linalg.lstsq on the explicit sampled rows with a ones column. Targets are as given to update() (without the original bias).
 
     Returns weight (n, n_keep, kh, kw) and bias (n,), float64 on the statistics' device.
     """
@@ -883,10 +884,13 @@ def prune_sequential(
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat a conv, got {layers}")
     layers = sorted(layers)
+    from .nn import MaxPool2d as _SegkernelsMaxPool2d
+
+    passthrough = (nn.BatchNorm2d, _SegkernelsMaxPool2d) + _PASSTHROUGH
     for L in layers:
         between = mods[conv_pos[L - 1] + 1 : conv_pos[L]]
         bns = [m for m in between if isinstance(m, nn.BatchNorm2d)]
-        others = [m for m in between if not isinstance(m, (nn.BatchNorm2d,) + _PASSTHROUGH)]
+        others = [m for m in between if not isinstance(m, passthrough)]
         if others or len(bns) > 1:
             raise ValueError(
                 f"between conv {L - 1} and conv {L} only one BatchNorm2d and pass-through modules "
