@@ -215,7 +215,9 @@ if _library.triton_available():
             return G.zero_(), q.zero_()
         wt = weight.reshape(n, c * K).t().contiguous()
         block_k = max(2, triton.next_power_of_2(K))
-        block_n = max(2, min(triton.next_power_of_2(n), 32 if block_k <= 16 else 8))
+        # (BLOCK_K, BLOCK_K, BLOCK_N) products live in registers: 8192 fp32 or 4096 fp64 per program.
+        budget = 8192 if A.dtype == torch.float32 else 4096
+        block_n = max(2, min(triton.next_power_of_2(n), max(2, budget // (block_k * block_k))))
         _channel_gram_kernel[(c, c)](A.contiguous(), B.contiguous(), wt, G, q, c, n, K, BLOCK_K=block_k, BLOCK_N=block_n)
         return G, q
 
