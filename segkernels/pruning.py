@@ -215,7 +215,9 @@ if _library.triton_available():
             return G.zero_(), q.zero_()
         wt = weight.reshape(n, c * K).t().contiguous()
         block_k = max(2, triton.next_power_of_2(K))
-        block_n = max(2, min(triton.next_power_of_2(n), 32 if block_k <= 16 else 8))
+        # (BLOCK_K, BLOCK_K, BLOCK_N) products live in registers: 8192 fp32 or 4096 fp64 per program.
+        budget = 8192 if A.dtype == torch.float32 else 4096
+        block_n = max(2, min(triton.next_power_of_2(n), max(2, budget // (block_k * block_k))))
         _channel_gram_kernel[(c, c)](A.contiguous(), B.contiguous(), wt, G, q, c, n, K, BLOCK_K=block_k, BLOCK_N=block_n)
         return G, q
 
@@ -238,7 +240,8 @@ if _library.triton_available():
             int(max_iter),
             HAS_INIT=init is not None,
             BLOCK_C=block_c,
-            num_warps=4 if block_c <= 256 else 8,
+            # A latency-bound loop of tiny reductions: few warps keep them in shuffles.
+            num_warps=2 if block_c <= 1024 else 4,
         )
         return out
 
@@ -419,16 +422,19 @@ class LayerStats:
         if rows is None:
             u = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
             return u.transpose(1, 2).reshape(-1, u.shape[1])
-        N, c = x.shape[0], x.shape[1]
+        N, c, H, W = x.shape
         (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
-        xp = F.pad(x, (pw, pw, ph, ph))
         kh, kw = self.kernel_size
         ti = torch.arange(kh, device=x.device).repeat_interleave(kw) * dh  # (K,)
         tj = torch.arange(kw, device=x.device).repeat(kh) * dw
-        hi = rows[:, :, None] * sh + ti  # (N, P, K)
-        wi = cols[:, :, None] * sw + tj
+        hi = rows[:, :, None] * sh - ph + ti  # (N, P, K), may fall in the zero padding
+        wi = cols[:, :, None] * sw - pw + tj
+        inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         nidx = torch.arange(N, device=x.device)[:, None, None]
-        g = xp[nidx, :, hi, wi]  # (N, P, K, c): advanced indices first, then the sliced dim
+        # Gathers only the sampled taps (no padded copy of x); taps in the padding read a clamped
+        # neighbour and are zeroed. Advanced indices first, then the sliced channel dim.
+        g = x[nidx, :, hi.clamp(0, H - 1), wi.clamp(0, W - 1)]  # (N, P, K, c)
+        g = torch.where(inside[..., None], g, g.new_zeros(()))
         return g.permute(0, 1, 3, 2).reshape(N * rows.shape[1], c * self.K)
 
     @torch.no_grad()
@@ -542,8 +548,8 @@ def alpha_search(
 
     solve(alphas (L,) float64 CPU, init (L, c) or None) -> (L, c) coefficients. A geometric path
     from alpha_max down (``points`` alphas per batch spanning a factor of 16, each batch
-    warm-started from the smallest alpha of the previous one) until some solution has >= n_keep non-zeros; then rounds of
-    ``points`` geometric interior points of the bracket (warm-started from the denser end) until a
+    warm-started from the smallest alpha of the previous one) until some solution has >= n_keep
+    non-zeros; then rounds of ``points`` geometric interior points of the bracket (warm-started from the denser end) until a
     solution has exactly n_keep non-zeros or the bracket closes. Returns (alpha, beta, exact); when
     not exact, alpha is the smallest-gap alpha with more than n_keep non-zeros (or the densest seen).
     """
@@ -628,8 +634,9 @@ def select_channels(
     """Chooses n_keep input channels by the LASSO of He et al. 2017.
 
     Solves the LASSO over the per-channel contributions (through channel_gram and lasso_gram)
-    along a warm-started alpha path (alpha halved per step from alpha_max = max|q| / n_samples),
-    then narrows the bracket around n_keep non-zeros with batches of interior alphas. When no
+    along a warm-started geometric alpha path down from alpha_max = max|q| / n_samples (halved per
+    step with 4 alphas at once; a batch of alphas is solved in parallel), then narrows the
+    bracket around n_keep non-zeros with batches of interior alphas. When no
     alpha gives exactly n_keep non-zeros (ties in the path, or channels whose contribution is
     zero), the n_keep largest |beta| at the nearest alpha with more non-zeros are kept (ties by
     ||Z_i||^2, then index). With n_keep == c, every channel is kept and beta is all ones.
@@ -694,8 +701,8 @@ def reconstruct(stats: LayerStats, keep: torch.Tensor, *, ridge: float = 0.0) ->
     Minimises ||Y - Xf_S W^T - 1 b^T||^2 (+ ridge ||W||^2) over W (n, n_keep*K) and b (n,) via the
     normal equations [[A_SS, s_S], [s_S^T, rows]] [W^T; b^T] = [B_S; y_sum^T] (Cholesky; when the
     system is singular, e.g. fewer rows than unknowns or dead channels, a tiny ridge escalating
-    from 1e-12 of the mean diagonal is added to the weights' block until it factorises). Equal to torch.linalg.lstsq on the explicit
-    sampled rows with a ones column. Targets are as given to update() (without the original bias).
+    from 1e-12 of the mean diagonal is added to the weights' block until it factorises). Equal to
+    torch.linalg.lstsq on the explicit sampled rows with a ones column. Targets are as given to update() (without the original bias).
 
     Returns weight (n, n_keep, kh, kw) and bias (n,), float64 on the statistics' device.
     """
@@ -879,10 +886,13 @@ def prune_sequential(
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat a conv, got {layers}")
     layers = sorted(layers)
+    from .nn import MaxPool2d as _SegkernelsMaxPool2d
+
+    passthrough = (nn.BatchNorm2d, _SegkernelsMaxPool2d) + _PASSTHROUGH
     for L in layers:
         between = mods[conv_pos[L - 1] + 1 : conv_pos[L]]
         bns = [m for m in between if isinstance(m, nn.BatchNorm2d)]
-        others = [m for m in between if not isinstance(m, (nn.BatchNorm2d,) + _PASSTHROUGH)]
+        others = [m for m in between if not isinstance(m, passthrough)]
         if others or len(bns) > 1:
             raise ValueError(
                 f"between conv {L - 1} and conv {L} only one BatchNorm2d and pass-through modules "

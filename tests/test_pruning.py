@@ -534,11 +534,12 @@ def test_bad_inputs():
 def test_triton_kernels_interpreted():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1")
-    for dtype in (torch.float64, torch.float32):
-        X = torch.randn(40, 12, dtype=torch.float64)
+    for dtype, (n, c, kh, kw) in [(torch.float64, (5, 3, 2, 2)), (torch.float32, (5, 3, 2, 2)),
+                                  (torch.float64, (40, 2, 3, 3))]:  # several output chunks
+        X = torch.randn(60, c * kh * kw, dtype=torch.float64)
         A = (X.t() @ X).to(dtype)
-        B = (X.t() @ torch.randn(40, 5, dtype=torch.float64)).to(dtype)
-        w = torch.randn(5, 3, 2, 2, dtype=dtype)
+        B = (X.t() @ torch.randn(60, n, dtype=torch.float64)).to(dtype)
+        w = torch.randn(n, c, kh, kw, dtype=dtype)
         G, q = pruning._channel_gram_triton(A, B, w)
         Gr, qr = reference_channel_gram(A.double(), B.double(), w.double())
         tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-9)
