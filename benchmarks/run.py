@@ -89,7 +89,7 @@ def main() -> int:
     if args.only:
         wanted = {"copy"} | set(args.only.split(","))
         files = [f for f in files if os.path.basename(f)[6:-3] in wanted]
-    merged, failed = None, []
+    failed = []
     for path in files:
         stem = os.path.basename(path)[:-3]
         json_path = os.path.join(raw_dir, f"{stem}.json")
@@ -98,13 +98,16 @@ def main() -> int:
         rc = run_file(path, json_path, args.filter, args.timeout)
         if rc not in (0, 5):
             failed.append(f"{stem} (pytest exit {rc})")
-        if os.path.exists(json_path):
-            with open(json_path) as f:
-                data = json.load(f)
-            if merged is None:
-                merged = data
-            else:
-                merged["benchmarks"] += data["benchmarks"]
+    # The report holds the latest run of every op file in raw/, so `--only` refreshes a few ops
+    # without losing the others.
+    merged = None
+    for json_path in sorted(glob.glob(os.path.join(raw_dir, "bench_*.json"))):
+        with open(json_path) as f:
+            data = json.load(f)
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] += data["benchmarks"]
     if merged is None:
         print("no benchmark produced results", file=sys.stderr)
         return 1

@@ -175,6 +175,10 @@ struct SpatialKernel {
   acc_t* loss;  // (K, rows)
   acc_t inv_t, scale;
 
+  // Float sums and maxima only vectorise when split over independent lanes (the compiler may
+  // not reassociate them itself): each loop below keeps kLanes partial results.
+  static constexpr int64_t kLanes = 16;
+
   // Online softmax over a row, chunk by chunk: running max m and sum z of exp(x * inv_t - m);
   // returns m and log(z).
   void stats(const scalar_t* __restrict x, acc_t& m_out, acc_t& lz_out) const {
@@ -182,9 +186,18 @@ struct SpatialKernel {
     acc_t m = ninf, z = 0;
     for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
       const int64_t len = std::min<int64_t>(kChunk, L - c0);
+      const int64_t full = len - len % kLanes;
       const scalar_t* __restrict xc = x + c0;
+      acc_t lane_max[kLanes];
+      for (int64_t j = 0; j < kLanes; ++j) lane_max[j] = ninf;
+      for (int64_t i = 0; i < full; i += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const acc_t v = load_acc(xc[i + j]) * inv_t;
+          lane_max[j] = v > lane_max[j] ? v : lane_max[j];
+        }
       acc_t cm = ninf;
-      for (int64_t i = 0; i < len; ++i) {
+      for (int64_t j = 0; j < kLanes; ++j) cm = lane_max[j] > cm ? lane_max[j] : cm;
+      for (int64_t i = full; i < len; ++i) {
         const acc_t v = load_acc(xc[i]) * inv_t;
         cm = v > cm ? v : cm;
       }
@@ -193,12 +206,28 @@ struct SpatialKernel {
         m = cm;
       }
       if (m == ninf) continue;  // all -inf so far
+      acc_t lane_sum[kLanes] = {};
+      for (int64_t i = 0; i < full; i += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) lane_sum[j] += exp_nonpos(load_acc(xc[i + j]) * inv_t - m);
       acc_t cz = 0;
-      for (int64_t i = 0; i < len; ++i) cz += exp_nonpos(load_acc(xc[i]) * inv_t - m);
+      for (int64_t j = 0; j < kLanes; ++j) cz += lane_sum[j];
+      for (int64_t i = full; i < len; ++i) cz += exp_nonpos(load_acc(xc[i]) * inv_t - m);
       z += cz;
     }
     m_out = m;
     lz_out = std::log(z);
+  }
+
+  // Loss term and gradient of one element.
+  static inline acc_t term(acc_t xt, acc_t xs, acc_t inv_t, acc_t mt, acc_t lzt, acc_t ms, acc_t lzs, acc_t gscale,
+                           scalar_t& g) {
+    const acc_t lpt = (xt * inv_t - mt) - lzt;
+    const acc_t lps = (xs * inv_t - ms) - lzs;
+    const acc_t pt = exp_nonpos(lpt);
+    const acc_t ps = exp_nonpos(lps);
+    const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
+    g = store_as<scalar_t>(gscale * (ps - pt));
+    return pt > acc_t(0) ? v : acc_t(0);
   }
 
   void run() const {
@@ -216,19 +245,19 @@ struct SpatialKernel {
           double total = 0;
           for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
             const int64_t len = std::min<int64_t>(kChunk, L - c0);
+            const int64_t full = len - len % kLanes;
             const scalar_t* __restrict sc = sr + c0;
             const scalar_t* __restrict tc = tr + c0;
             scalar_t* __restrict gc = gr + c0;
+            acc_t lane_part[kLanes] = {};
+            for (int64_t i = 0; i < full; i += kLanes)
+              for (int64_t j = 0; j < kLanes; ++j)
+                lane_part[j] +=
+                    term(load_acc(tc[i + j]), load_acc(sc[i + j]), inv_t, mt, lzt, ms, lzs, gscale, gc[i + j]);
             acc_t part = 0;
-            for (int64_t i = 0; i < len; ++i) {
-              const acc_t lpt = (load_acc(tc[i]) * inv_t - mt) - lzt;
-              const acc_t lps = (load_acc(sc[i]) * inv_t - ms) - lzs;
-              const acc_t pt = exp_nonpos(lpt);
-              const acc_t ps = exp_nonpos(lps);
-              const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
-              part += pt > acc_t(0) ? v : acc_t(0);
-              gc[i] = store_as<scalar_t>(gscale * (ps - pt));
-            }
+            for (int64_t j = 0; j < kLanes; ++j) part += lane_part[j];
+            for (int64_t i = full; i < len; ++i)
+              part += term(load_acc(tc[i]), load_acc(sc[i]), inv_t, mt, lzt, ms, lzs, gscale, gc[i]);
             total += static_cast<double>(part);
           }
           loss[k * rows + r] = static_cast<acc_t>(total) * scale;
