@@ -31,23 +31,9 @@ namespace {
 
 using at::Tensor;
 
-// Large outputs are written once, right after allocation, so first-touch page faults cost as
-// much as the copy itself (4 KiB pages; a fresh 69 MB gradient takes ~17k faults). Ask for
-// transparent huge pages on them before the kernel touches them (a hint; no effect where THP is
-// off or the pages were already touched).
+// Contiguous, and (through new_output) on transparent huge pages when large.
 Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor t = new_output(sizes, options.memory_format(at::MemoryFormat::Contiguous));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
-  if (bytes >= 2 * kHuge) {
-    const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (start + bytes) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
+  return new_output(sizes, options.memory_format(at::MemoryFormat::Contiguous));
 }
 
 std::vector<int64_t> cell_table(const Geometry& g) {
