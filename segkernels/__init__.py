@@ -18,10 +18,11 @@ from .max_unpool import (
 )
 from .confusion_matrix import confusion_matrix
 from .metrics import median_frequency_weights, segmentation_scores
+from .kd_loss import kd_loss, seg_kd_loss
+from .ps_assemble import ps_assemble, ps_assemble_dense
+from .pruning import channel_gram, lasso_gram
+from . import pruning
 from . import nn  # noqa: E402  (modules over the ops above)
-from .kd_loss import kd_loss, seg_kd_loss  # noqa: E402
-from .pruning import channel_gram, lasso_gram  # noqa: E402
-from . import pruning  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,11 +41,9 @@ __all__ = [
     "nn",
     "kd_loss",
     "seg_kd_loss",
+    "ps_assemble",
+    "ps_assemble_dense",
     "channel_gram",
     "lasso_gram",
     "pruning",
 ]
-
-from .ps_assemble import ps_assemble, ps_assemble_dense  # noqa: E402
-
-__all__ += ["ps_assemble", "ps_assemble_dense"]
