@@ -38,6 +38,12 @@ if _library.triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _argmax_step(best, pred, v, c):
+        # torch.argmax: first maximum wins, and the first NaN wins over everything.
+        take = (best == best) & ((v > best) | (v != v))
+        return tl.where(take, v, best), tl.where(take, c, pred)
+
+    @triton.jit
     def _confusion_kernel(
         x_ptr,
         lab_ptr,
@@ -73,16 +79,11 @@ if _library.triton_available():
                     # Unrolled: every class's load is in flight at once.
                     for c in tl.static_range(1, STATIC_CLASSES):
                         v = tl.load(ptrs + c * stride_c, mask=mask, other=0.0).to(tl.float32)
-                        # torch.argmax: first maximum wins, and the first NaN wins over everything.
-                        take = (best == best) & ((v > best) | (v != v))
-                        best = tl.where(take, v, best)
-                        pred = tl.where(take, c, pred)
+                        best, pred = _argmax_step(best, pred, v, c)
                 else:
                     for c in range(1, classes):
                         v = tl.load(ptrs + c * stride_c, mask=mask, other=0.0).to(tl.float32)
-                        take = (best == best) & ((v > best) | (v != v))
-                        best = tl.where(take, v, best)
-                        pred = tl.where(take, c, pred)
+                        best, pred = _argmax_step(best, pred, v, c)
             else:
                 pred = tl.load(ptrs, mask=mask, other=0).to(tl.int64)
             lab = tl.load(lab_ptr + n * spatial + offs, mask=mask, other=ignore_index)
