@@ -165,6 +165,7 @@ __global__ void unpool_backward_tiled_kernel(TiledGeometry<I> g, const scalar_t*
 
 // Whether every flat offset of both maps fits the 32-bit arithmetic of the tiled kernels.
 bool fits_int32(int64_t full_numel, int64_t pooled_numel) {
+  // Half the range: the grid-stride loops add up to a grid's worth of threads past the end.
   const int64_t limit = std::numeric_limits<int32_t>::max() / 2;
   return full_numel < limit && pooled_numel < limit;
 }

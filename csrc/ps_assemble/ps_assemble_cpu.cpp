@@ -286,7 +286,7 @@ Tensor ps_assemble_backward_gather_cpu(const Tensor& grad_in, const Tensor& wind
   check_grad_output(grad_in, {windows_in.size(0), g.G, m, m}, "ps_assemble_backward");
   const Tensor grad = grad_in.contiguous();
   const Tensor windows = windows_in.contiguous();
-  Tensor out = new_output(scores_size, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = fresh_output(scores_size, grad.options());
   if (out.numel() == 0) return out;
   Tensor keys, order;
   std::tie(keys, order) = sort_windows(g, windows);
@@ -309,7 +309,7 @@ Tensor ps_assemble_dense_backward_gather_cpu(const Tensor& grad_in, at::IntArray
   const Geometry g = contiguous_geometry(scores_size, k, m, stride);
   check_grad_output(grad_in, {g.N, g.G, g.Ho, g.Wo, m, m}, "ps_assemble_dense_backward");
   const Tensor grad = grad_in.contiguous();
-  Tensor out = new_output(scores_size, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = fresh_output(scores_size, grad.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ps_assemble_dense_backward_gather",
                                   [&] {
@@ -337,7 +337,7 @@ Tensor ps_assemble_elementwise_cpu(const Tensor& scores, const Tensor& windows_i
     windows = windows_in.contiguous();
     sizes = {windows.size(0), g.G, m, m};
   }
-  Tensor out = new_output(sizes, scores.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = fresh_output(sizes, scores.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "ps_assemble_elementwise", [&] {
     const scalar_t* src = scores.const_data_ptr<scalar_t>();
