@@ -5,7 +5,17 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+
+// x86-64 CPU kernels may carry AVX2 variants (function-level target attributes), picked at
+// run time by cpu_has_avx2(), so the extension still loads on CPUs without AVX2.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SEGKERNELS_CPU_AVX2 1
+#include <immintrin.h>
+#else
+#define SEGKERNELS_CPU_AVX2 0
+#endif
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -34,6 +44,19 @@ inline void advise_huge_pages(const at::Tensor& t) {
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #else
   (void)t;
+#endif
+}
+
+// AVX2 + FMA present and not switched off: SEGKERNELS_NO_AVX2=1 forces the baseline code, read
+// on every call so that a test can compare both paths in one process.
+inline bool cpu_has_avx2() {
+#if SEGKERNELS_CPU_AVX2
+  const char* off = std::getenv("SEGKERNELS_NO_AVX2");
+  if (off && off[0] == '1') return false;
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
 #endif
 }
 

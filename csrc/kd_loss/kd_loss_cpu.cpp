@@ -59,13 +59,9 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-// AVX2 + FMA when the CPU has them (SEGKERNELS_NO_AVX2=1 forces the baseline build, for tests).
 bool use_avx2() {
 #ifdef SEGKERNELS_KD_AVX2
-  const char* off = std::getenv("SEGKERNELS_NO_AVX2");
-  if (off && off[0] == '1') return false;
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  return cpu_has_avx2();
 #else
   return false;
 #endif
