@@ -213,6 +213,65 @@ def test_unpool_arbitrary_indices_last_wins(device):
     assert_close(out[single], aten[single], exact=True)
 
 
+# SegNet's 2x2 windows take a vector path on AVX2 CPUs: 4 (4-byte) or 8 (2-byte) entries per
+# step and both rows of a window per pass, with a scalar tail. Widths straddle those step
+# lengths; odd sizes leave a gap row and column; padding and ceil_mode move the windows.
+SEGNET_ROW_CASES = [((6, 16), 0, False), ((7, 33), 0, False), ((9, 47), 0, True), ((5, 18), 1, False), ((4, 70), 0, False)]
+
+
+@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "baseline"])
+@pytest.mark.parametrize("compact", [False, True], ids=["int64", "compact"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_unpool_segnet_rows_vector_and_baseline_paths(dtype, compact, avx2, monkeypatch):
+    if not avx2:
+        monkeypatch.setenv("SEGKERNELS_NO_AVX2", "1")
+    for (h, w), pad, ceil in SEGNET_ROW_CASES:
+        x = _random_input((2, 3, h, w), dtype, "cpu")
+        v, i = segkernels.max_pool2d_with_indices(x, 2, 2, pad, ceil_mode=ceil, compact=compact)
+        flat = i if not compact else compact_to_flat_indices(i, [h, w], (2, 2), (2, 2), (pad, pad), (1, 1))
+        v = v.detach().requires_grad_(True)
+        out = segkernels.max_unpool2d(v, i, 2, 2, pad, output_size=(h, w))
+        assert_no_nan(out)
+        v_ref = v.detach().requires_grad_(True)
+        expected = reference_max_unpool(v_ref, flat, (2, 2), (2, 2), (pad, pad), (1, 1), [h, w])
+        assert_close(out, expected, exact=True)
+        # The backward takes a plain gather (int64) or, with every window inside, a
+        # per-offset displacement (compact); padded windows take the general row path.
+        grad = _random_input(out.shape, dtype, "cpu")
+        (got,) = torch.autograd.grad(out, v, grad)
+        (want,) = torch.autograd.grad(expected, v_ref, grad)
+        assert_no_nan(got)
+        assert_close(got, want, exact=True)
+
+
+@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "baseline"])
+def test_unpool_segnet_rows_moved_and_bad_indices(avx2, monkeypatch):
+    """Entries that leave their window are caught by the vector path's hit count too."""
+    if not avx2:
+        monkeypatch.setenv("SEGKERNELS_NO_AVX2", "1")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 2, 8, 70, dtype=dtype)
+        v, i = segkernels.max_pool2d_with_indices(x, 2)
+        moved = i.clone()
+        moved[0, 1, 2, 9] = 0  # a valid target in another window: the general scatter
+        moved[0, 0, 3, 30] = moved[0, 0, 3, 31]  # collides with its neighbour's target
+        out = segkernels.max_unpool2d(v, moved, 2, output_size=(8, 70))
+        assert_close(out, reference_max_unpool(v, moved, (2, 2), (2, 2), (0, 0), (1, 1), [8, 70]), exact=True)
+        bad = i.clone()
+        bad[0, 1, 3, 33] = 8 * 70
+        with pytest.raises(IndexError, match="outside"):
+            segkernels.max_unpool2d(v, bad, 2, output_size=(8, 70))
+        _, ci = segkernels.max_pool2d_with_indices(x, 2, compact=True)
+        ci[0, 0, 1, 17] = 4
+        with pytest.raises(IndexError, match="compact"):
+            segkernels.max_unpool2d(v, ci, 2, output_size=(8, 70))
+        # Unchecked, the bad offset writes nothing and gets an exact zero gradient.
+        vg = v.detach().requires_grad_(True)
+        out = segkernels.max_unpool2d(vg, ci, 2, output_size=(8, 70), check_indices=False)
+        (got,) = torch.autograd.grad(out, vg, torch.randn_like(out))
+        assert got[0, 0, 1, 17] == 0 and (got != 0).sum() == got.numel() - 1
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_unpool_empty_batch(device):
     v = torch.randn(0, 4, 5, 6, device=device)
@@ -236,6 +295,11 @@ def test_gradcheck_pool_and_unpool():
             gradcheck(lambda t: _unpool(t, indices, geometry, x.shape[2:]), (v,))
     x3 = torch.randn(1, 2, 5, 6, 5, dtype=torch.float64, requires_grad=True)
     gradcheck(lambda t: _pool(t, GEOMETRIES_3D[1], True)[0], (x3,))
+    for geometry in GEOMETRIES_3D[:2]:  # windows all inside (2x2x2), and padded ones
+        for compact in (False, True):
+            values, indices = _pool(x3.detach(), geometry, compact)
+            v = values.clone().requires_grad_(True)
+            gradcheck(lambda t: _unpool(t, indices, geometry, x3.shape[2:]), (v,))
 
 
 def test_gradgradcheck():

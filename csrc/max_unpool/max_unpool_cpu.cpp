@@ -24,6 +24,23 @@ using at::Tensor;
 // Rows of work per parallel task: enough to amortise scheduling, small enough to balance.
 int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len)); }
 
+// (o, z, y) of consecutive rows of an (outer, D, H) row space: decoded once, then stepped.
+// A 64-bit division costs tens of cycles, which short rows (deep layers) cannot amortise.
+struct RowCursor {
+  int64_t o, z, y;
+  const int64_t D, H;
+  RowCursor(int64_t r, int64_t D_, int64_t H_) : D(D_), H(H_) { decode_row(r, D, H, o, z, y); }
+  void next() {
+    if (++y == H) {
+      y = 0;
+      if (++z == D) {
+        z = 0;
+        ++o;
+      }
+    }
+  }
+};
+
 // Taps [first, last) of window pc that fall inside the full map along one axis.
 inline void valid_taps(const Axis& a, int64_t pc, int64_t& first, int64_t& last) {
   const int64_t start = pc * a.stride - a.padding;
@@ -155,11 +172,9 @@ std::tuple<Tensor, Tensor> max_pool_with_indices_cpu(const Tensor& input, at::In
       at::parallel_for(0, rows, row_grain(row_len), [&](int64_t begin, int64_t end) {
         std::vector<at::opmath_type<scalar_t>> best(g.inner);
         std::vector<int64_t> arg(g.inner);
-        for (int64_t r = begin; r < end; ++r) {
-          int64_t o, pz, py;
-          decode_row(r, g.ax[0].pooled, g.ax[1].pooled, o, pz, py);
-          pool_row_cpu<scalar_t, index_t>(g, src, vout, iout, o, pz, py, x_taps, best, arg);
-        }
+        RowCursor row(begin, g.ax[0].pooled, g.ax[1].pooled);
+        for (int64_t r = begin; r < end; ++r, row.next())
+          pool_row_cpu<scalar_t, index_t>(g, src, vout, iout, row.o, row.z, row.y, x_taps, best, arg);
       });
     };
     if (compact)
@@ -210,20 +225,139 @@ inline void store_pair(bits_t* out, bits_t v, int64_t rel) {
   }
 }
 
-// Disjoint-window unpooling of one full-map row. Same result as unpool_row_disjoint
-// (max_unpool.h), with loops ordered for the CPU: channels innermost for channels-last, and the
-// SegNet case (NCHW, kernel = stride = 2 along x, no dilation) as branch-free pair stores.
+// The only window (pc, tap) holding each coordinate of a disjoint axis, or pc = -1 for a gap:
+// computed once per call, since recomputing it per row costs divisions that dominate short rows.
+struct AxisWindows {
+  std::vector<int64_t> pc, tap;
+  explicit AxisWindows(const Axis& a) : pc(a.full), tap(a.full) {
+    for (int64_t q = 0; q < a.full; ++q)
+      if (!single_window(a, q, pc[q], tap[q])) pc[q] = -1;
+  }
+};
+
+#if SEGKERNELS_CPU_AVX2
+// The SegNet pair path of unpool_row_disjoint_cpu, 4 entries per step (8 for 2-byte elements):
+// compare the indices with the two taps' targets in 64-bit lanes, mask the value into both
+// halves of each output pair, store 16 or 32 bytes at once. With kTwoRows it also writes the
+// pairs of the window's second row to out1 (targets `second` further on), so short rows share
+// the loads and the loop. Returns the number of entries done; adds the hits to `hits`.
+#define SK_AVX2_INLINE __attribute__((target("avx2"), always_inline)) inline
+
+template <typename index_t>
+SK_AVX2_INLINE __m256i load_index4(const index_t* p) {
+  if constexpr (sizeof(index_t) == 8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    return _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
+  }
+}
+
+// Output pairs (v, 0) / (0, v) / (0, 0) in each 64-bit lane for rel == t, t + 1 or neither;
+// `shift` is the element width in bits.
+// Hits are counted in the lanes set in `lanes` only.
+SK_AVX2_INLINE __m256i masked_pairs(__m256i v, __m256i rel, __m256i t, __m256i t1, int shift, int& hits,
+                                    int lanes = 0xF) {
+  const __m256i m0 = _mm256_cmpeq_epi64(rel, t), m1 = _mm256_cmpeq_epi64(rel, t1);
+  hits += __builtin_popcount(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_or_si256(m0, m1))) & lanes);
+  return _mm256_or_si256(_mm256_and_si256(v, m0), _mm256_and_si256(_mm256_sll_epi64(v, _mm_cvtsi32_si128(shift)), m1));
+}
+
+// Each 64-bit lane of a and b holds one 32-bit pair: keep the low halves, a's then b's.
+SK_AVX2_INLINE __m256i pack_low_halves(__m256i a, __m256i b) {
+  const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  return _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(a, low_halves),
+                                   _mm256_permutevar8x32_epi32(b, low_halves), 0x20);
+}
+
+// Four entries from px on, either width; hits counted in `lanes` only.
+template <bool kTwoRows, typename bits_t, typename index_t>
+SK_AVX2_INLINE void unpool_pairs4_avx2(const bits_t* vals, const index_t* idx, bits_t* out0, bits_t* out1, int64_t px,
+                                       __m256i want, __m256i t0, __m256i t0b, __m256i t1, __m256i t1b, int lanes,
+                                       int& h) {
+  const __m256i rel = _mm256_sub_epi64(load_index4(idx + px), want);
+  if constexpr (sizeof(bits_t) == 4) {
+    const __m256i v = _mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + px)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out0 + 2 * px), masked_pairs(v, rel, t0, t0b, 32, h, lanes));
+    if constexpr (kTwoRows)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out1 + 2 * px), masked_pairs(v, rel, t1, t1b, 32, h, lanes));
+  } else {
+    const __m256i v = _mm256_cvtepu16_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vals + px)));
+    const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out0 + 2 * px),
+                     _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(masked_pairs(v, rel, t0, t0b, 16, h, lanes),
+                                                                        low_halves)));
+    if constexpr (kTwoRows)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out1 + 2 * px),
+                       _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(masked_pairs(v, rel, t1, t1b, 16, h, lanes),
+                                                                          low_halves)));
+  }
+}
+
+template <bool kTwoRows, typename bits_t, typename index_t>
+__attribute__((target("avx2"))) int64_t unpool_pairs_avx2(const bits_t* vals, const index_t* idx, bits_t* out0,
+                                                          bits_t* out1, int64_t n, int64_t want0, int64_t want_step,
+                                                          int64_t second, int64_t& hits) {
+  const __m256i t0 = _mm256_setzero_si256(), t0b = _mm256_set1_epi64x(1);
+  const __m256i t1 = _mm256_set1_epi64x(second), t1b = _mm256_set1_epi64x(second + 1);
+  const __m256i step = _mm256_set1_epi64x(4 * want_step);
+  __m256i want = _mm256_setr_epi64x(want0, want0 + want_step, want0 + 2 * want_step, want0 + 3 * want_step);
+  int h = 0;
+  int64_t px = 0;
+  if constexpr (sizeof(bits_t) == 4) {
+    for (; px + 4 <= n; px += 4) {
+      unpool_pairs4_avx2<kTwoRows>(vals, idx, out0, out1, px, want, t0, t0b, t1, t1b, 0xF, h);
+      want = _mm256_add_epi64(want, step);
+    }
+  } else if constexpr (sizeof(bits_t) == 2) {
+    for (; px + 8 <= n; px += 8) {
+      const __m256i rel_a = _mm256_sub_epi64(load_index4(idx + px), want);
+      want = _mm256_add_epi64(want, step);
+      const __m256i rel_b = _mm256_sub_epi64(load_index4(idx + px + 4), want);
+      want = _mm256_add_epi64(want, step);
+      const __m128i v8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + px));
+      const __m256i va = _mm256_cvtepu16_epi64(v8), vb = _mm256_cvtepu16_epi64(_mm_srli_si128(v8, 8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out0 + 2 * px),
+                          pack_low_halves(masked_pairs(va, rel_a, t0, t0b, 16, h), masked_pairs(vb, rel_b, t0, t0b, 16, h)));
+      if constexpr (kTwoRows)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out1 + 2 * px),
+                            pack_low_halves(masked_pairs(va, rel_a, t1, t1b, 16, h), masked_pairs(vb, rel_b, t1, t1b, 16, h)));
+    }
+    if (px + 4 <= n) {
+      unpool_pairs4_avx2<kTwoRows>(vals, idx, out0, out1, px, want, t0, t0b, t1, t1b, 0xF, h);
+      px += 4;
+    }
+  }
+  if (px < n && n >= 4) {
+    // The last 1-3 entries: redo the last four, which rewrites equal values over the
+    // overlap, and count hits in the new lanes only (short rows of deep layers have no room
+    // to amortise a scalar tail).
+    const int64_t q = n - 4;
+    const __m256i want_q = _mm256_setr_epi64x(want0 + q * want_step, want0 + (q + 1) * want_step,
+                                              want0 + (q + 2) * want_step, want0 + (q + 3) * want_step);
+    unpool_pairs4_avx2<kTwoRows>(vals, idx, out0, out1, q, want_q, t0, t0b, t1, t1b, (0xF << (px - q)) & 0xF, h);
+    px = n;
+  }
+  hits += h;
+  return px;
+}
+#endif
+
+// Disjoint-window unpooling of one full-map row (z, y given by their windows; pz < 0 or py < 0
+// for a gap row). Same result as unpool_row_disjoint (max_unpool.h), with loops ordered for the
+// CPU: channels innermost for channels-last, and the SegNet case (NCHW, kernel = stride = 2
+// along x, no dilation) as branch-free pair stores.
 template <bool kStream, typename bits_t, typename index_t>
-int64_t unpool_row_disjoint_cpu(const Geometry& g, const bits_t* vals, const index_t* idx, bits_t* out, int64_t o,
-                                int64_t z, int64_t y, const std::vector<uint8_t>& x_is_gap) {
+int64_t unpool_row_disjoint_cpu(const Geometry& g, const bits_t* vals, const index_t* idx, bits_t* orow, int64_t o,
+                                int64_t z, int64_t pz, int64_t tz, int64_t y, int64_t py, int64_t ty,
+                                const std::vector<int64_t>& x_gaps, bool avx2) {
   const Axis& az = g.ax[0];
   const Axis& ay = g.ax[1];
   const Axis& ax = g.ax[2];
   const int64_t C = g.inner;
   const int64_t W = ax.full;
-  bits_t* orow = out + ((o * az.full + z) * ay.full + y) * W * C;
-  int64_t pz, tz, py, ty;
-  if (!single_window(az, z, pz, tz) || !single_window(ay, y, py, ty)) {
+  if (pz < 0 || py < 0) {
     std::fill(orow, orow + W * C, bits_t(0));
     return 0;
   }
@@ -256,8 +390,13 @@ int64_t unpool_row_disjoint_cpu(const Geometry& g, const bits_t* vals, const ind
     lo = std::min<int64_t>(ax.pooled, ceil_div(ax.padding, 2));
     hi = std::max<int64_t>(lo, std::min<int64_t>(ax.pooled, floor_div(W - 2 + ax.padding, 2) + 1));
     const int64_t base = compact ? tap_row : row_flat - ax.padding;
-    int64_t hits = 0;
-    for (int64_t px = lo; px < hi; ++px) {
+    int64_t hits = 0, px = lo;
+#if SEGKERNELS_CPU_AVX2
+    if (avx2 && sizeof(bits_t) < 8 && !kStream)
+      px += unpool_pairs_avx2<false>(vrow + lo, irow + lo, orow + 2 * lo - ax.padding, static_cast<bits_t*>(nullptr), hi - lo,
+                                     compact ? base : base + 2 * lo, compact ? 0 : 2, 0, hits);
+#endif
+    for (; px < hi; ++px) {
       // Offset of the stored index from the entry's first tap: 0 or 1 when it names a tap.
       const int64_t rel = static_cast<int64_t>(irow[px]) - (compact ? base : base + 2 * px);
       store_pair<kStream>(orow + 2 * px - ax.padding, vrow[px], rel);
@@ -267,12 +406,43 @@ int64_t unpool_row_disjoint_cpu(const Geometry& g, const bits_t* vals, const ind
   }
   for (int64_t px = 0; px < lo; ++px) entry(px);
   for (int64_t px = hi; px < ax.pooled; ++px) entry(px);
-  if (!x_is_gap.empty()) {
-    for (int64_t x = 0; x < W; ++x)
-      if (x_is_gap[x]) std::fill(orow + x * C, orow + (x + 1) * C, bits_t(0));
-  }
+  for (const int64_t x : x_gaps) std::fill(orow + x * C, orow + (x + 1) * C, bits_t(0));
   return matches;
 }
+
+#if SEGKERNELS_CPU_AVX2
+// Both full rows of a 2x2-stride-2 window row at once (NCHW, no x padding, every x window
+// inside): one pass over the pooled row's values and indices writes the two output rows.
+// Same result as two unpool_row_disjoint_cpu calls; short rows (deep layers) gain most.
+template <typename bits_t, typename index_t>
+int64_t unpool_two_rows_avx2(const Geometry& g, const bits_t* vals, const index_t* idx, bits_t* orow, int64_t o,
+                             int64_t z, int64_t pz, int64_t tz, int64_t y, int64_t py,
+                             const std::vector<int64_t>& x_gaps) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t W = ax.full;
+  const bool compact = IndexKind<index_t>::compact;
+  const int64_t prow = ((o * az.pooled + pz) * ay.pooled + py) * ax.pooled;
+  const bits_t* vrow = vals + prow;
+  const index_t* irow = idx + prow;
+  bits_t* orow1 = orow + W;
+  // First tap of entry 0 in the upper row, and how far the lower row's taps lie beyond.
+  const int64_t base = compact ? tz * ay.kernel * 2 : (z * ay.full + y) * W;
+  const int64_t step = compact ? 0 : 2;
+  const int64_t second = compact ? 2 : W;
+  int64_t hits = 0;
+  int64_t px = unpool_pairs_avx2<true>(vrow, irow, orow, orow1, ax.pooled, base, step, second, hits);
+  for (; px < ax.pooled; ++px) {
+    const int64_t rel = static_cast<int64_t>(irow[px]) - (base + step * px);
+    store_pair<false>(orow + 2 * px, vrow[px], rel);
+    store_pair<false>(orow1 + 2 * px, vrow[px], rel - second);
+    hits += (static_cast<uint64_t>(rel) < 2) + (static_cast<uint64_t>(rel - second) < 2);
+  }
+  for (const int64_t x : x_gaps) orow[x] = orow1[x] = bits_t(0);
+  return hits;
+}
+#endif
 
 // Calls fn(bits_t*) with the tensor's storage viewed as raw bit patterns of its element width.
 // Unpooling and its gradient only move values (all-zero bits are +0.0), so they run on bits:
@@ -298,26 +468,46 @@ template <typename index_t>
 int64_t unpool_disjoint_cpu(UnpoolArgs& a, const index_t* idx) {
   const Geometry& g = a.geometry;
   const int64_t rows = full_rows(g, a.outer);
-  std::vector<uint8_t> x_is_gap;
-  if (has_x_gaps(g)) {
-    x_is_gap.resize(g.ax[2].full);
-    for (int64_t x = 0; x < g.ax[2].full; ++x) {
-      int64_t pc, tap;
-      x_is_gap[x] = !single_window(g.ax[2], x, pc, tap);
-    }
-  }
+  const AxisWindows zw(g.ax[0]), yw(g.ax[1]), xw(g.ax[2]);
+  std::vector<int64_t> x_gaps;
+  for (int64_t x = 0; x < g.ax[2].full; ++x)
+    if (xw.pc[x] < 0) x_gaps.push_back(x);
+  const bool avx2 = cpu_has_avx2();
   std::atomic<int64_t> matches{0};
-  // Stream outputs well beyond the last-level cache; smaller ones are likely read next from it.
-  const bool stream = a.out.nbytes() > (int64_t{16} << 20);
+  // Without vector stores, stream outputs well beyond the last-level cache; smaller ones are
+  // likely read next from it. (Unaligned 32-byte stores cannot stream, and measured no slower.)
+  const bool stream = !avx2 && a.out.nbytes() > (int64_t{16} << 20);
+  const Axis& ax = g.ax[2];
+  const Axis& ay = g.ax[1];
+  // SegNet's window along x and y, with every x window inside the map: two rows per pass.
+  const bool two_rows = avx2 && g.inner == 1 && ax.kernel == 2 && ax.stride == 2 && ax.dilation == 1 &&
+                        ax.padding == 0 && ax.full >= 2 * ax.pooled && ay.kernel == 2 && ay.stride == 2 &&
+                        ay.dilation == 1;
+  const int64_t row_len = g.ax[2].full * g.inner;
   auto run = [&](auto* vals, auto* out) {
     using bits_t = std::remove_const_t<std::remove_pointer_t<decltype(out)>>;
-    at::parallel_for(0, rows, row_grain(g.ax[2].full * g.inner), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, row_grain(row_len), [&](int64_t begin, int64_t end) {
       int64_t local = 0;
-      for (int64_t r = begin; r < end; ++r) {
-        int64_t o, z, y;
-        decode_row(r, g.ax[0].full, g.ax[1].full, o, z, y);
-        local += stream ? unpool_row_disjoint_cpu<true, bits_t, index_t>(g, vals, idx, out, o, z, y, x_is_gap)
-                        : unpool_row_disjoint_cpu<false, bits_t, index_t>(g, vals, idx, out, o, z, y, x_is_gap);
+      RowCursor row(begin, g.ax[0].full, g.ax[1].full);
+      for (int64_t r = begin; r < end; ++r, row.next()) {
+        const int64_t o = row.o, z = row.z, y = row.y;
+        bits_t* orow = out + r * row_len;
+#if SEGKERNELS_CPU_AVX2
+        if constexpr (sizeof(bits_t) < 8) {
+          if (two_rows && r + 1 < end && zw.pc[z] >= 0 && yw.pc[y] >= 0 && yw.tap[y] == 0 && y + 1 < g.ax[1].full &&
+              yw.pc[y + 1] == yw.pc[y]) {
+            local += unpool_two_rows_avx2<bits_t, index_t>(g, vals, idx, orow, o, z, zw.pc[z], zw.tap[z], y, yw.pc[y],
+                                                           x_gaps);
+            ++r;  // the lower row is done too
+            row.next();
+            continue;
+          }
+        }
+#endif
+        local += stream ? unpool_row_disjoint_cpu<true, bits_t, index_t>(g, vals, idx, orow, o, z, zw.pc[z], zw.tap[z], y,
+                                                                         yw.pc[y], yw.tap[y], x_gaps, avx2)
+                        : unpool_row_disjoint_cpu<false, bits_t, index_t>(g, vals, idx, orow, o, z, zw.pc[z], zw.tap[z],
+                                                                          y, yw.pc[y], yw.tap[y], x_gaps, avx2);
       }
 #if defined(__SSE2__)
       if (stream) _mm_sfence();  // order the streamed stores before the task reports done
@@ -467,9 +657,9 @@ void unpool_backward_rows_cpu(const Geometry& g, int64_t outer, const bits_t* go
   auto inside = [](const Axis& a, int64_t start) { return start >= 0 && start + (a.kernel - 1) * a.dilation < a.full; };
   const int64_t rows = outer * az.pooled * ay.pooled;
   at::parallel_for(0, rows, row_grain(ax.pooled * C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      int64_t o, pz, py;
-      decode_row(r, az.pooled, ay.pooled, o, pz, py);
+    RowCursor row(begin, az.pooled, ay.pooled);
+    for (int64_t r = begin; r < end; ++r, row.next()) {
+      const int64_t o = row.o, pz = row.z, py = row.y;
       const int64_t z0 = tap_coord(az, pz, 0), y0 = tap_coord(ay, py, 0);
       const bool zy_inside = inside(az, z0) && inside(ay, y0);
       const bits_t* gplane = go + o * FP * C;
@@ -499,6 +689,95 @@ void unpool_backward_rows_cpu(const Geometry& g, int64_t outer, const bits_t* go
   });
 }
 
+// n entries of one NCHW plane: gp[j] = plane[ip[j]], zero where the index is outside the plane
+// (always load, element 0 when invalid, and mask: no branch in the loop). A function of its
+// own so the loop's few values stay in registers.
+template <typename bits_t>
+__attribute__((noinline)) void gather_flat_plane(const bits_t* plane, const int64_t* ip, bits_t* gp, int64_t n,
+                                                 int64_t plane_size) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t t = ip[j];
+    const bool valid = static_cast<uint64_t>(t) < static_cast<uint64_t>(plane_size);
+    gp[j] = plane[valid ? t : 0] & keep_mask<bits_t>(valid);
+  }
+}
+
+// Unpool backward for int64 indices: each entry reads its target straight from the index, so
+// no window arithmetic is needed; one plane at a time (a plain gather, zero where invalid).
+template <typename bits_t>
+void unpool_backward_flat_cpu(const Geometry& g, int64_t outer, const bits_t* go, const int64_t* idx, bits_t* gi) {
+  const int64_t C = g.inner;
+  const int64_t FP = g.full_plane();
+  const int64_t PP = g.pooled_plane();
+  at::parallel_for(0, outer, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, PP * C)), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const bits_t* gplane = go + o * FP * C;
+      const int64_t* ip = idx + o * PP * C;
+      bits_t* gp = gi + o * PP * C;
+      if (C == 1) {
+        gather_flat_plane(gplane, ip, gp, PP, FP);
+        continue;
+      }
+      // Always load (element 0 of the plane when invalid) and mask: no branch in the loop.
+      for (int64_t j = 0; j < PP; ++j) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t t = ip[j * C + c];
+          const bool valid = static_cast<uint64_t>(t) < static_cast<uint64_t>(FP);
+          gp[j * C + c] = gplane[(valid ? t : 0) * C + c] & keep_mask<bits_t>(valid);
+        }
+      }
+    }
+  });
+}
+
+// One (o, pz) slab of unpool_backward_compact_inside_cpu: `rows` pooled rows of n entries,
+// window rows `row_step` apart. A function of its own so that the compiler keeps this loop's
+// few values in registers instead of spilling the outer loops' ones.
+template <typename bits_t>
+__attribute__((noinline)) void gather_compact_slab(const bits_t* first, const uint8_t* ip, bits_t* gp, int64_t rows,
+                                                   int64_t n, int64_t row_step, int64_t stride, const int64_t* disp,
+                                                   int64_t K) {
+  for (int64_t r = 0; r < rows; ++r, first += row_step, ip += n, gp += n) {
+    for (int64_t px = 0; px < n; ++px) {
+      const int64_t off = ip[px];
+      const bool valid = off < K;
+      gp[px] = first[px * stride + disp[off]] & keep_mask<bits_t>(valid);
+    }
+  }
+}
+
+// Unpool backward for compact indices when every window lies inside the map (NCHW): the
+// target is the window's first tap plus a per-offset displacement, stepped along the plane
+// with no bounds checks or divisions; an offset >= the window size reads zero.
+template <typename bits_t>
+void unpool_backward_compact_inside_cpu(const Geometry& g, int64_t outer, const bits_t* go, const uint8_t* idx,
+                                        bits_t* gi) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t FP = g.full_plane();
+  const int64_t PP = g.pooled_plane();
+  const int64_t K = g.window_size();
+  // 256 entries: any uint8 offset indexes it; those >= K point at element 0 and are masked.
+  int64_t disp[256] = {};
+  for (int64_t off = 0; off < K; ++off) {
+    const int64_t tz = off / (ay.kernel * ax.kernel), ty = (off / ax.kernel) % ay.kernel, tx = off % ax.kernel;
+    disp[off] = (tz * az.dilation * ay.full + ty * ay.dilation) * ax.full + tx * ax.dilation;
+  }
+  // Locals, so that the stores through gi need not reload the geometry.
+  const int64_t Dp = az.pooled, Hp = ay.pooled, Wp = ax.pooled, H = ay.full, W = ax.full;
+  const int64_t sz = az.stride, sy = ay.stride, sx = ax.stride;
+  at::parallel_for(0, outer, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, PP)), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const bits_t* gplane = go + o * FP;
+      const uint8_t* ip = idx + o * PP;
+      bits_t* gp = gi + o * PP;
+      for (int64_t pz = 0; pz < Dp; ++pz)
+        gather_compact_slab(gplane + pz * sz * H * W, ip + pz * Hp * Wp, gp + pz * Hp * Wp, Hp, Wp, sy * W, sx, disp, K);
+    }
+  });
+}
+
 // d(unpool)/d(input): each entry reads the output gradient at its target (zero when invalid).
 Tensor max_unpool_backward_cpu(const Tensor& grad_output, const Tensor& indices, at::IntArrayRef kernel,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -516,6 +795,13 @@ Tensor max_unpool_backward_cpu(const Tensor& grad_output, const Tensor& indices,
     auto run = [&](const auto* idx) {
       using index_t = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       if (!overlapping) {
+        if constexpr (std::is_same_v<index_t, int64_t>) {
+          unpool_backward_flat_cpu<bits_t>(g, outer, go, idx, gi);
+          return;
+        } else if (g.inner == 1 && all_windows_inside(g)) {
+          unpool_backward_compact_inside_cpu<bits_t>(g, outer, go, idx, gi);
+          return;
+        }
         unpool_backward_rows_cpu<bits_t, index_t>(g, outer, go, idx, gi);
         return;
       }

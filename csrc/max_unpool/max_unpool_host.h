@@ -82,6 +82,13 @@ inline bool all_axes_tiling(const Geometry& g) {
   return axis_tiling(g.ax[0]) && axis_tiling(g.ax[1]) && axis_tiling(g.ax[2]);
 }
 
+// Whether every tap of every window lies inside the full map (no padding reach, no overhang).
+inline bool all_windows_inside(const Geometry& g) {
+  for (const Axis& a : g.ax)
+    if (a.padding != 0 || (a.pooled - 1) * a.stride + (a.kernel - 1) * a.dilation >= a.full) return false;
+  return true;
+}
+
 // Whether some x of the full map lies in no window (holes from dilation, stride > kernel, or
 // an output wider than the windows reach); such columns need an explicit zero.
 inline bool has_x_gaps(const Geometry& g) {
