@@ -10,7 +10,7 @@
 
 // x86-64 CPU kernels may carry AVX2 variants (function-level target attributes), picked at
 // run time by cpu_has_avx2(), so the extension still loads on CPUs without AVX2.
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
 #define SEGKERNELS_CPU_AVX2 1
 #include <immintrin.h>
 #else
