@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -633,27 +634,34 @@ Tensor max_pool_backward_cpu(const Tensor& grad_output, const Tensor& indices, a
   return a.out;
 }
 
-// Unpool backward one pooled row at a time: int64 entries gather straight from their index;
-// compact entries add a per-offset displacement to their window's first tap, checking bounds
-// only for windows that reach past the map. Same result as unpool_backward_element
-// (max_unpool.h), which still serves overlapping windows, where entries that lost their
-// target get zero.
-template <typename bits_t, typename index_t>
-void unpool_backward_rows_cpu(const Geometry& g, int64_t outer, const bits_t* go, const index_t* idx, bits_t* gi) {
+// Flat-index displacement of each compact offset from its window's first tap; 256 entries so
+// that any uint8 offset indexes it, zero for offsets >= the window size (callers mask those).
+std::array<int64_t, 256> compact_displacements(const Geometry& g) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  std::array<int64_t, 256> disp{};
+  for (int64_t off = 0; off < g.window_size(); ++off) {
+    const int64_t tz = off / (ay.kernel * ax.kernel), ty = (off / ax.kernel) % ay.kernel, tx = off % ax.kernel;
+    disp[off] = (tz * az.dilation * ay.full + ty * ay.dilation) * ax.full + tx * ax.dilation;
+  }
+  return disp;
+}
+
+// Unpool backward for compact indices, one pooled row at a time: each entry adds its offset's
+// displacement to its window's first tap, checking bounds only for windows that reach past
+// the map. Same result as unpool_backward_element (max_unpool.h), which still serves
+// overlapping windows, where entries that lost their target get zero.
+template <typename bits_t>
+void unpool_backward_compact_rows_cpu(const Geometry& g, int64_t outer, const bits_t* go, const uint8_t* idx,
+                                      bits_t* gi) {
   const Axis& az = g.ax[0];
   const Axis& ay = g.ax[1];
   const Axis& ax = g.ax[2];
   const int64_t C = g.inner;
   const int64_t FP = g.full_plane();
   const int64_t K = g.window_size();
-  std::vector<int64_t> displacement(K);
-  for (int64_t off = 0; off < K; ++off) {
-    const int64_t tz = off / (ay.kernel * ax.kernel);
-    const int64_t ty = (off / ax.kernel) % ay.kernel;
-    const int64_t tx = off % ax.kernel;
-    displacement[off] = (tz * az.dilation * ay.full + ty * ay.dilation) * ax.full + tx * ax.dilation;
-  }
-  const int64_t* disp = displacement.data();
+  const std::array<int64_t, 256> disp = compact_displacements(g);
   auto inside = [](const Axis& a, int64_t start) { return start >= 0 && start + (a.kernel - 1) * a.dilation < a.full; };
   const int64_t rows = outer * az.pooled * ay.pooled;
   at::parallel_for(0, rows, row_grain(ax.pooled * C), [&](int64_t begin, int64_t end) {
@@ -669,17 +677,14 @@ void unpool_backward_rows_cpu(const Geometry& g, int64_t outer, const bits_t* go
         const int64_t first = (z0 * ay.full + y0) * ax.full + x0;
         const int64_t e0 = (r * ax.pooled + px) * C;
         for (int64_t c = 0; c < C; ++c) {
-          const int64_t id = static_cast<int64_t>(idx[e0 + c]);
+          const int64_t id = idx[e0 + c];
           int64_t t;
           bool valid;
-          if (!IndexKind<index_t>::compact) {
-            valid = static_cast<uint64_t>(id) < static_cast<uint64_t>(FP);
-            t = id;
-          } else if (window_inside) {
+          if (window_inside) {
             valid = id < K;
-            t = first + disp[valid ? id : 0];
+            t = first + disp[id];
           } else {
-            valid = entry_status<index_t>(g, pz, py, px, idx[e0 + c], t) != kOutOfRange;
+            valid = entry_status<uint8_t>(g, pz, py, px, idx[e0 + c], t) != kOutOfRange;
           }
           // Always load (element 0 of the plane when invalid) and mask: no branch in the loop.
           gi[e0 + c] = gplane[(valid ? t : 0) * C + c] & keep_mask<bits_t>(valid);
@@ -758,12 +763,7 @@ void unpool_backward_compact_inside_cpu(const Geometry& g, int64_t outer, const 
   const int64_t FP = g.full_plane();
   const int64_t PP = g.pooled_plane();
   const int64_t K = g.window_size();
-  // 256 entries: any uint8 offset indexes it; those >= K point at element 0 and are masked.
-  int64_t disp[256] = {};
-  for (int64_t off = 0; off < K; ++off) {
-    const int64_t tz = off / (ay.kernel * ax.kernel), ty = (off / ax.kernel) % ay.kernel, tx = off % ax.kernel;
-    disp[off] = (tz * az.dilation * ay.full + ty * ay.dilation) * ax.full + tx * ax.dilation;
-  }
+  const std::array<int64_t, 256> disp = compact_displacements(g);
   // Locals, so that the stores through gi need not reload the geometry.
   const int64_t Dp = az.pooled, Hp = ay.pooled, Wp = ax.pooled, H = ay.full, W = ax.full;
   const int64_t sz = az.stride, sy = ay.stride, sx = ax.stride;
@@ -773,7 +773,8 @@ void unpool_backward_compact_inside_cpu(const Geometry& g, int64_t outer, const 
       const uint8_t* ip = idx + o * PP;
       bits_t* gp = gi + o * PP;
       for (int64_t pz = 0; pz < Dp; ++pz)
-        gather_compact_slab(gplane + pz * sz * H * W, ip + pz * Hp * Wp, gp + pz * Hp * Wp, Hp, Wp, sy * W, sx, disp, K);
+        gather_compact_slab(gplane + pz * sz * H * W, ip + pz * Hp * Wp, gp + pz * Hp * Wp, Hp, Wp, sy * W, sx,
+                            disp.data(), K);
     }
   });
 }
@@ -795,14 +796,12 @@ Tensor max_unpool_backward_cpu(const Tensor& grad_output, const Tensor& indices,
     auto run = [&](const auto* idx) {
       using index_t = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       if (!overlapping) {
-        if constexpr (std::is_same_v<index_t, int64_t>) {
+        if constexpr (std::is_same_v<index_t, int64_t>)
           unpool_backward_flat_cpu<bits_t>(g, outer, go, idx, gi);
-          return;
-        } else if (g.inner == 1 && all_windows_inside(g)) {
+        else if (g.inner == 1 && all_windows_inside(g))
           unpool_backward_compact_inside_cpu<bits_t>(g, outer, go, idx, gi);
-          return;
-        }
-        unpool_backward_rows_cpu<bits_t, index_t>(g, outer, go, idx, gi);
+        else
+          unpool_backward_compact_rows_cpu<bits_t>(g, outer, go, idx, gi);
         return;
       }
       at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
