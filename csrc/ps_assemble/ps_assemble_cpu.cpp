@@ -217,16 +217,39 @@ void accumulate_cell_rows(const Geometry& g, const Tables& tables, int64_t windo
   });
 }
 
+// What a backward and its test-only gather twin start from, checked the same way: the
+// geometry, the contiguous gradient (and windows, for the sparse op) and the fresh
+// scores-sized output.
+struct BackwardArgs {
+  Geometry g;
+  Tensor grad, windows, out;
+};
+
+BackwardArgs prepare_backward(const Tensor& grad_in, const Tensor& windows_in, at::IntArrayRef scores_size, int64_t k,
+                              int64_t m) {
+  BackwardArgs a{contiguous_geometry(scores_size, k, m, 1), {}, {}, {}};
+  check_windows(windows_in, grad_in);
+  check_grad_output(grad_in, {windows_in.size(0), a.g.G, m, m}, "ps_assemble_backward");
+  a.grad = grad_in.contiguous();
+  a.windows = windows_in.contiguous();
+  a.out = fresh_output(scores_size, a.grad.options());
+  return a;
+}
+
+BackwardArgs prepare_dense_backward(const Tensor& grad_in, at::IntArrayRef scores_size, int64_t k, int64_t m,
+                                    int64_t stride) {
+  BackwardArgs a{contiguous_geometry(scores_size, k, m, stride), {}, {}, {}};
+  check_grad_output(grad_in, {a.g.N, a.g.G, a.g.Ho, a.g.Wo, m, m}, "ps_assemble_dense_backward");
+  a.grad = grad_in.contiguous();
+  a.out = fresh_output(scores_size, a.grad.options());
+  return a;
+}
+
 Tensor ps_assemble_backward_cpu(const Tensor& grad_in, const Tensor& windows_in, at::IntArrayRef scores_size,
                                 int64_t k, int64_t m) {
-  const Geometry g = contiguous_geometry(scores_size, k, m, 1);
-  check_windows(windows_in, grad_in);
-  check_grad_output(grad_in, {windows_in.size(0), g.G, m, m}, "ps_assemble_backward");
-  const Tensor grad = grad_in.contiguous();
-  const Tensor windows = windows_in.contiguous();
-  const int64_t R = windows.size(0);
-  Tensor out = fresh_output(scores_size, grad.options());
+  const auto [g, grad, windows, out] = prepare_backward(grad_in, windows_in, scores_size, k, m);
   if (out.numel() == 0) return out;
+  const int64_t R = windows.size(0);
   Tensor keys, order;
   std::tie(keys, order) = sort_windows(g, windows);
   const int64_t* kp = keys.const_data_ptr<int64_t>();
@@ -255,10 +278,7 @@ Tensor ps_assemble_backward_cpu(const Tensor& grad_in, const Tensor& windows_in,
 
 Tensor ps_assemble_dense_backward_cpu(const Tensor& grad_in, at::IntArrayRef scores_size, int64_t k, int64_t m,
                                       int64_t stride) {
-  const Geometry g = contiguous_geometry(scores_size, k, m, stride);
-  check_grad_output(grad_in, {g.N, g.G, g.Ho, g.Wo, m, m}, "ps_assemble_dense_backward");
-  const Tensor grad = grad_in.contiguous();
-  Tensor out = fresh_output(scores_size, grad.options());
+  const auto [g, grad, windows, out] = prepare_dense_backward(grad_in, scores_size, k, m, stride);
   if (out.numel() == 0) return out;
   const Tables tables(g, 1);
   const std::vector<int64_t>& cb = tables.cb;
@@ -281,12 +301,7 @@ Tensor ps_assemble_dense_backward_cpu(const Tensor& grad_in, at::IntArrayRef sco
 // Test-only: the CUDA kernels' per-element gathers, run on the CPU.
 Tensor ps_assemble_backward_gather_cpu(const Tensor& grad_in, const Tensor& windows_in, at::IntArrayRef scores_size,
                                        int64_t k, int64_t m) {
-  const Geometry g = contiguous_geometry(scores_size, k, m, 1);
-  check_windows(windows_in, grad_in);
-  check_grad_output(grad_in, {windows_in.size(0), g.G, m, m}, "ps_assemble_backward");
-  const Tensor grad = grad_in.contiguous();
-  const Tensor windows = windows_in.contiguous();
-  Tensor out = fresh_output(scores_size, grad.options());
+  const auto [g, grad, windows, out] = prepare_backward(grad_in, windows_in, scores_size, k, m);
   if (out.numel() == 0) return out;
   Tensor keys, order;
   std::tie(keys, order) = sort_windows(g, windows);
@@ -306,10 +321,7 @@ Tensor ps_assemble_backward_gather_cpu(const Tensor& grad_in, const Tensor& wind
 
 Tensor ps_assemble_dense_backward_gather_cpu(const Tensor& grad_in, at::IntArrayRef scores_size, int64_t k, int64_t m,
                                              int64_t stride) {
-  const Geometry g = contiguous_geometry(scores_size, k, m, stride);
-  check_grad_output(grad_in, {g.N, g.G, g.Ho, g.Wo, m, m}, "ps_assemble_dense_backward");
-  const Tensor grad = grad_in.contiguous();
-  Tensor out = fresh_output(scores_size, grad.options());
+  const auto [g, grad, windows, out] = prepare_dense_backward(grad_in, scores_size, k, m, stride);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ps_assemble_dense_backward_gather",
                                   [&] {
