@@ -217,34 +217,6 @@ void accumulate_cell_rows(const Geometry& g, const Tables& tables, int64_t windo
   });
 }
 
-// What a backward and its test-only gather twin start from, checked the same way: the
-// geometry, the contiguous gradient (and windows, for the sparse op) and the fresh
-// scores-sized output.
-struct BackwardArgs {
-  Geometry g;
-  Tensor grad, windows, out;
-};
-
-BackwardArgs prepare_backward(const Tensor& grad_in, const Tensor& windows_in, at::IntArrayRef scores_size, int64_t k,
-                              int64_t m) {
-  BackwardArgs a{contiguous_geometry(scores_size, k, m, 1), {}, {}, {}};
-  check_windows(windows_in, grad_in);
-  check_grad_output(grad_in, {windows_in.size(0), a.g.G, m, m}, "ps_assemble_backward");
-  a.grad = grad_in.contiguous();
-  a.windows = windows_in.contiguous();
-  a.out = fresh_output(scores_size, a.grad.options());
-  return a;
-}
-
-BackwardArgs prepare_dense_backward(const Tensor& grad_in, at::IntArrayRef scores_size, int64_t k, int64_t m,
-                                    int64_t stride) {
-  BackwardArgs a{contiguous_geometry(scores_size, k, m, stride), {}, {}, {}};
-  check_grad_output(grad_in, {a.g.N, a.g.G, a.g.Ho, a.g.Wo, m, m}, "ps_assemble_dense_backward");
-  a.grad = grad_in.contiguous();
-  a.out = fresh_output(scores_size, a.grad.options());
-  return a;
-}
-
 Tensor ps_assemble_backward_cpu(const Tensor& grad_in, const Tensor& windows_in, at::IntArrayRef scores_size,
                                 int64_t k, int64_t m) {
   const auto [g, grad, windows, out] = prepare_backward(grad_in, windows_in, scores_size, k, m);

@@ -105,12 +105,9 @@ Tensor ps_assemble_dense_cuda(const Tensor& scores, int64_t k, int64_t m, int64_
 Tensor ps_assemble_backward_cuda(const Tensor& grad_in, const Tensor& windows_in, at::IntArrayRef scores_size,
                                  int64_t k, int64_t m) {
   c10::cuda::CUDAGuard guard(grad_in.device());
-  const Geometry g = contiguous_geometry(scores_size, k, m, 1);
-  check_windows(windows_in, grad_in);
-  check_grad_output(grad_in, {windows_in.size(0), g.G, m, m}, "ps_assemble_backward");
-  const Tensor grad = grad_in.contiguous();
-  const Tensor windows = windows_in.contiguous();
-  Tensor out = new_output(scores_size, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  const BackwardArgs a = prepare_backward(grad_in, windows_in, scores_size, k, m);
+  const Geometry& g = a.g;
+  const Tensor &grad = a.grad, &windows = a.windows, &out = a.out;
   const int64_t total = out.numel();
   if (total == 0) return out;
   Tensor keys, order;
@@ -128,10 +125,9 @@ Tensor ps_assemble_backward_cuda(const Tensor& grad_in, const Tensor& windows_in
 Tensor ps_assemble_dense_backward_cuda(const Tensor& grad_in, at::IntArrayRef scores_size, int64_t k, int64_t m,
                                        int64_t stride) {
   c10::cuda::CUDAGuard guard(grad_in.device());
-  const Geometry g = contiguous_geometry(scores_size, k, m, stride);
-  check_grad_output(grad_in, {g.N, g.G, g.Ho, g.Wo, m, m}, "ps_assemble_dense_backward");
-  const Tensor grad = grad_in.contiguous();
-  Tensor out = new_output(scores_size, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  const BackwardArgs a = prepare_dense_backward(grad_in, scores_size, k, m, stride);
+  const Geometry& g = a.g;
+  const Tensor &grad = a.grad, &out = a.out;
   const int64_t total = out.numel();
   if (total == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -82,5 +82,33 @@ inline void check_grad_output(const at::Tensor& grad, at::IntArrayRef expected, 
                     ", got ", grad.sizes());
 }
 
+// What every backward (CPU, CUDA and the test-only gathers) starts from, checked the same way:
+// the geometry, the contiguous gradient (and windows, for the sparse op) and the fresh
+// scores-sized output.
+struct BackwardArgs {
+  Geometry g;
+  at::Tensor grad, windows, out;
+};
+
+inline BackwardArgs prepare_backward(const at::Tensor& grad_in, const at::Tensor& windows_in, at::IntArrayRef scores_size,
+                                     int64_t k, int64_t m) {
+  BackwardArgs a{contiguous_geometry(scores_size, k, m, 1), {}, {}, {}};
+  check_windows(windows_in, grad_in);
+  check_grad_output(grad_in, {windows_in.size(0), a.g.G, m, m}, "ps_assemble_backward");
+  a.grad = grad_in.contiguous();
+  a.windows = windows_in.contiguous();
+  a.out = new_output(scores_size, a.grad.options().memory_format(at::MemoryFormat::Contiguous));
+  return a;
+}
+
+inline BackwardArgs prepare_dense_backward(const at::Tensor& grad_in, at::IntArrayRef scores_size, int64_t k, int64_t m,
+                                           int64_t stride) {
+  BackwardArgs a{contiguous_geometry(scores_size, k, m, stride), {}, {}, {}};
+  check_grad_output(grad_in, {a.g.N, a.g.G, a.g.Ho, a.g.Wo, m, m}, "ps_assemble_dense_backward");
+  a.grad = grad_in.contiguous();
+  a.out = new_output(scores_size, a.grad.options().memory_format(at::MemoryFormat::Contiguous));
+  return a;
+}
+
 }  // namespace ps_assemble
 }  // namespace segkernels
