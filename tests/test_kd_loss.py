@@ -265,6 +265,28 @@ def test_seg_kd_loss(device, dtype, weighted, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 19, 37, 41), (1, 300, 13, 11)], ids=str)
+def test_maps_longer_than_one_tile(device, layout, shape):
+    """The CPU channel kernel works on tiles of up to 512 positions (fewer for many classes);
+    these maps span several tiles and end in a partial one."""
+    students, teacher = _inputs(shape, torch.float32, device, k=2)
+    students = [to_layout(s.detach(), layout).requires_grad_() for s in students]
+    teacher = to_layout(teacher, layout)
+    labels = _labels(shape, device)
+    _check(students, teacher, multi=True, temperature=3.0, labels=labels, reduction="none")
+    for temperature in (1.0, 3.0):  # at T = 1 the hard part reuses the soft part's softmax
+        kw = dict(temperature=temperature, hard_weight=0.7, soft_weight=1.1)
+        s64 = students[0].detach().double().requires_grad_()
+        ref = reference_seg_kd_loss(s64, teacher.double(), labels, **kw)
+        (rg,) = torch.autograd.grad(ref, s64)
+        out = segkernels.seg_kd_loss(students[0], teacher, labels, **kw)
+        assert_close(out, ref.float())
+        (g,) = torch.autograd.grad(out, students[0])
+        assert_close(g, rg.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_seg_kd_loss_fully_ignored_and_channels_last(device):
     students, teacher = _inputs((2, 5, 4, 6), torch.float32, device)
     s = students[0]

@@ -48,13 +48,15 @@ struct ChannelKernel {
   int64_t off(int64_t c, int64_t p) const { return CONTIG ? c * P + p : p * C + c; }
   int64_t step() const { return CONTIG ? 1 : C; }
 
-  // Max m and log of the sum lz of exp(x * mul - m) over the channels for `len` positions (kept
-  // apart: m + lz would round away the low bits of log-probabilities at logits of 1e5);
-  // optionally keeps the probabilities exp(x * mul - m) / sum in e (C x kTile).
+  // Max m, log of the sum lz and reciprocal rz of the sum of exp(x * mul - m) over the channels
+  // for `len` positions (m and lz kept apart: m + lz would round away the low bits of
+  // log-probabilities at logits of 1e5). KEEP also leaves the unnormalised exp(x * mul - m) in e
+  // (C x tile); the probability is e * rz. KEEP is a template argument because a run-time
+  // `if (e)` in the loop became masked vector stores, which are slow on AMD.
+  template <bool KEEP>
   void stats(const scalar_t* __restrict x, int64_t p0, int64_t len, acc_t mul, acc_t* __restrict m,
-             acc_t* __restrict lz, acc_t* __restrict e) const {
+             acc_t* __restrict lz, acc_t* __restrict rz, acc_t* __restrict e, int64_t tile) const {
     const int64_t sp = step();
-    acc_t z[kTile];
     for (int64_t i = 0; i < len; ++i) m[i] = -std::numeric_limits<acc_t>::infinity();
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* __restrict xc = x + off(c, p0);
@@ -63,41 +65,39 @@ struct ChannelKernel {
         m[i] = v > m[i] ? v : m[i];
       }
     }
-    for (int64_t i = 0; i < len; ++i) z[i] = 0;
+    for (int64_t i = 0; i < len; ++i) rz[i] = 0;
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* __restrict xc = x + off(c, p0);
-      acc_t* __restrict ec = e + c * kTile;
+      acc_t* __restrict ec = e + c * tile;
       for (int64_t i = 0; i < len; ++i) {
         const acc_t ex = exp_nonpos(load_acc(xc[i * sp]) * mul - m[i]);
-        if (e) ec[i] = ex;
-        z[i] += ex;
+        if (KEEP) ec[i] = ex;
+        rz[i] += ex;
       }
     }
     for (int64_t i = 0; i < len; ++i) {
-      lz[i] = std::log(z[i]);
-      z[i] = acc_t(1) / z[i];
-    }
-    if (e) {
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t* __restrict ec = e + c * kTile;
-        for (int64_t i = 0; i < len; ++i) ec[i] *= z[i];
-      }
+      lz[i] = std::log(rz[i]);
+      rz[i] = acc_t(1) / rz[i];
     }
   }
 
   void run() const {
-    const int64_t tiles = (P + kTile - 1) / kTile;
+    const int64_t tile = channel_tile(C);
+    const int64_t tiles = (P + tile - 1) / tile;
     at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> et_buf(C * kTile), es_buf(C * kTile);
+      // Teacher's and student's exponentials, and the student's at T = 1 for the hard part.
+      std::vector<acc_t> et_buf(C * tile), es_buf(C * tile), e1_buf(HARD ? C * tile : 0);
       acc_t* __restrict et = et_buf.data();
       acc_t* __restrict es = es_buf.data();
-      acc_t mt[kTile], lzt[kTile], ms[kTile], lzs[kTile], m1[kTile], lz1[kTile], acc[kTile], vm[kTile], wy[kTile], labf[kTile];
-      int64_t lab[kTile];
+      acc_t* __restrict e1 = e1_buf.data();
+      acc_t mt[kMaxTile], lzt[kMaxTile], rzt[kMaxTile], ms[kMaxTile], lzs[kMaxTile], rzs[kMaxTile], m1[kMaxTile], lz1[kMaxTile], rz1[kMaxTile],
+          acc[kMaxTile], vm[kMaxTile], wy[kMaxTile], labf[kMaxTile];
+      int64_t lab[kMaxTile];
       const int64_t sp = step();
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / tiles;
-        const int64_t p0 = (task % tiles) * kTile;
-        const int64_t len = std::min<int64_t>(kTile, P - p0);
+        const int64_t p0 = (task % tiles) * tile;
+        const int64_t len = std::min<int64_t>(tile, P - p0);
         const int64_t nb = n * C * P;
         for (int64_t i = 0; i < len; ++i) {
           const int64_t y = labels ? labels[n * P + p0 + i] : 0;
@@ -107,11 +107,11 @@ struct ChannelKernel {
           labf[i] = static_cast<acc_t>(lab[i]);
         }
         const scalar_t* tb = t + nb;
-        stats(tb, p0, len, inv_t, mt, lzt, et);
+        stats<true>(tb, p0, len, inv_t, mt, lzt, rzt, et, tile);
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t* sb = s[k] + nb;
           scalar_t* gb = g[k] + nb;
-          stats(sb, p0, len, inv_t, ms, lzs, es);
+          stats<true>(sb, p0, len, inv_t, ms, lzs, rzs, es, tile);
           for (int64_t i = 0; i < len; ++i) acc[i] = 0;
           double hard_loss = 0;
           if (HARD) {
@@ -119,7 +119,7 @@ struct ChannelKernel {
               std::copy(ms, ms + len, m1);
               std::copy(lzs, lzs + len, lz1);
             } else {
-              stats(sb, p0, len, acc_t(1), m1, lz1, nullptr);
+              stats<true>(sb, p0, len, acc_t(1), m1, lz1, rz1, e1, tile);
             }
             for (int64_t i = 0; i < len; ++i) {
               wy[i] = hard->weight ? hard->weight[lab[i]] : acc_t(1);
@@ -130,8 +130,9 @@ struct ChannelKernel {
           }
           const acc_t gscale = scale * inv_t * (HARD ? hard->soft_coef : acc_t(1));
           for (int64_t c = 0; c < C; ++c) {
-            const acc_t* __restrict etc = et + c * kTile;
-            const acc_t* __restrict esc = es + c * kTile;
+            const acc_t* __restrict etc = et + c * tile;
+            const acc_t* __restrict esc = es + c * tile;
+            const acc_t* __restrict e1c = e1 + c * tile;
             const scalar_t* __restrict sc = sb + off(c, p0);
             const scalar_t* __restrict tc = tb + off(c, p0);
             scalar_t* __restrict gc = gb + off(c, p0);
@@ -140,12 +141,13 @@ struct ChannelKernel {
               const acc_t x = load_acc(sc[i * sp]);
               const acc_t lps = (x * inv_t - ms[i]) - lzs[i];
               const acc_t lpt = (load_acc(tc[i * sp]) * inv_t - mt[i]) - lzt[i];
-              const acc_t pt = etc[i];
+              const acc_t pt = etc[i] * rzt[i];
+              const acc_t ps = esc[i] * rzs[i];
               const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
               acc[i] += pt > acc_t(0) ? v : acc_t(0);
-              acc_t gv = gscale * (esc[i] - pt);
+              acc_t gv = gscale * (ps - pt);
               if (HARD) {
-                const acc_t p1 = inv_t == acc_t(1) ? esc[i] : exp_nonpos((x - m1[i]) - lz1[i]);
+                const acc_t p1 = inv_t == acc_t(1) ? ps : e1c[i] * rz1[i];
                 gv += wy[i] * (p1 - (cf == labf[i] ? acc_t(1) : acc_t(0)));
               }
               gc[i * sp] = store_as<scalar_t>(vm[i] != acc_t(0) ? gv : acc_t(0));
