@@ -174,9 +174,20 @@ def test_backward_matches_reference(device, dtype, config):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_cuda_element_functions_on_cpu_match_cpu_kernels_bitwise(dtype):
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_cuda_element_functions_on_cpu_match_cpu_kernels_bitwise(dtype, threads):
     # The CUDA kernels' per-element forward and gather backward, run on the CPU, agree bit for
-    # bit with the CPU kernels (tiled copies, per-plane accumulation in the same order).
+    # bit with the CPU kernels (tiled copies, per-plane accumulation in the same order). The CPU
+    # kernels split small inputs into window chunks and row bands by the thread count.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _element_functions_match(dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _element_functions_match(dtype):
     for n, g, k, m, h, w in CONFIGS:
         scores = _scores(n, g, k, h, w, dtype)
         windows = _windows(n, m, h, w, 150)
