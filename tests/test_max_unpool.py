@@ -100,6 +100,33 @@ def test_pool_matches_aten(device, dtype, geometry, kind):
         assert_close(cindices, ref_compact, exact=True)
 
 
+@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "baseline"])
+@pytest.mark.parametrize("kind", ["randn", "ties", "nan"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_pool_2x2_rows_vector_and_baseline_paths(dtype, kind, avx2, monkeypatch):
+    """2x2 and 2x2x2 windows of stride 2 take an 8-windows-at-a-time AVX2 path (float32 and
+    bfloat16) for the windows inside a row, the scalar chain for the rest (odd widths, ceil_mode,
+    padding): rows of 8k windows and of 8k + 1..7, first maximum and NaN wins as ATen."""
+    if not avx2:
+        monkeypatch.setenv("SEGKERNELS_NO_AVX2", "1")
+    cases = [((2, 3, 6, 32), 0, False), ((1, 2, 5, 37), 0, True), ((1, 2, 4, 46), 1, False), ((2, 2, 3, 17), 0, False),
+             ((1, 2, 4, 6, 33), 0, False), ((1, 1, 5, 4, 50), 0, True)]
+    for shape, pad, ceil in cases:
+        x = _random_input(shape, dtype, "cpu", kind)
+        nd = len(shape) - 2
+        pool_t = F.max_pool2d if nd == 2 else F.max_pool3d
+        pool_s = segkernels.max_pool2d_with_indices if nd == 2 else segkernels.max_pool3d_with_indices
+        ref_v, ref_i = pool_t(x, 2, 2, pad, ceil_mode=ceil, return_indices=True)
+        v, i = pool_s(x, 2, 2, pad, ceil_mode=ceil)
+        assert_close(v, ref_v, exact=True)
+        assert_close(i, ref_i, exact=True)
+        cv, ci = pool_s(x, 2, 2, pad, ceil_mode=ceil, compact=True)
+        assert_close(cv, ref_v, exact=True)
+        k = (2,) * nd
+        _, ref_c = reference_max_pool_with_indices(x, k, k, (pad,) * nd, (1,) * nd, ceil, compact=True)
+        assert_close(ci, ref_c, exact=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("dims", [2, 3])
