@@ -210,7 +210,7 @@ def confusion_matrix(
     labels = labels.long()
     if not _library.use_compiled(input):
         return reference_confusion_matrix(input, labels, num_classes, ignore_index)
-    matrix, invalid = torch.ops.segkernels.confusion_matrix(input, labels, num_classes, ignore_index)
+    matrix, invalid = torch.ops.segkernels.confusion_matrix.default(input, labels, num_classes, ignore_index)
     if not torch.compiler.is_compiling() and int(invalid.item()) > 0:
         raise ValueError(
             f"{int(invalid.item())} positions have a label or prediction outside [0, {num_classes}) "

@@ -290,7 +290,7 @@ if _library.kernels_available():
 
     def _pool_backward(ctx, grad_values, _grad_indices):
         (indices,) = ctx.saved_tensors
-        grad = _ops.max_pool_backward(grad_values, indices, *ctx.geometry, ctx.input_size)
+        grad = _ops.max_pool_backward.default(grad_values, indices, *ctx.geometry, ctx.input_size)
         return grad, None, None, None, None, None, None
 
     torch.library.register_autograd("segkernels::max_pool_with_indices", _pool_backward, setup_context=_pool_setup)
@@ -302,7 +302,7 @@ if _library.kernels_available():
 
     def _unpool_backward(ctx, grad_output):
         (indices,) = ctx.saved_tensors
-        grad = _ops.max_unpool_backward(grad_output, indices, *ctx.geometry, True)
+        grad = _ops.max_unpool_backward.default(grad_output, indices, *ctx.geometry, True)
         return grad, None, None, None, None, None, None, None
 
     torch.library.register_autograd("segkernels::max_unpool", _unpool_backward, setup_context=_unpool_setup)
@@ -320,9 +320,9 @@ if _library.kernels_available():
     def _gather_backward(ctx, gg):
         (indices,) = ctx.saved_tensors
         if ctx.only_winners:
-            grad = _ops.max_unpool(gg, indices, *ctx.geometry, ctx.full_size, False)
+            grad = _ops.max_unpool.default(gg, indices, *ctx.geometry, ctx.full_size, False)
         else:
-            grad = _ops.max_pool_backward(gg, indices, *ctx.geometry, ctx.full_size)
+            grad = _ops.max_pool_backward.default(gg, indices, *ctx.geometry, ctx.full_size)
         return grad, None, None, None, None, None, None
 
     torch.library.register_autograd("segkernels::max_unpool_backward", _gather_backward, setup_context=_gather_setup)
@@ -334,7 +334,7 @@ if _library.kernels_available():
 
     def _scatter_backward(ctx, gg):
         (indices,) = ctx.saved_tensors
-        return _ops.max_unpool_backward(gg, indices, *ctx.geometry, False), None, None, None, None, None, None
+        return _ops.max_unpool_backward.default(gg, indices, *ctx.geometry, False), None, None, None, None, None, None
 
     torch.library.register_autograd("segkernels::max_pool_backward", _scatter_backward, setup_context=_scatter_setup)
 
@@ -365,7 +365,7 @@ def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, c
                 f"dilation={dil}, padding={pad}: the pooled size would be {out}"
             )
     if _library.use_compiled(x):
-        values, indices = torch.ops.segkernels.max_pool_with_indices(
+        values, indices = torch.ops.segkernels.max_pool_with_indices.default(
             x, list(kernel), list(stride_t), list(pad), list(dil), ceil_mode, compact
         )
     else:
@@ -395,7 +395,7 @@ def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size
     idx = indices.unsqueeze(0) if unbatched else indices
     size = _unpool_output_size(x.shape[2:], kernel, stride_t, pad, dil, output_size)
     if _library.use_compiled(x):
-        out = torch.ops.segkernels.max_unpool(
+        out = torch.ops.segkernels.max_unpool.default(
             x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, bool(check_indices)
         )
     else:
