@@ -287,6 +287,16 @@ def test_maps_longer_than_one_tile(device, layout, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 3, 181, 182), (1, 2, 32768)], ids=str)
+def test_spatial_rows_online_and_stored(device, shape):
+    """axis="spatial" on the CPU keeps the exponentials of rows up to 32768 elements and runs
+    the online softmax over longer rows (here 32942); both against the reference."""
+    students, teacher = _inputs(shape, torch.float32, device, k=2, scale=4.0)
+    _check(students, teacher, multi=True, temperature=2.0, axis="spatial", reduction="none")
+    _check(students, teacher, multi=True, temperature=0.5, axis="spatial", divergence="ce")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_seg_kd_loss_fully_ignored_and_channels_last(device):
     students, teacher = _inputs((2, 5, 4, 6), torch.float32, device)
     s = students[0]

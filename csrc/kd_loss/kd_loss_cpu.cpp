@@ -46,6 +46,9 @@ inline int64_t channel_tile(int64_t C) {
   return tile;
 }
 constexpr int64_t kChunk = 2048;  // row elements per online-softmax step on the spatial axis
+// Spatial rows up to this length keep their exponentials (two rows of floats per thread, 256 KiB
+// at most, within L2) instead of recomputing them.
+constexpr int64_t kStoredRow = 32768;
 
 template <typename acc_t>
 struct HardPart {  // seg_kd_loss's cross-entropy part (K == 1 only)

@@ -232,7 +232,98 @@ struct SpatialKernel {
     return pt > acc_t(0) ? v : acc_t(0);
   }
 
+  // Rows up to kStoredRow elements: a max pass, then one pass that keeps the exponentials
+  // exp(x * inv_t - m) in e and returns m, log of their sum and its reciprocal; the final pass
+  // reuses them (two exponentials per element instead of four for the online version).
+  void stored_stats(const scalar_t* __restrict x, acc_t* __restrict e, acc_t& m_out, acc_t& lz_out,
+                    acc_t& rz_out) const {
+    constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    const int64_t full = L - L % kLanes;
+    acc_t lane_max[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) lane_max[j] = ninf;
+    for (int64_t i = 0; i < full; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const acc_t v = load_acc(x[i + j]) * inv_t;
+        lane_max[j] = v > lane_max[j] ? v : lane_max[j];
+      }
+    acc_t m = ninf;
+    for (int64_t j = 0; j < kLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
+    for (int64_t i = full; i < L; ++i) {
+      const acc_t v = load_acc(x[i]) * inv_t;
+      m = v > m ? v : m;
+    }
+    // A row of -inf only: every exponential is exp(-inf - -inf) = NaN in the online version too.
+    acc_t lane_sum[kLanes] = {};
+    for (int64_t i = 0; i < full; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const acc_t ex = exp_nonpos(load_acc(x[i + j]) * inv_t - m);
+        e[i + j] = ex;
+        lane_sum[j] += ex;
+      }
+    acc_t z = 0;
+    for (int64_t j = 0; j < kLanes; ++j) z += lane_sum[j];
+    for (int64_t i = full; i < L; ++i) {
+      const acc_t ex = exp_nonpos(load_acc(x[i]) * inv_t - m);
+      e[i] = ex;
+      z += ex;
+    }
+    m_out = m;
+    lz_out = std::log(z);
+    rz_out = acc_t(1) / z;
+  }
+
+  void run_stored() const {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> et(L), es(L);
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* tr = t + r * L;
+        acc_t mt, lzt, rzt;
+        stored_stats(tr, et.data(), mt, lzt, rzt);
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* __restrict sr = s[k] + r * L;
+          const scalar_t* __restrict tc = tr;
+          scalar_t* __restrict gr = g[k] + r * L;
+          const acc_t* __restrict etp = et.data();
+          const acc_t* __restrict esp = es.data();
+          acc_t ms, lzs, rzs;
+          stored_stats(sr, es.data(), ms, lzs, rzs);
+          const acc_t gscale = scale * inv_t;
+          const int64_t full = L - L % kLanes;
+          acc_t lane_part[kLanes] = {};
+          double total = 0;
+          const auto element = [&](int64_t i) {
+            const acc_t lpt = (load_acc(tc[i]) * inv_t - mt) - lzt;
+            const acc_t lps = (load_acc(sr[i]) * inv_t - ms) - lzs;
+            const acc_t pt = etp[i] * rzt;
+            const acc_t ps = esp[i] * rzs;
+            const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
+            gr[i] = store_as<scalar_t>(gscale * (ps - pt));
+            return pt > acc_t(0) ? v : acc_t(0);
+          };
+          for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
+            // Partial sums per chunk, added in double: the same summation shape as run().
+            const int64_t c1 = std::min<int64_t>(full, c0 + kChunk);
+            for (int64_t j = 0; j < kLanes; ++j) lane_part[j] = 0;
+            for (int64_t i = c0; i < c1; i += kLanes)
+              for (int64_t j = 0; j < kLanes; ++j) lane_part[j] += element(i + j);
+            acc_t part = 0;
+            for (int64_t j = 0; j < kLanes; ++j) part += lane_part[j];
+            total += static_cast<double>(part);
+          }
+          acc_t tail = 0;
+          for (int64_t i = full; i < L; ++i) tail += element(i);
+          total += static_cast<double>(tail);
+          loss[k * rows + r] = static_cast<acc_t>(total) * scale;
+        }
+      }
+    });
+  }
+
   void run() const {
+    if (L <= kStoredRow) {
+      run_stored();
+      return;
+    }
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* tr = t + r * L;
