@@ -181,6 +181,26 @@ struct SpatialKernel {
   // not reassociate them itself): each loop below keeps kLanes partial results.
   static constexpr int64_t kLanes = 16;
 
+  // max of x[i] * inv_t over [0, len), in kLanes independent lanes.
+  acc_t scaled_max(const scalar_t* __restrict x, int64_t len) const {
+    constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    const int64_t full = len - len % kLanes;
+    acc_t lane_max[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) lane_max[j] = ninf;
+    for (int64_t i = 0; i < full; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const acc_t v = load_acc(x[i + j]) * inv_t;
+        lane_max[j] = v > lane_max[j] ? v : lane_max[j];
+      }
+    acc_t m = ninf;
+    for (int64_t j = 0; j < kLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
+    for (int64_t i = full; i < len; ++i) {
+      const acc_t v = load_acc(x[i]) * inv_t;
+      m = v > m ? v : m;
+    }
+    return m;
+  }
+
   // Online softmax over a row, chunk by chunk: running max m and sum z of exp(x * inv_t - m);
   // returns m and log(z).
   void stats(const scalar_t* __restrict x, acc_t& m_out, acc_t& lz_out) const {
@@ -190,19 +210,7 @@ struct SpatialKernel {
       const int64_t len = std::min<int64_t>(kChunk, L - c0);
       const int64_t full = len - len % kLanes;
       const scalar_t* __restrict xc = x + c0;
-      acc_t lane_max[kLanes];
-      for (int64_t j = 0; j < kLanes; ++j) lane_max[j] = ninf;
-      for (int64_t i = 0; i < full; i += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const acc_t v = load_acc(xc[i + j]) * inv_t;
-          lane_max[j] = v > lane_max[j] ? v : lane_max[j];
-        }
-      acc_t cm = ninf;
-      for (int64_t j = 0; j < kLanes; ++j) cm = lane_max[j] > cm ? lane_max[j] : cm;
-      for (int64_t i = full; i < len; ++i) {
-        const acc_t v = load_acc(xc[i]) * inv_t;
-        cm = v > cm ? v : cm;
-      }
+      const acc_t cm = scaled_max(xc, len);
       if (cm > m) {
         z = m == ninf ? acc_t(0) : z * exp_nonpos(m - cm);
         m = cm;
@@ -237,22 +245,10 @@ struct SpatialKernel {
   // reuses them (two exponentials per element instead of four for the online version).
   void stored_stats(const scalar_t* __restrict x, acc_t* __restrict e, acc_t& m_out, acc_t& lz_out,
                     acc_t& rz_out) const {
-    constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     const int64_t full = L - L % kLanes;
-    acc_t lane_max[kLanes];
-    for (int64_t j = 0; j < kLanes; ++j) lane_max[j] = ninf;
-    for (int64_t i = 0; i < full; i += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const acc_t v = load_acc(x[i + j]) * inv_t;
-        lane_max[j] = v > lane_max[j] ? v : lane_max[j];
-      }
-    acc_t m = ninf;
-    for (int64_t j = 0; j < kLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
-    for (int64_t i = full; i < L; ++i) {
-      const acc_t v = load_acc(x[i]) * inv_t;
-      m = v > m ? v : m;
-    }
-    // A row of -inf only: every exponential is exp(-inf - -inf) = NaN in the online version too.
+    // A row of -inf logits only has no distribution: its terms come out NaN, as in the online
+    // version and the reference.
+    const acc_t m = scaled_max(x, L);
     acc_t lane_sum[kLanes] = {};
     for (int64_t i = 0; i < full; i += kLanes)
       for (int64_t j = 0; j < kLanes; ++j) {
