@@ -132,7 +132,7 @@ struct ChannelKernel {
           for (int64_t c = 0; c < C; ++c) {
             const acc_t* __restrict etc = et + c * tile;
             const acc_t* __restrict esc = es + c * tile;
-            const acc_t* __restrict e1c = e1 + c * tile;
+            const acc_t* __restrict e1c = HARD ? e1 + c * tile : nullptr;  // no scratch without a hard part
             const scalar_t* __restrict sc = sb + off(c, p0);
             const scalar_t* __restrict tc = tb + off(c, p0);
             scalar_t* __restrict gc = gb + off(c, p0);
