@@ -50,10 +50,9 @@ struct ChannelKernel {
 
   // Max m, log of the sum lz and reciprocal rz of the sum of exp(x * mul - m) over the channels
   // for `len` positions (m and lz kept apart: m + lz would round away the low bits of
-  // log-probabilities at logits of 1e5). KEEP also leaves the unnormalised exp(x * mul - m) in e
-  // (C x tile); the probability is e * rz. KEEP is a template argument because a run-time
-  // `if (e)` in the loop became masked vector stores, which are slow on AMD.
-  template <bool KEEP>
+  // log-probabilities at logits of 1e5), and the unnormalised exp(x * mul - m) in e (C x tile);
+  // the probability is e * rz. Every caller keeps e: a run-time `if (e)` in the loop had become
+  // masked vector stores, which are slow on AMD.
   void stats(const scalar_t* __restrict x, int64_t p0, int64_t len, acc_t mul, acc_t* __restrict m,
              acc_t* __restrict lz, acc_t* __restrict rz, acc_t* __restrict e, int64_t tile) const {
     const int64_t sp = step();
@@ -71,7 +70,7 @@ struct ChannelKernel {
       acc_t* __restrict ec = e + c * tile;
       for (int64_t i = 0; i < len; ++i) {
         const acc_t ex = exp_nonpos(load_acc(xc[i * sp]) * mul - m[i]);
-        if (KEEP) ec[i] = ex;
+        ec[i] = ex;
         rz[i] += ex;
       }
     }
@@ -107,11 +106,11 @@ struct ChannelKernel {
           labf[i] = static_cast<acc_t>(lab[i]);
         }
         const scalar_t* tb = t + nb;
-        stats<true>(tb, p0, len, inv_t, mt, lzt, rzt, et, tile);
+        stats(tb, p0, len, inv_t, mt, lzt, rzt, et, tile);
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t* sb = s[k] + nb;
           scalar_t* gb = g[k] + nb;
-          stats<true>(sb, p0, len, inv_t, ms, lzs, rzs, es, tile);
+          stats(sb, p0, len, inv_t, ms, lzs, rzs, es, tile);
           for (int64_t i = 0; i < len; ++i) acc[i] = 0;
           double hard_loss = 0;
           if (HARD) {
@@ -119,7 +118,7 @@ struct ChannelKernel {
               std::copy(ms, ms + len, m1);
               std::copy(lzs, lzs + len, lz1);
             } else {
-              stats<true>(sb, p0, len, acc_t(1), m1, lz1, rz1, e1, tile);
+              stats(sb, p0, len, acc_t(1), m1, lz1, rz1, e1, tile);
             }
             for (int64_t i = 0; i < len; ++i) {
               wy[i] = hard->weight ? hard->weight[lab[i]] : acc_t(1);

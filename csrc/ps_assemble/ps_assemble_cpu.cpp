@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 #include <vector>
 #if defined(__linux__)
@@ -49,15 +48,10 @@ std::vector<int64_t> cell_table(const Geometry& g) {
   return cb;
 }
 
-// Per offset: its cell, and the channel offset of its column cell (cell(v) * channel stride).
+// Cell boundaries cb[0..k]: cell i covers tile rows (and columns) [cb[i], cb[i + 1]).
 struct Tables {
-  std::vector<int64_t> cb, cell, col_off;
-  Tables(const Geometry& g, int64_t channel_stride) : cb(cell_table(g)), cell(g.m), col_off(g.m) {
-    for (int64_t u = 0; u < g.m; ++u) {
-      cell[u] = cell_of(u, g.k, g.m);
-      col_off[u] = cell[u] * channel_stride;
-    }
-  }
+  std::vector<int64_t> cb;
+  explicit Tables(const Geometry& g) : cb(cell_table(g)) {}
 };
 
 // Offsets [lo, hi) of [0, m) with origin + offset inside [0, size).
@@ -77,7 +71,6 @@ inline void copy_cell_row(const Geometry& g, const Tables& t, const scalar_t* pl
   int64_t ulo, uhi, vlo, vhi;
   valid_span(y0, m, g.H, ulo, uhi);
   valid_span(x0, m, g.W, vlo, vhi);
-  const int64_t* col_off = t.col_off.data();
   for (int64_t u = t.cb[i]; u < t.cb[i + 1]; ++u) {
     scalar_t* row = out + u * m;
     if (u < ulo || u >= uhi) {
@@ -86,15 +79,15 @@ inline void copy_cell_row(const Geometry& g, const Tables& t, const scalar_t* pl
     }
     for (int64_t v = 0; v < vlo; ++v) row[v] = pad;
     const scalar_t* src = planes + (y0 + u) * g.sH;
-    if (g.sW == 1) {
-      // One contiguous run per column cell (its own plane) rather than a per-column offset table.
-      for (int64_t j = 0; j < g.k; ++j) {
-        const int64_t va = std::max(t.cb[j], vlo), ve = std::min(t.cb[j + 1], vhi);
-        const scalar_t* __restrict cell_src = src + j * g.sC + x0;
+    // One run per column cell, read from that cell's plane.
+    for (int64_t j = 0; j < g.k; ++j) {
+      const int64_t va = std::max(t.cb[j], vlo), ve = std::min(t.cb[j + 1], vhi);
+      const scalar_t* __restrict cell_src = src + j * g.sC + x0 * g.sW;
+      if (g.sW == 1) {
         for (int64_t v = va; v < ve; ++v) row[v] = cell_src[v];
+      } else {
+        for (int64_t v = va; v < ve; ++v) row[v] = cell_src[v * g.sW];
       }
-    } else {
-      for (int64_t v = vlo; v < vhi; ++v) row[v] = src[col_off[v] + (x0 + v) * g.sW];
     }
     for (int64_t v = vhi; v < m; ++v) row[v] = pad;
   }
@@ -214,7 +207,7 @@ Tensor ps_assemble_cpu(const Tensor& scores, const Tensor& windows_in, int64_t k
   const int64_t R = windows.size(0);
   Tensor out = fresh_output({R, g.G, m, m}, scores.options());
   if (out.numel() == 0) return out;
-  const Tables tables(g, g.sC);
+  const Tables tables(g);
   const int64_t* win = windows.const_data_ptr<int64_t>();
   // Windows grouped by image (stable); rows with an invalid batch index are all pad.
   std::vector<int64_t> start(g.N + 1, 0), by_image, invalid;
@@ -260,7 +253,7 @@ Tensor ps_assemble_dense_cpu(const Tensor& scores, int64_t k, int64_t m, int64_t
   const Geometry g = make_geometry(scores.sizes(), scores.strides(), k, m, stride);
   Tensor out = fresh_output({g.N, g.G, g.Ho, g.Wo, m, m}, scores.options());
   if (out.numel() == 0) return out;
-  const Tables tables(g, g.sC);
+  const Tables tables(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "ps_assemble_dense_cpu", [&] {
     const scalar_t* src = scores.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
@@ -347,7 +340,7 @@ Tensor ps_assemble_backward_cpu(const Tensor& grad_in, const Tensor& windows_in,
   // Segment of image b in the sorted windows.
   std::vector<int64_t> seg(g.N + 1);
   for (int64_t b = 0; b <= g.N; ++b) seg[b] = search_sorted(kp, R, b * g.key_rows(), false);
-  const Tables tables(g, 1);
+  const Tables tables(g);
   const std::vector<int64_t>& cb = tables.cb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ps_assemble_backward_cpu", [&] {
     const scalar_t* go = grad.const_data_ptr<scalar_t>();
@@ -375,7 +368,7 @@ Tensor ps_assemble_dense_backward_cpu(const Tensor& grad_in, at::IntArrayRef sco
                                       int64_t stride) {
   const auto [g, grad, windows, out] = prepare_dense_backward(grad_in, scores_size, k, m, stride);
   if (out.numel() == 0) return out;
-  const Tables tables(g, 1);
+  const Tables tables(g);
   const std::vector<int64_t>& cb = tables.cb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ps_assemble_dense_backward_cpu", [&] {
     const scalar_t* go = grad.const_data_ptr<scalar_t>();
