@@ -271,6 +271,45 @@ def test_unpool_segnet_rows_vector_and_baseline_paths(dtype, compact, avx2, monk
         assert_close(got, want, exact=True)
 
 
+# 2x2x2 windows of stride 2 take the same vector path one z-slice at a time: odd depths leave a
+# gap slice, odd heights and widths gap rows and columns; widths below 8 have no vector step.
+SEGNET_VOLUME_CASES = [(4, 6, 16), (5, 7, 33), (3, 9, 6), (6, 4, 22)]
+
+
+@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "baseline"])
+@pytest.mark.parametrize("compact", [False, True], ids=["int64", "compact"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_unpool3d_segnet_slices_vector_and_baseline_paths(dtype, compact, avx2, monkeypatch):
+    if not avx2:
+        monkeypatch.setenv("SEGKERNELS_NO_AVX2", "1")
+    for size in SEGNET_VOLUME_CASES:
+        x = _random_input((2, 3) + size, dtype, "cpu")
+        v, i = segkernels.max_pool3d_with_indices(x, 2, 2, compact=compact)
+        flat = i if not compact else compact_to_flat_indices(i, list(size), (2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1))
+        out = segkernels.max_unpool3d(v, i, 2, 2, output_size=size)
+        assert_no_nan(out)
+        expected = reference_max_unpool(v, flat, (2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), list(size))
+        assert_close(out, expected, exact=True)
+        if dtype == torch.float32 and not compact:
+            assert_close(out, F.max_unpool3d(v, i, 2, 2, output_size=size), exact=True)
+    # An entry moved to another window's target takes the general scatter; one past the map or
+    # past the window raises: the slice path's hit count must see both.
+    x = torch.randn(1, 2, 5, 6, 20)
+    v, i = segkernels.max_pool3d_with_indices(x, 2)
+    moved = i.clone()
+    moved[0, 1, 1, 2, 7] = 0
+    out = segkernels.max_unpool3d(v, moved, 2, output_size=(5, 6, 20))
+    assert_close(out, reference_max_unpool(v, moved, (2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), [5, 6, 20]), exact=True)
+    bad = i.clone()
+    bad[0, 0, 1, 1, 9] = 5 * 6 * 20
+    with pytest.raises(IndexError, match="outside"):
+        segkernels.max_unpool3d(v, bad, 2, output_size=(5, 6, 20))
+    _, ci = segkernels.max_pool3d_with_indices(x, 2, compact=True)
+    ci[0, 1, 0, 2, 3] = 8
+    with pytest.raises(IndexError, match="compact"):
+        segkernels.max_unpool3d(v, ci, 2, output_size=(5, 6, 20))
+
+
 @pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "baseline"])
 def test_unpool_segnet_rows_moved_and_bad_indices(avx2, monkeypatch):
     """Entries that leave their window are caught by the vector path's hit count too."""

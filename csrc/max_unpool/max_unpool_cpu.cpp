@@ -527,6 +527,62 @@ int64_t unpool_two_rows_avx2(const Geometry& g, const bits_t* vals, const index_
 }
 #endif
 
+#if SEGKERNELS_CPU_AVX2
+// SegNet's windows (NCHW; kernel = stride = 2 along x and y, and along z in 3-D, or a unit z
+// axis; no padding or dilation; every window inside the map): whole z-slices at a time, with
+// pointer steps instead of the per-row window lookups of unpool_disjoint_cpu. Deep layers'
+// rows are short (15 entries for a 30-wide map), so that bookkeeping cost as much as the stores.
+inline bool segnet_slices_apply(const Geometry& g) {
+  auto pairs = [](const Axis& a) {
+    return a.kernel == 2 && a.stride == 2 && a.padding == 0 && a.dilation == 1 && 2 * a.pooled <= a.full;
+  };
+  const Axis& az = g.ax[0];
+  const bool z_unit = az.kernel == 1 && az.stride == 1 && az.padding == 0 && az.pooled == az.full;
+  return g.inner == 1 && pairs(g.ax[1]) && pairs(g.ax[2]) && (z_unit || pairs(az));
+}
+
+// Slices [begin, end) of the (outer * D) z-slices; returns the entries that found their target.
+template <typename bits_t, typename index_t>
+int64_t unpool_segnet_slices_avx2(const Geometry& g, const bits_t* vals, const index_t* idx, bits_t* out, int64_t begin,
+                                  int64_t end) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t D = az.full, H = ay.full, W = ax.full, Hp = ay.pooled, Wp = ax.pooled;
+  const int64_t z_kernel = az.kernel;  // 1 (2-D maps) or 2
+  const bool compact = IndexKind<index_t>::compact;
+  int64_t hits = 0;
+  for (int64_t s = begin; s < end; ++s) {
+    const int64_t o = s / D, z = s - o * D;
+    bits_t* slice = out + s * H * W;
+    const int64_t pz = z / z_kernel, tz = z - pz * z_kernel;
+    if (pz >= az.pooled) {  // a slice no window reaches
+      std::fill(slice, slice + H * W, bits_t(0));
+      continue;
+    }
+    const int64_t first = (o * az.pooled + pz) * Hp * Wp;
+    const bits_t* vrow = vals + first;
+    const index_t* irow = idx + first;
+    bits_t* orow = slice;
+    // First tap of entry 0 of the window row, its step per entry, and the lower row's offset.
+    int64_t base = compact ? tz * 4 : z * H * W;
+    const int64_t step = compact ? 0 : 2, second = compact ? 2 : W, row_step = compact ? 0 : 2 * W;
+    for (int64_t py = 0; py < Hp; ++py, vrow += Wp, irow += Wp, orow += 2 * W, base += row_step) {
+      int64_t px = unpool_pairs_avx2<true>(vrow, irow, orow, orow + W, Wp, base, step, second, hits);
+      for (; px < Wp; ++px) {
+        const int64_t rel = static_cast<int64_t>(irow[px]) - (base + step * px);
+        store_pair<false>(orow + 2 * px, vrow[px], rel);
+        store_pair<false>(orow + W + 2 * px, vrow[px], rel - second);
+        hits += (static_cast<uint64_t>(rel) < 2) + (static_cast<uint64_t>(rel - second) < 2);
+      }
+      for (int64_t x = 2 * Wp; x < W; ++x) orow[x] = orow[W + x] = bits_t(0);
+    }
+    std::fill(slice + 2 * Hp * W, slice + H * W, bits_t(0));  // rows below the last window
+  }
+  return hits;
+}
+#endif
+
 // Calls fn(bits_t*) with the tensor's storage viewed as raw bit patterns of its element width.
 // Unpooling and its gradient only move values (all-zero bits are +0.0), so they run on bits:
 // one instantiation per width instead of per dtype, and integer selects that vectorise.
@@ -569,6 +625,17 @@ int64_t unpool_disjoint_cpu(UnpoolArgs& a, const index_t* idx) {
   const int64_t row_len = g.ax[2].full * g.inner;
   auto run = [&](auto* vals, auto* out) {
     using bits_t = std::remove_const_t<std::remove_pointer_t<decltype(out)>>;
+#if SEGKERNELS_CPU_AVX2
+    if constexpr (sizeof(bits_t) < 8) {
+      if (avx2 && segnet_slices_apply(g)) {
+        const int64_t slice = g.ax[1].full * g.ax[2].full;
+        at::parallel_for(0, a.outer * g.ax[0].full, row_grain(slice), [&](int64_t begin, int64_t end) {
+          matches += unpool_segnet_slices_avx2<bits_t, index_t>(g, vals, idx, out, begin, end);
+        });
+        return;
+      }
+    }
+#endif
     at::parallel_for(0, rows, row_grain(row_len), [&](int64_t begin, int64_t end) {
       int64_t local = 0;
       RowCursor row(begin, g.ax[0].full, g.ax[1].full);
