@@ -494,6 +494,23 @@ int64_t unpool_row_disjoint_cpu(const Geometry& g, const bits_t* vals, const ind
 }
 
 #if SEGKERNELS_CPU_AVX2
+// One row of n 2x2 windows into its two output rows: the vector pairs, then a scalar tail
+// (only when n < 4). Entry px's first tap is base + step * px; its lower taps lie `second`
+// beyond. Returns the entries that found their target.
+template <typename bits_t, typename index_t>
+inline int64_t unpool_window_row(const bits_t* vrow, const index_t* irow, bits_t* orow0, bits_t* orow1, int64_t n,
+                                 int64_t base, int64_t step, int64_t second) {
+  int64_t hits = 0;
+  int64_t px = unpool_pairs_avx2<true>(vrow, irow, orow0, orow1, n, base, step, second, hits);
+  for (; px < n; ++px) {
+    const int64_t rel = static_cast<int64_t>(irow[px]) - (base + step * px);
+    store_pair<false>(orow0 + 2 * px, vrow[px], rel);
+    store_pair<false>(orow1 + 2 * px, vrow[px], rel - second);
+    hits += (static_cast<uint64_t>(rel) < 2) + (static_cast<uint64_t>(rel - second) < 2);
+  }
+  return hits;
+}
+
 // Both full rows of a 2x2-stride-2 window row at once (NCHW, no x padding, every x window
 // inside): one pass over the pooled row's values and indices writes the two output rows.
 // Same result as two unpool_row_disjoint_cpu calls; short rows (deep layers) gain most.
@@ -514,14 +531,7 @@ int64_t unpool_two_rows_avx2(const Geometry& g, const bits_t* vals, const index_
   const int64_t base = compact ? tz * ay.kernel * 2 : (z * ay.full + y) * W;
   const int64_t step = compact ? 0 : 2;
   const int64_t second = compact ? 2 : W;
-  int64_t hits = 0;
-  int64_t px = unpool_pairs_avx2<true>(vrow, irow, orow, orow1, ax.pooled, base, step, second, hits);
-  for (; px < ax.pooled; ++px) {
-    const int64_t rel = static_cast<int64_t>(irow[px]) - (base + step * px);
-    store_pair<false>(orow + 2 * px, vrow[px], rel);
-    store_pair<false>(orow1 + 2 * px, vrow[px], rel - second);
-    hits += (static_cast<uint64_t>(rel) < 2) + (static_cast<uint64_t>(rel - second) < 2);
-  }
+  const int64_t hits = unpool_window_row(vrow, irow, orow, orow1, ax.pooled, base, step, second);
   for (const int64_t x : x_gaps) orow[x] = orow1[x] = bits_t(0);
   return hits;
 }
@@ -568,13 +578,7 @@ int64_t unpool_segnet_slices_avx2(const Geometry& g, const bits_t* vals, const i
     int64_t base = compact ? tz * 4 : z * H * W;
     const int64_t step = compact ? 0 : 2, second = compact ? 2 : W, row_step = compact ? 0 : 2 * W;
     for (int64_t py = 0; py < Hp; ++py, vrow += Wp, irow += Wp, orow += 2 * W, base += row_step) {
-      int64_t px = unpool_pairs_avx2<true>(vrow, irow, orow, orow + W, Wp, base, step, second, hits);
-      for (; px < Wp; ++px) {
-        const int64_t rel = static_cast<int64_t>(irow[px]) - (base + step * px);
-        store_pair<false>(orow + 2 * px, vrow[px], rel);
-        store_pair<false>(orow + W + 2 * px, vrow[px], rel - second);
-        hits += (static_cast<uint64_t>(rel) < 2) + (static_cast<uint64_t>(rel - second) < 2);
-      }
+      hits += unpool_window_row(vrow, irow, orow, orow + W, Wp, base, step, second);
       for (int64_t x = 2 * Wp; x < W; ++x) orow[x] = orow[W + x] = bits_t(0);
     }
     std::fill(slice + 2 * Hp * W, slice + H * W, bits_t(0));  // rows below the last window
