@@ -91,3 +91,46 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     if not triton_available():
         return False
     return t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpreting())
+
+
+def register_autograd(op_name: str, backward, *, setup_context):
+    """torch.library.register_autograd, plus a plain autograd.Function over the same op, setup
+    and backward, returned for eager wrappers to call when a gradient is needed.
+
+    Why: the Function that register_autograd generates calls torch._library.utils.fill_defaults
+    on every forward that records a graph, and that re-reads the schema's argument list once per
+    argument: 30-50 us a call here, more than max_unpool2d's kernel on a deep layer's map. The
+    returned Function runs the same setup_context and backward without that cost. The op keeps
+    its registered autograd for torch.compile, opcheck and direct op calls; eager wrappers should
+    call the op itself under torch.compile (see records_grad).
+    """
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    namespace, name = op_name.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+
+    # ctx in forward, not a setup_context staticmethod: with one, Function.apply binds the
+    # arguments through inspect.signature on every call (about 50 us).
+    def forward(ctx, *args):
+        output = op(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    def eager_backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    # Built with type() so that the graph nodes carry the op's name (<name>_eager_autogradBackward).
+    function = type(
+        f"{name}_eager_autograd",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)},
+    )
+    return function.apply
+
+
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether an eager call on these tensors must record a graph (and is not being compiled)."""
+    return (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and not torch.compiler.is_compiling()
+    )

@@ -299,7 +299,9 @@ if _library.kernels_available():
         grad = _ops.max_pool_backward.default(grad_values, indices, *ctx.geometry, ctx.input_size)
         return grad, None, None, None, None, None, None
 
-    torch.library.register_autograd("segkernels::max_pool_with_indices", _pool_backward, setup_context=_pool_setup)
+    _pool_with_grad = _library.register_autograd(
+        "segkernels::max_pool_with_indices", _pool_backward, setup_context=_pool_setup
+    )
 
     def _unpool_setup(ctx, inputs, output):
         _input, indices, kernel_size, stride, padding, dilation, _size, _check = inputs
@@ -311,7 +313,7 @@ if _library.kernels_available():
         grad = _ops.max_unpool_backward.default(grad_output, indices, *ctx.geometry, True)
         return grad, None, None, None, None, None, None, None
 
-    torch.library.register_autograd("segkernels::max_unpool", _unpool_backward, setup_context=_unpool_setup)
+    _unpool_with_grad = _library.register_autograd("segkernels::max_unpool", _unpool_backward, setup_context=_unpool_setup)
 
     # The backward ops are linear maps whose adjoints are the forward-direction ops, which gives
     # double backward (gradgradcheck): the adjoint of the winners-only gather is unpooling
@@ -371,9 +373,9 @@ def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, c
                 f"dilation={dil}, padding={pad}: the pooled size would be {out}"
             )
     if _library.use_compiled(x):
-        values, indices = torch.ops.segkernels.max_pool_with_indices.default(
-            x, list(kernel), list(stride_t), list(pad), list(dil), ceil_mode, compact
-        )
+        args = (x, list(kernel), list(stride_t), list(pad), list(dil), ceil_mode, compact)
+        pool = _pool_with_grad if _library.records_grad(x) else torch.ops.segkernels.max_pool_with_indices.default
+        values, indices = pool(*args)
     else:
         values, indices = reference_max_pool_with_indices(x, kernel, stride_t, pad, dil, ceil_mode, compact)
     if unbatched:
@@ -401,9 +403,9 @@ def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size
     idx = indices.unsqueeze(0) if unbatched else indices
     size = _unpool_output_size(x.shape[2:], kernel, stride_t, pad, dil, output_size)
     if _library.use_compiled(x):
-        out = torch.ops.segkernels.max_unpool.default(
-            x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, bool(check_indices)
-        )
+        args = (x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, bool(check_indices))
+        unpool = _unpool_with_grad if _library.records_grad(x) else torch.ops.segkernels.max_unpool.default
+        out = unpool(*args)
     else:
         out = reference_max_unpool(x, idx, kernel, stride_t, pad, dil, size)
     return out.squeeze(0) if unbatched else out
