@@ -115,14 +115,11 @@ def register_autograd(op_name: str, backward, *, setup_context):
         setup_context(ctx, args, output)
         return output
 
-    def eager_backward(ctx, *grads):
-        return backward(ctx, *grads)
-
     # Built with type() so that the graph nodes carry the op's name (<name>_eager_autogradBackward).
     function = type(
         f"{name}_eager_autograd",
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)},
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
     return function.apply
 

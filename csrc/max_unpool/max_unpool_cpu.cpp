@@ -133,6 +133,10 @@ void pool_row_cpu(const Geometry& g, const scalar_t* in, scalar_t* vout, index_t
   const int64_t row0 = (tap_coord(az, pz, tz0) * ay.full + tap_coord(ay, py, 0)) * ax.full;
   const int64_t W = ax.full, plane_step = ay.full * ax.full;
   const int64_t tap0 = (tz0 * ay.kernel) * ax.kernel;  // compact offset of (tz0, 0, 0)
+  // Index of a quad window's winning tap a (bits: z, y, x) whose x tap lies at column x.
+  const auto quad_index = [&](int64_t a, int64_t x) {
+    return static_cast<index_t>(compact ? tap0 + a : row0 + (a & 4 ? plane_step : 0) + (a & 2 ? W : 0) + x);
+  };
   int64_t px_first = 0;
 #if SEGKERNELS_CPU_AVX2
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -142,11 +146,7 @@ void pool_row_cpu(const Geometry& g, const scalar_t* in, scalar_t* vout, index_t
       const scalar_t* r0 = base + row0;
       px_first = pool_quads_avx2(r0, W, plane_step, planes, inside, vout + out_row, taps.data());
       index_t* io = iout + out_row;
-      for (int64_t px = 0; px < px_first; ++px) {
-        const int64_t a = taps[px];
-        io[px] = static_cast<index_t>(compact ? tap0 + a
-                                              : row0 + (a & 4 ? plane_step : 0) + (a & 2 ? W : 0) + 2 * px + (a & 1));
-      }
+      for (int64_t px = 0; px < px_first; ++px) io[px] = quad_index(taps[px], 2 * px + (taps[px] & 1));
     }
   }
 #endif
@@ -180,8 +180,7 @@ void pool_row_cpu(const Geometry& g, const scalar_t* in, scalar_t* vout, index_t
         tap(r1[W + 1], 7);
       }
       vo[0] = static_cast<scalar_t>(m);
-      const int64_t x = tap_coord(ax, px, a & 1);
-      io[0] = static_cast<index_t>(compact ? tap0 + a : row0 + (a & 4 ? plane_step : 0) + (a & 2 ? W : 0) + x);
+      io[0] = quad_index(a, tap_coord(ax, px, a & 1));
       continue;
     }
     if (C == 1) {
