@@ -659,7 +659,8 @@ def kd_loss(
         return reference_kd_loss(student if multi else students[0], teacher, temperature=temperature, axis=axis,
                                  labels=labels, ignore_index=ignore_index, divergence=divergence,
                                  reduction=reduction, scale_by_t2=scale_by_t2)
-    maps, _grads = torch.ops.segkernels.kd_loss.default(
+    maps, _grads = _library.call_below_autograd(
+        torch.ops.segkernels.kd_loss.default,
         students, teacher.detach(), labels, temperature, spatial, divergence == "kl", scale_by_t2, ignore_index
     )
     if reduction == "none":
@@ -720,7 +721,8 @@ def seg_kd_loss(
     if not _use_kernels(teacher):
         return reference_seg_kd_loss(student, teacher, labels, temperature=temperature, hard_weight=hard_weight,
                                      soft_weight=soft_weight, class_weight=class_weight, ignore_index=ignore_index)
-    loss, _grad = torch.ops.segkernels.seg_kd_loss.default(
+    loss, _grad = _library.call_below_autograd(
+        torch.ops.segkernels.seg_kd_loss.default,
         student, teacher.detach(), labels, class_weight, temperature, float(hard_weight), float(soft_weight),
         ignore_index,
     )

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from . import _library
 
+_call = _library.call_below_autograd
+
 IntOrSeq = Union[int, Sequence[int]]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -296,7 +298,7 @@ if _library.kernels_available():
 
     def _pool_backward(ctx, grad_values, _grad_indices):
         (indices,) = ctx.saved_tensors
-        grad = _ops.max_pool_backward.default(grad_values, indices, *ctx.geometry, ctx.input_size)
+        grad = _call(_ops.max_pool_backward.default, grad_values, indices, *ctx.geometry, ctx.input_size)
         return grad, None, None, None, None, None, None
 
     _pool_with_grad = _library.register_autograd(
@@ -310,7 +312,7 @@ if _library.kernels_available():
 
     def _unpool_backward(ctx, grad_output):
         (indices,) = ctx.saved_tensors
-        grad = _ops.max_unpool_backward.default(grad_output, indices, *ctx.geometry, True)
+        grad = _call(_ops.max_unpool_backward.default, grad_output, indices, *ctx.geometry, True)
         return grad, None, None, None, None, None, None, None
 
     _unpool_with_grad = _library.register_autograd("segkernels::max_unpool", _unpool_backward, setup_context=_unpool_setup)
@@ -328,9 +330,9 @@ if _library.kernels_available():
     def _gather_backward(ctx, gg):
         (indices,) = ctx.saved_tensors
         if ctx.only_winners:
-            grad = _ops.max_unpool.default(gg, indices, *ctx.geometry, ctx.full_size, False)
+            grad = _call(_ops.max_unpool.default, gg, indices, *ctx.geometry, ctx.full_size, False)
         else:
-            grad = _ops.max_pool_backward.default(gg, indices, *ctx.geometry, ctx.full_size)
+            grad = _call(_ops.max_pool_backward.default, gg, indices, *ctx.geometry, ctx.full_size)
         return grad, None, None, None, None, None, None
 
     torch.library.register_autograd("segkernels::max_unpool_backward", _gather_backward, setup_context=_gather_setup)
@@ -342,7 +344,7 @@ if _library.kernels_available():
 
     def _scatter_backward(ctx, gg):
         (indices,) = ctx.saved_tensors
-        return _ops.max_unpool_backward.default(gg, indices, *ctx.geometry, False), None, None, None, None, None, None
+        return _call(_ops.max_unpool_backward.default, gg, indices, *ctx.geometry, False), None, None, None, None, None, None
 
     torch.library.register_autograd("segkernels::max_pool_backward", _scatter_backward, setup_context=_scatter_setup)
 
@@ -374,8 +376,10 @@ def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, c
             )
     if _library.use_compiled(x):
         args = (x, list(kernel), list(stride_t), list(pad), list(dil), ceil_mode, compact)
-        pool = _pool_with_grad if _library.records_grad(x) else torch.ops.segkernels.max_pool_with_indices.default
-        values, indices = pool(*args)
+        if _library.records_grad(x):
+            values, indices = _pool_with_grad(*args)
+        else:
+            values, indices = _call(torch.ops.segkernels.max_pool_with_indices.default, *args)
     else:
         values, indices = reference_max_pool_with_indices(x, kernel, stride_t, pad, dil, ceil_mode, compact)
     if unbatched:
@@ -404,8 +408,10 @@ def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size
     size = _unpool_output_size(x.shape[2:], kernel, stride_t, pad, dil, output_size)
     if _library.use_compiled(x):
         args = (x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, bool(check_indices))
-        unpool = _unpool_with_grad if _library.records_grad(x) else torch.ops.segkernels.max_unpool.default
-        out = unpool(*args)
+        if _library.records_grad(x):
+            out = _unpool_with_grad(*args)
+        else:
+            out = _call(torch.ops.segkernels.max_unpool.default, *args)
     else:
         out = reference_max_unpool(x, idx, kernel, stride_t, pad, dil, size)
     return out.squeeze(0) if unbatched else out

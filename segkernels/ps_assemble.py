@@ -36,6 +36,8 @@ import torch
 
 from . import _library
 
+_call = _library.call_below_autograd
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = [
@@ -124,7 +126,7 @@ if _library.kernels_available():
     def _sparse_backward(ctx, grad):
         (windows,) = ctx.saved_tensors
         size, k, m = ctx.params
-        return _ops.ps_assemble_backward.default(grad, windows, size, k, m), None, None, None, None
+        return _call(_ops.ps_assemble_backward.default, grad, windows, size, k, m), None, None, None, None
 
     torch.library.register_autograd("segkernels::ps_assemble", _sparse_backward, setup_context=_sparse_setup)
 
@@ -137,7 +139,7 @@ if _library.kernels_available():
     def _sparse_bwd_backward(ctx, gg):
         (windows,) = ctx.saved_tensors
         k, m = ctx.params
-        return _ops.ps_assemble.default(gg, windows, k, m, 0.0), None, None, None, None
+        return _call(_ops.ps_assemble.default, gg, windows, k, m, 0.0), None, None, None, None
 
     torch.library.register_autograd(
         "segkernels::ps_assemble_backward", _sparse_bwd_backward, setup_context=_sparse_bwd_setup
@@ -148,7 +150,7 @@ if _library.kernels_available():
         ctx.params = (list(scores.shape), k, m, stride)
 
     def _dense_backward(ctx, grad):
-        return _ops.ps_assemble_dense_backward.default(grad, *ctx.params), None, None, None, None
+        return _call(_ops.ps_assemble_dense_backward.default, grad, *ctx.params), None, None, None, None
 
     torch.library.register_autograd("segkernels::ps_assemble_dense", _dense_backward, setup_context=_dense_setup)
 
@@ -158,7 +160,7 @@ if _library.kernels_available():
 
     def _dense_bwd_backward(ctx, gg):
         k, m, stride = ctx.params
-        return _ops.ps_assemble_dense.default(gg, k, m, stride, 0.0), None, None, None, None
+        return _call(_ops.ps_assemble_dense.default, gg, k, m, stride, 0.0), None, None, None, None
 
     torch.library.register_autograd(
         "segkernels::ps_assemble_dense_backward", _dense_bwd_backward, setup_context=_dense_bwd_setup
@@ -247,7 +249,7 @@ def ps_assemble(
                 f"windows[{row}, 0] = {int(b[row])} is not a batch index of scores (batch size {scores.shape[0]})"
             )
     if _library.use_compiled(scores):
-        return torch.ops.segkernels.ps_assemble.default(scores, windows, k, m, pad)
+        return _call(torch.ops.segkernels.ps_assemble.default, scores, windows, k, m, pad)
     if not check_windows:  # the reference raises on invalid rows; give them the kernels' rule
         valid = (windows[:, 0] >= 0) & (windows[:, 0] < scores.shape[0])
         out = reference_ps_assemble(scores, torch.where(valid[:, None], windows, torch.zeros_like(windows)), k, m, pad)
@@ -274,5 +276,5 @@ def ps_assemble_dense(
     stride = _check_int(stride, "stride", 1)
     pad = _check_pad(pad_value)
     if _library.use_compiled(scores):
-        return torch.ops.segkernels.ps_assemble_dense.default(scores, k, m, stride, pad)
+        return _call(torch.ops.segkernels.ps_assemble_dense.default, scores, k, m, stride, pad)
     return reference_ps_assemble_dense(scores, k, m, stride, pad)
