@@ -47,15 +47,17 @@ def test_unpool_forward(benchmark, impl, name, shape, nd, dtype):
     size = x.shape[2:]
     unpool_t = F.max_unpool2d if nd == 2 else F.max_unpool3d
     unpool_s = segkernels.max_unpool2d if nd == 2 else segkernels.max_unpool3d
+    baseline = lambda: unpool_t(values, indices, 2, 2, 0, size)  # noqa: E731
     if impl == "torch":
-        fn = lambda: unpool_t(values, indices, 2, 2, 0, size)  # noqa: E731
+        fn = baseline
     elif impl == "segkernels":
         fn = lambda: unpool_s(values, indices, 2, 2, 0, size)  # noqa: E731
     else:
         fn = lambda: unpool_s(values, compact, 2, 2, 0, size)  # noqa: E731
     idx_bytes = 1 if impl == "segkernels-compact" else 8
     moved = values.numel() * (values.element_size() + idx_bytes) + x.numel() * x.element_size()
-    run_benchmark(benchmark, fn, op=f"max_unpool{nd}d forward", impl=impl, case=case, bytes_moved=moved, device=DEVICE)
+    run_benchmark(benchmark, fn, op=f"max_unpool{nd}d forward", impl=impl, case=case, bytes_moved=moved, device=DEVICE,
+                  baseline=None if impl == "torch" else baseline)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -66,18 +68,22 @@ def test_unpool_backward(benchmark, impl, name, shape, nd, dtype):
     x, values, indices, compact = _inputs(shape, dtype, nd)
     size = x.shape[2:]
     grad_out = torch.randn_like(x)
+
+    def backward_of(unpool, idx):
+        v = values.detach().requires_grad_(True)
+        out = unpool(v, idx, 2, 2, 0, size)
+        return lambda: torch.autograd.grad(out, v, grad_out, retain_graph=True)
+
+    baseline = backward_of(F.max_unpool2d if nd == 2 else F.max_unpool3d, indices)
     if impl == "torch":
-        unpool = F.max_unpool2d if nd == 2 else F.max_unpool3d
-        idx = indices
+        fn = baseline
     else:
-        unpool = segkernels.max_unpool2d if nd == 2 else segkernels.max_unpool3d
-        idx = compact if impl == "segkernels-compact" else indices
-    v = values.detach().requires_grad_(True)
-    out = unpool(v, idx, 2, 2, 0, size)
-    fn = lambda: torch.autograd.grad(out, v, grad_out, retain_graph=True)  # noqa: E731
+        fn = backward_of(segkernels.max_unpool2d if nd == 2 else segkernels.max_unpool3d,
+                         compact if impl == "segkernels-compact" else indices)
     idx_bytes = 1 if impl == "segkernels-compact" else 8
     moved = values.numel() * (2 * values.element_size() + idx_bytes)
-    run_benchmark(benchmark, fn, op=f"max_unpool{nd}d backward", impl=impl, case=case, bytes_moved=moved, device=DEVICE)
+    run_benchmark(benchmark, fn, op=f"max_unpool{nd}d backward", impl=impl, case=case, bytes_moved=moved, device=DEVICE,
+                  baseline=None if impl == "torch" else baseline)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -86,9 +92,10 @@ def test_unpool_backward(benchmark, impl, name, shape, nd, dtype):
 def test_pool_with_indices(benchmark, impl, name, shape, nd, dtype):
     shape, case = _case(name, shape, dtype)
     x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    torch_pool = F.max_pool2d if nd == 2 else F.max_pool3d
+    baseline = lambda: torch_pool(x, 2, 2, return_indices=True)  # noqa: E731
     if impl == "torch":
-        pool = F.max_pool2d if nd == 2 else F.max_pool3d
-        fn = lambda: pool(x, 2, 2, return_indices=True)  # noqa: E731
+        fn = baseline
     else:
         pool = segkernels.max_pool2d_with_indices if nd == 2 else segkernels.max_pool3d_with_indices
         compact = impl == "segkernels-compact"
@@ -96,4 +103,5 @@ def test_pool_with_indices(benchmark, impl, name, shape, nd, dtype):
     pooled = x.numel() // (2**nd)
     idx_bytes = 1 if impl == "segkernels-compact" else 8
     moved = x.numel() * x.element_size() + pooled * (x.element_size() + idx_bytes)
-    run_benchmark(benchmark, fn, op=f"max_pool{nd}d with indices", impl=impl, case=case, bytes_moved=moved, device=DEVICE)
+    run_benchmark(benchmark, fn, op=f"max_pool{nd}d with indices", impl=impl, case=case, bytes_moved=moved, device=DEVICE,
+                  baseline=None if impl == "torch" else baseline)

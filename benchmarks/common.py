@@ -1,8 +1,9 @@
 """Shared benchmark plumbing: device choice, timing with synchronisation, bytes, GB/s, peak memory.
 
 Each benchmark records in extra_info: op (what is measured), impl ("torch" baseline or
-"segkernels"), case (shape and dtype), bytes (the fewest bytes the op must move), and
-peak_bytes (measured extra memory at the op's peak, outputs included). report.py turns the
+"segkernels"), case (shape and dtype), bytes (the fewest bytes the op must move),
+peak_bytes (measured extra memory at the op's peak, outputs included) and, where the bench
+passes its baseline, paired_speedup (see run_benchmark). report.py turns the
 pytest-benchmark JSON into the markdown table and the plot.
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -104,8 +106,15 @@ def run_benchmark(
     bytes_moved: int,
     device: torch.device,
     rounds: int = 5,
+    baseline: Optional[Callable[[], object]] = None,
 ) -> None:
-    """Times fn (synchronised on CUDA) and records what report.py needs."""
+    """Times fn (synchronised on CUDA) and records what report.py needs.
+
+    With a baseline (the PyTorch function of the same case), also times the two interleaved
+    and records the ratio of their medians as `paired_speedup`: the shared build VM drifts by
+    tens of percent over seconds, so two medians taken a minute apart in separate tests can
+    disagree on an op at parity, and calls timed side by side share the drift.
+    """
 
     def timed():
         out = fn()
@@ -141,3 +150,25 @@ def run_benchmark(
     if device.type == "cuda":
         rounds = max(rounds, 25)  # GPU runs are short: more rounds for a stable median, same wall time
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    if baseline is not None:
+        benchmark.extra_info.update(paired_speedup=paired_speedup(timed, baseline, device, rounds))
+
+
+def paired_speedup(timed: Callable[[], object], baseline: Callable[[], object], device: torch.device,
+                   rounds: int) -> float:
+    """median(baseline time) / median(timed time) over `rounds` interleaved pairs, alternating
+    which of the two goes first."""
+
+    def timed_baseline():
+        out = baseline()
+        synchronize(device)
+        return out
+
+    timed_baseline()
+    times = {timed: [], timed_baseline: []}
+    for r in range(rounds):
+        for f in (timed, timed_baseline) if r % 2 else (timed_baseline, timed):
+            start = time.perf_counter()
+            f()
+            times[f].append(time.perf_counter() - start)
+    return statistics.median(times[timed_baseline]) / statistics.median(times[timed])

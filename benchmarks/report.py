@@ -1,7 +1,8 @@
 """Turns pytest-benchmark JSON into the markdown table (and a PNG plot) of `make bench`.
 
-Columns: median time, speed-up over the PyTorch baseline of the same op and case, achieved
-GB/s for the fewest bytes the op must move, that as a share of the measured copy bandwidth,
+Columns: median time, speed-up over the PyTorch baseline of the same op and case (the ratio of
+the two tests' medians, and, where the bench recorded it, the same ratio from calls timed
+interleaved, which the build VM's drift cannot tilt), achieved GB/s for the fewest bytes the op must move, that as a share of the measured copy bandwidth,
 and the measured peak extra memory.
 """
 
@@ -30,6 +31,7 @@ def load_rows(path: str):
                 median_s=median,
                 gbps=info["bytes"] / median / 1e9 if info.get("bytes") else float("nan"),
                 peak_mb=info.get("peak_bytes", -1) / 2**20,
+                paired=info.get("paired_speedup"),
             )
         )
     return data, rows
@@ -45,8 +47,8 @@ def build_table(rows, title_lines=()):
     lines = list(title_lines)
     lines.append(f"Measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write of 256 MiB).")
     lines.append("")
-    lines.append("| op | case | impl | median ms | speed-up vs torch | GB/s | % of copy BW | peak MiB |")
-    lines.append("|---|---|---|---:|---:|---:|---:|---:|")
+    lines.append("| op | case | impl | median ms | speed-up vs torch | paired speed-up | GB/s | % of copy BW | peak MiB |")
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
     speedups = []
     for (op, case), rs in sorted(groups.items()):
         base = next((r for r in rs if r["impl"] == "torch"), None)
@@ -54,8 +56,9 @@ def build_table(rows, title_lines=()):
             sp = base["median_s"] / r["median_s"] if base else float("nan")
             if r["impl"] != "torch":
                 speedups.append((f"{op} | {case} | {r['impl']}", sp))
+            paired = f"{r['paired']:.2f}x" if r["paired"] is not None else "-"
             lines.append(
-                f"| {op} | {case} | {r['impl']} | {r['median_s'] * 1e3:.2f} | {sp:.2f}x | {r['gbps']:.1f} | "
+                f"| {op} | {case} | {r['impl']} | {r['median_s'] * 1e3:.2f} | {sp:.2f}x | {paired} | {r['gbps']:.1f} | "
                 f"{100 * r['gbps'] / copy_gbps:.0f}% | {r['peak_mb']:.0f} |"
             )
     return "\n".join(lines), speedups
