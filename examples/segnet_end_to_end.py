@@ -294,8 +294,9 @@ def save_figure(path, test_set, models, results):
     grid = fig.add_gridspec(len(x) + 1, cols, height_ratios=[1] * len(x) + [1.3])
     show = lambda t: (t - t.min()) / (t.max() - t.min() + 1e-9)  # noqa: E731
     for r in range(len(x)):
-        panels = [("image", show(x[r].permute(1, 2, 0)).numpy()), ("label", y[r].masked_fill(y[r] == IGNORE, -1))]
+        panels = [("image", show(x[r].permute(1, 2, 0))), ("label", y[r].masked_fill(y[r] == IGNORE, -1))]
         panels += [(name, p[r]) for name, p in preds.items()]
+        panels = [(title, img.numpy()) for title, img in panels]  # matplotlib wants arrays, not tensors
         for c, (title, img) in enumerate(panels):
             ax = fig.add_subplot(grid[r, c])
             ax.imshow(img, cmap=None if title == "image" else "tab10", vmin=None if title == "image" else -1,

@@ -15,6 +15,10 @@ from ._testing import new_output
 
 __all__ = ["confusion_matrix", "reference_confusion_matrix"]
 
+# The matrix has num_classes**2 bins: at most 46340**2 < 2**31 of them (a 17 GB matrix), so bin
+# indices stay far from int64 overflow and fit int32.
+MAX_CLASSES = 46340
+
 
 def reference_confusion_matrix(
     input: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
@@ -107,6 +111,17 @@ if _library.triton_available():
     _HISTOGRAM_MAX_BINS = 4096
 
     def _confusion_matrix_triton(input: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int):
+        # The public wrapper checks everything; these guard direct op calls, as the C++ op does.
+        if not 0 < num_classes <= MAX_CLASSES:
+            raise ValueError(f"segkernels.confusion_matrix: num_classes must be in [1, {MAX_CLASSES}], got {num_classes}")
+        if labels.dtype != torch.int64 or (not input.is_floating_point() and input.dtype != torch.int64):
+            raise TypeError("segkernels.confusion_matrix: labels (and a prediction map) must be int64")
+        expected = (input.shape[0], *input.shape[2:]) if input.is_floating_point() else tuple(input.shape)
+        if tuple(labels.shape) != expected or (input.is_floating_point() and input.shape[1] != num_classes):
+            raise ValueError(
+                f"segkernels.confusion_matrix: input {tuple(input.shape)} and labels {tuple(labels.shape)} "
+                f"do not match for num_classes={num_classes}"
+            )
         from_logits = input.is_floating_point()
         n = labels.shape[0]
         spatial = labels[0].numel() if n > 0 else 0
@@ -185,8 +200,12 @@ def confusion_matrix(
     """
     if not isinstance(input, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("input and labels must be torch.Tensor")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 0 < num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be an int in [1, {MAX_CLASSES}], got {num_classes!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.device != input.device:

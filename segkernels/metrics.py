@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterable, Union
+from collections.abc import Iterable
+from typing import Dict, Union
 
 import torch
 
@@ -24,7 +25,12 @@ def segmentation_scores(cm: torch.Tensor) -> Dict[str, torch.Tensor]:
     """
     if not isinstance(cm, torch.Tensor) or cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"cm must be a square (num_classes, num_classes) tensor, got {getattr(cm, 'shape', cm)}")
+    if cm.dtype == torch.bool or cm.is_complex():
+        raise TypeError(f"cm must hold integer or float counts, got {cm.dtype}")
     cm = cm.to(torch.float64)
+    # Counts: anything else would give scores outside [0, 1] or NaN means without a word.
+    if cm.numel() and not bool(((cm >= 0) & (cm == cm.floor()) & cm.isfinite()).all()):
+        raise ValueError("cm must hold counts: finite, non-negative whole numbers")
     tp = cm.diagonal()
     in_labels = cm.sum(dim=1)
     in_preds = cm.sum(dim=0)
@@ -54,23 +60,46 @@ def median_frequency_weights(
     """SegNet's median frequency balancing: w_c = median(freq) / freq_c.
 
     freq_c = pixels of class c / total pixels of the images in which c is present (pixels equal
-    to ignore_index are counted in neither). The median is over the classes that were seen; a
-    class never seen gets weight 0, with a warning.
+    to ignore_index are counted in neither). The median is over the classes that were seen (for
+    an even count, the mean of the two middle frequencies, as numpy.median); a class never seen
+    gets weight 0, with a warning.
 
     Args:
-        label_batches: one integer label tensor (N, *spatial), or an iterable of them.
+        label_batches: one integer label tensor (N, *spatial), or an iterable of them; each of
+            the N entries is one image. Empty batches are skipped.
         num_classes: number of classes.
+        ignore_index: label value that is not counted.
     Returns:
         (num_classes,) float32 weights, on the device of the labels.
     """
-    if not isinstance(num_classes, int) or num_classes <= 0:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    batches = [label_batches] if isinstance(label_batches, torch.Tensor) else label_batches
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(label_batches, torch.Tensor):
+        batches = [label_batches]
+    elif isinstance(label_batches, Iterable) and not isinstance(label_batches, (str, bytes)):
+        batches = label_batches
+    else:
+        raise TypeError(
+            f"label_batches must be a label tensor or an iterable of them, got {type(label_batches).__name__}"
+        )
     class_pixels = None
     image_pixels = None
     for labels in batches:
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dim() < 2:
-            raise TypeError("label_batches must hold integer label tensors of shape (N, *spatial)")
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.is_floating_point()
+            or labels.is_complex()
+            or labels.dtype == torch.bool
+            or labels.dim() < 2
+        ):
+            raise TypeError(
+                "label_batches must hold integer label tensors of shape (N, *spatial), got "
+                + (f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__)
+            )
+        if labels.shape[0] == 0:
+            continue
         flat = labels.reshape(labels.shape[0], -1).long()
         valid = flat != ignore_index
         if bool(((flat < 0) | (flat >= num_classes))[valid].any()):
@@ -85,7 +114,7 @@ def median_frequency_weights(
         class_pixels += counts.sum(0)
         image_pixels += (present * valid.sum(1, keepdim=True)).sum(0)
     if class_pixels is None:
-        raise ValueError("label_batches is empty")
+        raise ValueError("label_batches holds no images")
     seen = class_pixels > 0
     if not bool(seen.all()):
         missing = torch.nonzero(~seen).flatten().tolist()
@@ -93,6 +122,8 @@ def median_frequency_weights(
     if not bool(seen.any()):
         return torch.zeros(num_classes, dtype=torch.float32, device=class_pixels.device)
     freq = class_pixels / image_pixels.clamp(min=1)
-    median = freq[seen].median()  # lower median for an even count, as torch.median
+    # torch.median gives the lower of the two middle values for an even count; SegNet's median
+    # (numpy's) is their mean.
+    median = freq[seen].quantile(0.5)
     weights = torch.where(seen, median / freq.clamp(min=1e-300), torch.zeros_like(freq))
     return weights.to(torch.float32)

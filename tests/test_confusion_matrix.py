@@ -112,6 +112,23 @@ def test_errors(device):
     preds[0, 1, 1] = 9
     with pytest.raises(ValueError, match="outside"):
         segkernels.confusion_matrix(preds, labels, 3)
+    # num_classes**2 overflowed int64 in the kernel's buffer size once (a crash): a clear error now.
+    for classes in (46341, 2**32, 2**62):
+        with pytest.raises(ValueError, match="num_classes"):
+            segkernels.confusion_matrix(preds, labels, classes)
+    for ignore in (None, 2.5, True):
+        with pytest.raises(TypeError, match="ignore_index"):
+            segkernels.confusion_matrix(logits, labels, 3, ignore_index=ignore)
+    with pytest.raises(ValueError, match="ignore_index"):
+        segkernels.confusion_matrix(logits, labels, 3, ignore_index=2**70)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_op_call_rejects_num_classes_out_of_range(device):
+    labels = torch.zeros(1, 4, dtype=torch.long, device=device)
+    for classes in (0, 46341, 2**32):
+        with pytest.raises((ValueError, RuntimeError), match="num_classes"):
+            torch.ops.segkernels.confusion_matrix.default(labels, labels, classes, 255)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -31,6 +31,26 @@ def test_segmentation_scores_empty_matrix_is_not_nan():
         segkernels.segmentation_scores(torch.zeros(2, 3))
 
 
+@pytest.mark.parametrize(
+    "cm",
+    [torch.tensor([[1, -1], [0, 1]]), torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]),
+     torch.tensor([[0.5, 0.0], [0.0, 1.0]]), torch.tensor([[float("inf"), 0.0], [0.0, 1.0]])],
+    ids=["negative", "nan", "fractional", "inf"],
+)
+def test_segmentation_scores_rejects_what_is_not_counts(cm):
+    with pytest.raises(ValueError, match="counts"):
+        segkernels.segmentation_scores(cm)
+
+
+def test_segmentation_scores_rejects_bool_and_complex():
+    for cm in (torch.eye(2, dtype=torch.bool), torch.eye(2, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match="counts"):
+            segkernels.segmentation_scores(cm)
+    # Whole-number float counts are counts.
+    s = segkernels.segmentation_scores(torch.tensor([[3.0, 1.0], [0.0, 4.0]]))
+    assert math.isclose(s["global_accuracy"].item(), 7 / 8)
+
+
 def test_median_frequency_weights_hand_case():
     # image 0: 3 px of class 0, 1 px of class 1 (+1 ignored); image 1: 2 px class 1, 2 px class 2
     labels = torch.tensor([[0, 0, 0, 1, 255, 0, 0, 0], [1, 1, 2, 2, 255, 255, 255, 255]])
@@ -43,6 +63,36 @@ def test_median_frequency_weights_hand_case():
         assert torch.allclose(w, expected)
     with pytest.raises(ValueError, match="lie in"):
         segkernels.median_frequency_weights(torch.tensor([[0, 7]]), 4)
+
+
+def test_median_frequency_weights_even_count_takes_the_mean_of_the_middle_two():
+    # One image per row: freq0 = 3/8, freq1 = 4/8, freq2 = 3/4, freq3 = 2/8; the median of
+    # (0.25, 0.375, 0.5, 0.75) is 0.4375, not torch.median's lower 0.375.
+    labels = torch.tensor([[0, 0, 1, 3], [2, 2, 2, 0], [1, 1, 1, 3]])
+    w = segkernels.median_frequency_weights(labels, 4)
+    expected = 0.4375 / torch.tensor([3 / 8, 4 / 8, 3 / 4, 2 / 8])
+    assert torch.allclose(w, expected.float())
+
+
+def test_median_frequency_weights_skips_empty_batches_and_checks_arguments():
+    labels = torch.tensor([[0, 0, 1, 3], [2, 2, 2, 0], [1, 1, 1, 3]])
+    empty = torch.zeros(0, 4, dtype=torch.long)
+    expected = segkernels.median_frequency_weights(labels, 4)
+    assert torch.equal(segkernels.median_frequency_weights([empty, labels[:2], empty, labels[2:]], 4), expected)
+    with pytest.raises(ValueError, match="no images"):
+        segkernels.median_frequency_weights(empty, 4)
+    with pytest.raises(ValueError, match="no images"):
+        segkernels.median_frequency_weights(iter([]), 4)
+    for bad in (labels.bool(), labels.to(torch.complex64), labels.float(), labels[0]):
+        with pytest.raises(TypeError, match="integer label tensors"):
+            segkernels.median_frequency_weights(bad, 4)
+    for bad in (5, None, "labels"):
+        with pytest.raises(TypeError, match="label_batches"):
+            segkernels.median_frequency_weights(bad, 4)
+    with pytest.raises(ValueError, match="num_classes"):
+        segkernels.median_frequency_weights(labels, True)
+    with pytest.raises(TypeError, match="ignore_index"):
+        segkernels.median_frequency_weights(labels, 4, ignore_index=None)
 
 
 @requires_kernels

@@ -22,8 +22,12 @@ using at::Tensor;
 
 constexpr int64_t kTile = 256;  // positions whose running argmax stays in registers / L1
 
+// num_classes**2 bins: at most 46340**2 < 2**31, so bin indices cannot overflow (as in confusion_matrix.py).
+constexpr int64_t kMaxClasses = 46340;
+
 void check_args(const Tensor& input, const Tensor& labels, int64_t classes) {
-  TORCH_CHECK_VALUE(classes > 0, "segkernels.confusion_matrix: num_classes must be positive, got ", classes);
+  TORCH_CHECK_VALUE(classes > 0 && classes <= kMaxClasses, "segkernels.confusion_matrix: num_classes must be in [1, ",
+                    kMaxClasses, "], got ", classes);
   TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "segkernels.confusion_matrix: labels must be int64, got ",
                    labels.scalar_type());
   TORCH_CHECK_VALUE(input.device() == labels.device(), "segkernels.confusion_matrix: labels must be on ",
