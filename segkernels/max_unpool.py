@@ -53,7 +53,7 @@ __all__ = [
 # Argument handling
 
 
-def _tuple(value: IntOrSeq, nd: int, name: str) -> Tuple[int, ...]:
+def _tuple(value: IntOrSeq, nd: int, name: str, allow_single: bool = True) -> Tuple[int, ...]:
     # Plain ints and tuples or lists of them first: the numbers.Integral checks below go through
     # ABC machinery, about 4 us per argument, a tenth of a small map's whole call.
     if type(value) is int:
@@ -66,7 +66,7 @@ def _tuple(value: IntOrSeq, nd: int, name: str) -> Tuple[int, ...]:
         seq = tuple(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}") from None
-    if len(seq) == 1:
+    if len(seq) == 1 and allow_single:  # F.max_pool*d broadcasts (k,); F.max_unpool*d raises
         seq = seq * nd
     if len(seq) != nd or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in seq):
         raise ValueError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}")
@@ -84,19 +84,20 @@ def _check_input(input: torch.Tensor, nd: int, name: str = "input") -> None:
 
 
 def _pool_params(nd, kernel_size, stride, padding, dilation, pooling=True):
-    kernel = _tuple(kernel_size, nd, "kernel_size")
+    kernel = _tuple(kernel_size, nd, "kernel_size", pooling)
     # F.max_pool*d treats stride=None and stride=[] alike: default to the kernel size.
-    no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
-    stride_t = kernel if no_stride else _tuple(stride, nd, "stride")
-    pad = _tuple(padding, nd, "padding")
-    dil = _tuple(dilation, nd, "dilation")
+    no_stride = stride is None or (pooling and isinstance(stride, (list, tuple)) and len(stride) == 0)
+    stride_t = kernel if no_stride else _tuple(stride, nd, "stride", pooling)
+    pad = _tuple(padding, nd, "padding", pooling)
+    dil = _tuple(dilation, nd, "dilation", pooling)
     if any(k <= 0 for k in kernel):
         raise ValueError(f"kernel_size must be positive, got {kernel}")
     if any(s <= 0 for s in stride_t):
         raise ValueError(f"stride must be positive, got {stride_t}")
     if any(d <= 0 for d in dil):
         raise ValueError(f"dilation must be positive, got {dil}")
-    if any(p < 0 for p in pad):
+    # Unpooling takes a negative padding (only the default output size uses it), as F.max_unpool*d.
+    if pooling and any(p < 0 for p in pad):
         raise ValueError(f"padding must be non-negative, got {pad}")
     if pooling and any(p > k // 2 for p, k in zip(pad, kernel)):
         raise ValueError(f"padding must be at most half of kernel_size, got padding={pad}, kernel_size={kernel}")
@@ -121,7 +122,13 @@ def _unpool_output_size(in_spatial, kernel, stride, pad, dil, output_size) -> Li
     default = [_default_unpool_size(in_spatial[i], kernel[i], stride[i], pad[i], dil[i]) for i in range(nd)]
     if output_size is None:
         return default
-    size = [int(v) for v in output_size]
+    try:
+        size = list(output_size)
+    except TypeError:
+        raise TypeError(f"output_size must be a sequence of ints, got {output_size!r}") from None
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size):
+        raise TypeError(f"output_size must be a sequence of ints, got {output_size!r}")
+    size = [int(v) for v in size]
     if len(size) == nd + 2:
         size = size[2:]
     if len(size) != nd:
@@ -133,6 +140,19 @@ def _unpool_output_size(in_spatial, kernel, stride, pad, dil, output_size) -> Li
         if not lo < size[i] < hi:
             raise ValueError(f'invalid output_size "{list(output_size)}" (dim {i} must be between {lo} and {hi})')
     return size
+
+
+def _check_output_size(size: Sequence[int], input: torch.Tensor) -> None:
+    if any(v < 0 for v in size):
+        raise ValueError(
+            f"the unpooled size {list(size)} of input {tuple(input.shape)} is negative: check kernel_size, stride "
+            "and padding"
+        )
+
+
+def _check_bool(value, name: str) -> None:
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":  # numpy.bool_ too
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -236,6 +256,8 @@ def reference_max_unpool(
     nd = len(kernel_size)
     n, c = input.shape[:2]
     full = math.prod(output_size)
+    if n * c == 0 or full == 0:  # nothing to write (and nothing to reshape by)
+        return input.new_zeros((n, c, *output_size))
     if indices.dtype == torch.uint8:
         flat = compact_to_flat_indices(indices, output_size, kernel_size, stride, padding, dilation)
     else:
@@ -359,8 +381,14 @@ def _unbatched(input: torch.Tensor, nd: int) -> bool:
 
 def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, compact):
     _check_input(input, nd)
+    _check_bool(ceil_mode, "ceil_mode")
+    _check_bool(compact, "compact")
     kernel, stride_t, pad, dil = _pool_params(nd, kernel_size, stride, padding, dilation)
     unbatched = _unbatched(input, nd)
+    if 0 in (input.shape if unbatched else input.shape[1:]):
+        raise ValueError(
+            f"input must have a non-zero size in every dimension but the batch, got {tuple(input.shape)}"
+        )
     x = input.unsqueeze(0) if unbatched else input
     if compact and math.prod(kernel) > 256:
         raise ValueError(
@@ -399,6 +427,12 @@ def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size
         raise ValueError(f"indices must have the shape of input {tuple(input.shape)}, got {tuple(indices.shape)}")
     if indices.device != input.device:
         raise ValueError(f"indices must be on the device of input ({input.device}), got {indices.device}")
+    # As F.max_unpool*d: every dimension after the first must be non-empty (for an unbatched
+    # (C, *spatial) input too).
+    if 0 in input.shape[1:]:
+        raise ValueError(
+            f"input must have a non-zero size in every dimension after the first, got {tuple(input.shape)}"
+        )
     kernel, stride_t, pad, dil = _pool_params(nd, kernel_size, stride, padding, dilation, pooling=False)
     if indices.dtype == torch.uint8 and math.prod(kernel) > 256:
         raise ValueError(f"compact uint8 indices need a window of at most 256 elements; kernel_size={kernel}")
@@ -406,6 +440,13 @@ def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size
     x = input.unsqueeze(0) if unbatched else input
     idx = indices.unsqueeze(0) if unbatched else indices
     size = _unpool_output_size(x.shape[2:], kernel, stride_t, pad, dil, output_size)
+    _check_output_size(size, input)
+    if any(p < 0 for p in pad):
+        if indices.dtype == torch.uint8:
+            raise ValueError(f"compact indices need the pooling's padding, which is non-negative; got padding={pad}")
+        # Then padding only sets the default size: the kernels get none, and check every index,
+        # since the windows they would assume are not the ones the indices came from.
+        pad, check_indices = (0,) * nd, True
     if _library.use_compiled(x):
         args = (x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, bool(check_indices))
         if _library.records_grad(x):

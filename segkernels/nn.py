@@ -15,9 +15,7 @@ from .max_unpool import (
     max_unpool3d,
 )
 
-from .segnet import SegNet  # noqa: E402
-
-__all__ = ["MaxPool2d", "MaxPool3d", "MaxUnpool2d", "MaxUnpool3d", "SegNet"]
+__all__ = ["MaxPool2d", "MaxPool3d", "MaxUnpool2d", "MaxUnpool3d"]
 
 
 class _MaxPoolNd(nn.Module):
@@ -69,6 +67,7 @@ class MaxPool3d(_MaxPoolNd):
 
 class _MaxUnpoolNd(nn.Module):
     _unpool = staticmethod(max_unpool2d)
+    _nd = 2
 
     def __init__(
         self,
@@ -80,10 +79,11 @@ class _MaxUnpoolNd(nn.Module):
         check_indices: bool = True,
     ) -> None:
         super().__init__()
-        self.kernel_size = kernel_size
-        self.stride = stride if stride is not None else kernel_size
-        self.padding = padding
-        self.dilation = dilation
+        # Tuples, as torch.nn.MaxUnpool*d keeps them.
+        self.kernel_size = _as_tuple(kernel_size, self._nd)
+        self.stride = _as_tuple(stride if stride is not None else kernel_size, self._nd)
+        self.padding = _as_tuple(padding, self._nd)
+        self.dilation = _as_tuple(dilation, self._nd)
         self.check_indices = check_indices
 
     def forward(
@@ -101,7 +101,18 @@ class _MaxUnpoolNd(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        text = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        if self.dilation != (1,) * self._nd:  # torch.nn's repr, plus what it lacks when it matters
+            text += f", dilation={self.dilation}"
+        return text
+
+
+def _as_tuple(value, nd: int):
+    """torch.nn.modules.utils._ntuple's rule: an iterable stays as it is (as a tuple), a scalar repeats."""
+    try:
+        return tuple(value)
+    except TypeError:
+        return (value,) * nd
 
 
 class MaxUnpool2d(_MaxUnpoolNd):
@@ -114,6 +125,12 @@ class MaxUnpool3d(_MaxUnpoolNd):
     """Like nn.MaxUnpool3d; also takes compact uint8 indices."""
 
     _unpool = staticmethod(max_unpool3d)
+    _nd = 3
+
+# SegNet is built from the modules above, so it is imported after them.
+from .segnet import SegNet  # noqa: E402
+
+__all__ += ["SegNet"]
 
 # Distillation losses (segkernels/kd_loss.py, segkernels/self_regulation.py)
 from .self_regulation import ChannelWiseKDLoss, KDLoss, SelfRegulationLoss  # noqa: E402

@@ -8,7 +8,8 @@ from typing import List
 import torch
 from torch import nn
 
-from .max_unpool import max_pool2d_with_indices, max_unpool2d
+# segkernels.nn imports this module after defining its pooling modules.
+from .nn import MaxPool2d, MaxUnpool2d
 
 __all__ = ["SegNet"]
 
@@ -34,8 +35,9 @@ class SegNet(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64) -> None:
         super().__init__()
-        if num_classes <= 0 or in_channels <= 0 or width <= 0:
-            raise ValueError("num_classes, in_channels and width must be positive")
+        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         chans = [max(1, c * width // 64) for _, c in _STAGES]
         self.encoder = nn.ModuleList()
         cin = in_channels
@@ -51,6 +53,9 @@ class SegNet(nn.Module):
             layers.append(_conv_bn_relu(chans[stage], cout))
             self.decoder.append(nn.Sequential(*layers))
         self.classifier = nn.Conv2d(chans[0], num_classes, 3, padding=1)
+        # ceil_mode: odd sizes keep their last row and column; compact uint8 indices.
+        self.pool = MaxPool2d(2, 2, return_indices=True, ceil_mode=True, compact=True)
+        self.unpool = MaxUnpool2d(2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         indices: List[torch.Tensor] = []
@@ -58,9 +63,9 @@ class SegNet(nn.Module):
         for stage in self.encoder:
             x = stage(x)
             sizes.append(x.shape[2:])
-            x, idx = max_pool2d_with_indices(x, 2, 2, ceil_mode=True, compact=True)
+            x, idx = self.pool(x)
             indices.append(idx)
         for stage in self.decoder:
-            x = max_unpool2d(x, indices.pop(), 2, 2, output_size=sizes.pop())
+            x = self.unpool(x, indices.pop(), output_size=sizes.pop())
             x = stage(x)
         return self.classifier(x)

@@ -562,6 +562,72 @@ def test_error_messages_name_the_argument():
         segkernels.max_unpool2d(v, i, 2, stride=(1, 2, 3))
 
 
+def test_errors_where_aten_raises_them():
+    # Zero-size non-batch dimensions: ATen raises for pooling and unpooling alike.
+    for x in (torch.ones(1, 0, 4, 4), torch.ones(1, 2, 0, 4), torch.ones(0, 4, 4)):
+        with pytest.raises(RuntimeError):
+            F.max_pool2d(x, 2, return_indices=True)
+        with pytest.raises(ValueError, match="non-zero size"):
+            segkernels.max_pool2d_with_indices(x, 2)
+    with pytest.raises(ValueError, match="non-zero size"):
+        segkernels.max_pool3d_with_indices(torch.ones(1, 0, 4, 4, 4), 2)
+    for v in (torch.ones(1, 0, 2, 2), torch.ones(1, 1, 0, 2), torch.ones(1, 2, 0)):
+        i = torch.zeros_like(v, dtype=torch.long)
+        with pytest.raises(RuntimeError):
+            F.max_unpool2d(v, i, 2)
+        with pytest.raises(ValueError, match="non-zero size"):
+            segkernels.max_unpool2d(v, i, 2)
+    with pytest.raises(ValueError, match="non-zero size"):
+        segkernels.max_unpool3d(torch.ones(1, 1, 0, 2, 2), torch.zeros(1, 1, 0, 2, 2, dtype=torch.long), 2)
+    # ...and where it does not: an unbatched map with no channels, an empty output.
+    v0 = torch.ones(0, 2, 2)
+    assert segkernels.max_unpool2d(v0, torch.zeros_like(v0, dtype=torch.long), 2).shape == (0, 4, 4)
+    v1 = torch.ones(1, 1, 1, 1)
+    out = segkernels.max_unpool2d(v1, torch.zeros_like(v1, dtype=torch.long), 2, 3, 1)
+    assert out.shape == F.max_unpool2d(v1, torch.zeros_like(v1, dtype=torch.long), 2, 3, 1).shape == (1, 1, 0, 0)
+    # Argument types ATen refuses.
+    x = torch.randn(1, 2, 4, 4)
+    v, i = F.max_pool2d(x, 2, return_indices=True)
+    for size in ([4.5, 4], torch.tensor([4, 4]), [True, 4]):
+        with pytest.raises(TypeError, match="output_size must be a sequence of ints"):
+            segkernels.max_unpool2d(v, i, 2, output_size=size)
+    with pytest.raises(ValueError, match="kernel_size"):
+        segkernels.max_unpool2d(v, i, (2,))  # F.max_pool2d broadcasts (2,); F.max_unpool2d raises
+    with pytest.raises(ValueError, match="stride"):
+        segkernels.max_unpool2d(v, i, 2, [])
+    for flag in ("ceil_mode", "compact"):
+        with pytest.raises(TypeError, match=flag):
+            segkernels.max_pool2d_with_indices(x, 3, 2, **{flag: 1})
+    assert segkernels.max_pool2d_with_indices(x, (2,))[0].shape == (1, 2, 2, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpool_negative_padding_sets_the_size_as_aten(device):
+    x = torch.randn(2, 3, 6, 8, device=device)
+    v, i = F.max_pool2d(x, 2, return_indices=True)
+    for pad in (-1, (-2, 0)):
+        expected = F.max_unpool2d(v.cpu(), i.cpu(), 2, 2, pad)
+        assert_close(segkernels.max_unpool2d(v, i, 2, 2, pad).cpu(), expected, exact=True)
+        assert_close(segkernels.nn.MaxUnpool2d(2, 2, pad)(v, i).cpu(), expected, exact=True)
+    with pytest.raises(ValueError, match="compact indices need the pooling's padding"):
+        segkernels.max_unpool2d(v, torch.zeros_like(i, dtype=torch.uint8), 2, 2, -1)
+    with pytest.raises(ValueError, match="negative"):
+        segkernels.max_unpool2d(v, i, 2, 2, 5)
+    bad = i.clone()
+    bad.view(-1)[0] = 10**6  # every index is checked then, whatever check_indices says
+    with pytest.raises(IndexError):
+        segkernels.max_unpool2d(v, bad, 2, 2, -1, check_indices=False)
+
+
+def test_reference_unpool_with_nothing_to_write():
+    empty = torch.randn(0, 2, 3, 3)
+    out = reference_max_unpool(empty, torch.zeros_like(empty, dtype=torch.long), (2, 2), (2, 2), (0, 0), (1, 1), [6, 6])
+    assert out.shape == (0, 2, 6, 6)
+    one = torch.randn(1, 1, 1, 1)
+    out = reference_max_unpool(one, torch.zeros_like(one, dtype=torch.long), (2, 2), (3, 3), (1, 1), (1, 1), [0, 0])
+    assert out.shape == (1, 1, 0, 0)
+
+
 def test_direct_op_calls_are_checked_in_cpp():
     ops = torch.ops.segkernels
     v = torch.randn(1, 2, 4, 4)
@@ -590,6 +656,10 @@ def test_modules_drop_in(device):
     assert_close(segkernels.nn.MaxPool2d(2)(x), torch.nn.MaxPool2d(2)(x), exact=True)
     vc, ic = segkernels.nn.MaxPool2d(2, return_indices=True, compact=True)(x)
     assert_close(unpool(vc, ic), ref_unpool(rv, ri), exact=True)
+    unpool3 = (segkernels.nn.MaxUnpool3d((2, 1, 2), 1), torch.nn.MaxUnpool3d((2, 1, 2), 1))
+    for ours, theirs in ((unpool, ref_unpool), unpool3):  # tuples and repr as torch.nn's
+        assert (ours.kernel_size, ours.stride, ours.padding) == (theirs.kernel_size, theirs.stride, theirs.padding)
+        assert repr(ours) == repr(theirs)
     x3 = torch.randn(1, 2, 6, 4, 8, device=device)
     v3, i3 = segkernels.nn.MaxPool3d(2, return_indices=True, compact=True)(x3)
     rv3, ri3 = torch.nn.MaxPool3d(2, return_indices=True)(x3)
