@@ -58,9 +58,9 @@ def _reference_one(s, t, temperature, axis, labels, ignore_index, divergence, sc
     lpt = F.log_softmax(t / temperature, dim=dim)
     pt = lpt.exp()
     if divergence == "kl":
-        term = torch.where(pt > 0, pt * (lpt - lps), torch.zeros_like(pt))
+        term = torch.where(pt != 0, pt * (lpt - lps), torch.zeros_like(pt))
     else:
-        term = torch.where(pt > 0, -pt * lps, torch.zeros_like(pt))
+        term = torch.where(pt != 0, -pt * lps, torch.zeros_like(pt))
     per = term.sum(dim)  # (N, *spatial) or (N, C)
     if scale_by_t2:
         per = per * (temperature * temperature)
@@ -116,8 +116,18 @@ def reference_seg_kd_loss(
     class_weight: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
 ) -> torch.Tensor:
-    """hard_weight * F.cross_entropy + soft_weight * reference_kd_loss (eager PyTorch)."""
-    hard = F.cross_entropy(student, labels, weight=class_weight, ignore_index=ignore_index)
+    """hard_weight * F.cross_entropy + soft_weight * reference_kd_loss (eager PyTorch), with the
+    contract's one departure from F.cross_entropy: a hard term of 0, not NaN, when no position
+    counts (all ignored, an empty batch, or weights summing to 0 over the counted positions)."""
+    weight = class_weight.to(student.dtype) if class_weight is not None else None
+    total = F.cross_entropy(student, labels, weight=weight, ignore_index=ignore_index, reduction="sum")
+    counted = labels != ignore_index
+    if weight is None:
+        denominator = counted.sum().to(total.dtype)
+    else:
+        safe = torch.where(counted, labels, torch.zeros_like(labels))
+        denominator = torch.where(counted, weight[safe], torch.zeros((), dtype=weight.dtype)).sum().to(total.dtype)
+    hard = torch.where(denominator != 0, total / torch.where(denominator != 0, denominator, 1), 0)
     soft = reference_kd_loss(student, teacher, temperature=temperature, labels=labels, ignore_index=ignore_index)
     return hard_weight * hard + soft_weight * soft
 
@@ -143,7 +153,7 @@ if _library.triton_available():
     def _term(pt, lpt, lps, KL: tl.constexpr):
         # 0 where pt == 0 (p log p = 0); the inputs are zeroed there first so that no
         # -inf - (-inf) or 0 * -inf is ever formed.
-        has = pt > 0
+        has = pt != 0  # NaN (a NaN teacher) passes, as in F.kl_div
         lpt = tl.where(has, lpt, 0.0)
         lps = tl.where(has, lps, 0.0)
         if KL:
@@ -161,7 +171,7 @@ if _library.triton_available():
         m1 = tl.full([BLOCK], float("-inf"), tl.float32)
         z1 = tl.zeros([BLOCK], tl.float32)
         for c in range(0, C):
-            x = tl.load(s_ptr + base + c * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(s_ptr + base + (base * 0 + c) * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
             ms, zs = _online_update(ms, zs, x * inv_t)
             if HARD:
                 m1, z1 = _online_update(m1, z1, x)
@@ -179,8 +189,9 @@ if _library.triton_available():
             hard_loss = tl.where(valid, -(sy - m1 - lz1) * wy, 0.0)
             wy = wy * hard_coef
         for c in range(0, C):
-            x = tl.load(s_ptr + base + c * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(t_ptr + base + c * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+            c_off = (base * 0 + c) * stride_c  # int64, as in the teacher's loop
+            x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
             lps = x * inv_t - ms - lzs
             lpt = y * inv_t - mt - lzt
             pt = tl.exp(lpt)
@@ -191,7 +202,7 @@ if _library.triton_available():
                 p1 = tl.exp(x - m1 - lz1)
                 gv += wy * (p1 - tl.where(lab == c, 1.0, 0.0))
             gv = tl.where(valid, gv, 0.0)
-            tl.store(g_ptr + base + c * stride_c + offs, gv.to(g_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_ptr + base + c_off + offs, gv.to(g_ptr.dtype.element_ty), mask=mask)
         acc = tl.where(valid, acc, 0.0)
         if HARD:
             # one partial loss per program, summed afterwards (deterministic, no float atomics)
@@ -206,15 +217,22 @@ if _library.triton_available():
         K: tl.constexpr, KL: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
         HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        pid_p = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        pos = pid_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # One flat grid axis: a second axis would cap the batch at 65535 (CUDA's grid y limit).
+        pid = tl.program_id(0).to(tl.int64)
+        tiles = tl.cdiv(P, BLOCK)
+        n = pid // tiles
+        pid_p = pid % tiles
+        pos = pid_p * BLOCK + tl.arange(0, BLOCK)
         mask = pos < P
         offs = pos * stride_p
         base = n * stride_n
         if HAS_LABELS:
             lab = tl.load(lab_ptr + n * P + pos, mask=mask, other=ignore_index)
             valid = mask & (lab != ignore_index)
+            if HARD:
+                # The hard term reads the class weight and the logit at the label: an
+                # out-of-range label (the wrapper raises on it) must never be read through.
+                valid = valid & (lab >= 0) & (lab < C)
             lab = tl.where(valid, lab, 0)
         else:
             lab = tl.zeros([BLOCK], tl.int64)
@@ -223,7 +241,9 @@ if _library.triton_available():
         mt = tl.full([BLOCK], float("-inf"), tl.float32)
         zt = tl.zeros([BLOCK], tl.float32)
         for c in range(0, C):
-            y = tl.load(t_ptr + base + c * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+            # (base * 0 + c): c as int64 (the loop index is int32, a plain int when interpreted),
+            # since (C - 1) * H * W may pass 2**31.
+            y = tl.load(t_ptr + base + (base * 0 + c) * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
             mt, zt = _online_update(mt, zt, y * inv_t)
         lzt = tl.log(zt)
         lscale = scale
@@ -235,9 +255,9 @@ if _library.triton_available():
             soft_coef = tl.load(coef_ptr + 1)
             gscale = gscale * soft_coef
             lscale = scale * soft_coef
-            loss_off = n * tl.num_programs(0) + pid_p
+            loss_off = pid
         else:
-            loss_off = n * P + pid_p.to(tl.int64) * BLOCK
+            loss_off = n * P + pid_p * BLOCK
         _channel_student(s0, g0, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
                          lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL, HARD, HAS_WEIGHT, BLOCK)
         if K > 1:
@@ -427,7 +447,7 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
             block = 256 if teacher.is_cuda else 64
             stride_p = C if cl else 1
             stride_c = 1 if cl else P
-            _kd_channel_kernel[(triton.cdiv(P, block), N)](
+            _kd_channel_kernel[(triton.cdiv(P, block) * N,)](
                 teacher, *sp, *gp, lk, lab, teacher, teacher,
                 C, P, C * P, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
                 K=len(group), KL=kl, HAS_LABELS=labels is not None, HARD=False, HAS_WEIGHT=False, BLOCK=block,
@@ -455,6 +475,12 @@ def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, har
         grad.zero_()
         return torch.zeros((), dtype=acc, device=teacher.device), grad
     labels = labels.contiguous()
+    # One synchronisation, as confusion_matrix's check on CUDA; the kernel skips such labels
+    # either way, so it never reads out of bounds.
+    if bool((((labels < 0) | (labels >= C)) & (labels != ignore_index)).any()):
+        raise IndexError(
+            f"segkernels.seg_kd_loss: labels hold values outside [0, {C}) that are not ignore_index={ignore_index}"
+        )
     count, wsum = _denominators(labels, class_weight, ignore_index, torch.float32)
     zero = torch.zeros((), dtype=torch.float32, device=teacher.device)
     coef = torch.stack([
@@ -465,7 +491,7 @@ def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, har
     block = 256 if teacher.is_cuda else 64
     tiles = triton.cdiv(P, block)
     partials = torch.empty(N * tiles, dtype=torch.float32, device=teacher.device)
-    _kd_channel_kernel[(tiles, N)](
+    _kd_channel_kernel[(tiles * N,)](
         teacher, student, student, student, student, grad, grad, grad, grad, partials, labels, weight, coef,
         C, P, C * P, 1 if cl else P, C if cl else 1, 0, ignore_index, 1.0 / temperature,
         temperature * temperature, temperature, K=1, KL=True, HAS_LABELS=True, HARD=True,
@@ -615,6 +641,8 @@ def kd_loss(
         labels: optional (N, *spatial) integer map (axis="channel" only); positions equal to
             ignore_index contribute nothing and get a zero gradient.
         divergence: "kl" = sum p_t (log p_t - log p_s) (0 where p_t = 0); "ce" = -sum p_t log p_s.
+            A NaN teacher logit gives NaN where it reaches (its position, or its (n, c) row), as
+            F.kl_div does.
         reduction: "mean" (over valid positions for axis="channel", over N * C rows for
             "spatial"; 0 with a zero gradient when there is none), "sum", or "none" (the
             (N, *spatial) or (N, C) map).
@@ -694,9 +722,10 @@ def seg_kd_loss(
     temperature=temperature, labels=labels, ignore_index=ignore_index).
 
     Shapes: student, teacher (N, C, *spatial); labels (N, *spatial) with values in [0, C) or
-    ignore_index (the CPU kernel raises IndexError otherwise; on CUDA out-of-range labels are not
-    checked, to avoid a synchronisation). When every position is ignored the result is 0 with a
-    zero gradient (F.cross_entropy would give NaN). Returns a scalar in the input dtype.
+    ignore_index; IndexError otherwise (on CUDA that check costs one synchronisation). When every
+    position is ignored the result is 0 with a zero gradient (F.cross_entropy would give NaN).
+    class_weight gets no gradient (as in F.cross_entropy, it must not require one). Returns a
+    scalar in the input dtype.
     """
     _check_logits(student, "student")
     _check_logits(teacher, "teacher")
@@ -718,6 +747,8 @@ def seg_kd_loss(
             raise ValueError(f"class_weight must be (C,) = ({teacher.shape[1]},), got {tuple(class_weight.shape)}")
         if class_weight.device != teacher.device:
             raise ValueError(f"class_weight must be on {teacher.device}, got {class_weight.device}")
+        if class_weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("class_weight must not require grad: seg_kd_loss gives it none (as F.cross_entropy)")
     if not _use_kernels(teacher):
         return reference_seg_kd_loss(student, teacher, labels, temperature=temperature, hard_weight=hard_weight,
                                      soft_weight=soft_weight, class_weight=class_weight, ignore_index=ignore_index)

@@ -61,12 +61,24 @@ class ChannelWiseKDLoss(nn.Module):
 
 def presence_targets(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     """(N, num_classes) float: 1 where the class occurs in the image's labels (ignored excluded)."""
-    lab = labels.reshape(labels.shape[0], -1).long()
+    lab = labels.flatten(1).long()  # flatten, not reshape(N, -1): N may be 0
     valid = lab != ignore_index
     idx = torch.where(valid, lab, torch.full_like(lab, num_classes))
     out = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device)
     out.scatter_(1, idx, 1.0)
     return out[:, :num_classes]
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    # Mean over the counted pixels, 0 (with a zero gradient) when there are none, where
+    # F.cross_entropy's mean gives NaN: an all-ignored crop must not poison the total.
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Mean, and 0 for an empty batch (F.binary_cross_entropy_with_logits' mean is NaN there).
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / max(logits.numel(), 1)
 
 
 class SelfRegulationLoss(nn.Module):
@@ -106,6 +118,10 @@ class SelfRegulationLoss(nn.Module):
 
     def forward(self, class_maps: Sequence[torch.Tensor], presence_logits: Sequence[torch.Tensor],
                 labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+                or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor (N, H, W), got {getattr(labels, 'dtype', labels)!r}")
+        labels = labels.long()
         maps, pres = list(class_maps), list(presence_logits)
         if len(maps) < 2 or len(pres) != len(maps):
             raise ValueError(f"need E >= 2 class maps and as many presence logits, got {len(maps)} and {len(pres)}")
@@ -118,19 +134,22 @@ class SelfRegulationLoss(nn.Module):
             if tuple(p.shape) != (n, c):
                 raise ValueError(f"presence_logits[{i}] must be (N, C) = ({n}, {c}), got {tuple(p.shape)}")
         ii = self.ignore_index
+        # Checked here, not left to F.cross_entropy: on CUDA that is a device-side assert.
+        if bool((((labels < 0) | (labels >= c)) & (labels != ii)).any()):
+            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ii}")
         target = presence_targets(labels, c, ii)
-        mea_seg = sum(F.cross_entropy(m, labels, ignore_index=ii) for m in maps)
-        mea_cls = sum(F.binary_cross_entropy_with_logits(p, target.to(p.dtype)) for p in pres)
+        mea_seg = sum(_cross_entropy(m, labels, ii) for m in maps)
+        mea_cls = sum(_bce(p, target.to(p.dtype)) for p in pres)
         shallow = maps[-1].detach()
         if self.sr_f == "hard":
             pseudo = shallow.argmax(1)
             pseudo = torch.where(labels == ii, labels, pseudo)
-            sr_f = sum(F.cross_entropy(m, pseudo, ignore_index=ii) for m in maps[:-1])
+            sr_f = sum(_cross_entropy(m, pseudo, ii) for m in maps[:-1])
         else:
             sr_f = kd_loss(maps[:-1], shallow, temperature=self.temperature, labels=labels, ignore_index=ii,
                            divergence="ce").sum()
         deep = torch.sigmoid(pres[0].detach())
-        sr_l = sum(F.binary_cross_entropy_with_logits(p, deep) for p in pres[1:])
+        sr_l = sum(_bce(p, deep) for p in pres[1:])
         w = self.weights
         total = w[0] * mea_cls + w[1] * mea_seg + w[2] * sr_l + w[3] * sr_f
         return total, {"mea_cls": mea_cls, "mea_seg": mea_seg, "sr_l": sr_l, "sr_f": sr_f}

@@ -191,6 +191,41 @@ def test_minus_inf_logits(device, axis, divergence):
     assert torch.isfinite(g2).all()
 
 
+def _nan_teacher_case(device):
+    shape = (2, 3, 4, 5)
+    students, teacher = _inputs(shape, torch.float32, device)
+    teacher[0, 1, 2, 3] = float("nan")
+    return students[0].detach(), teacher
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+def test_nan_teacher_gives_nan_where_it_reaches(device, axis):
+    # It once read as pt == 0 and gave a loss of 0 (with a NaN gradient): F.kl_div gives NaN.
+    s, teacher = _nan_teacher_case(device)
+    out = segkernels.kd_loss(s, teacher, axis=axis, reduction="none")
+    ref = reference_kd_loss(s, teacher, axis=axis, reduction="none")
+    expected = torch.zeros_like(out, dtype=torch.bool)
+    if axis == "channel":
+        expected[0, 2, 3] = True  # the one position
+    else:
+        expected[0, 1] = True  # the one (n, c) row
+    assert torch.equal(out.isnan(), expected) and torch.equal(ref.isnan(), expected)
+    assert torch.isnan(segkernels.kd_loss(s, teacher, axis=axis))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("spatial", [False, True])
+def test_triton_nan_teacher_under_interpreter(spatial):
+    from segkernels.kd_loss import _kd_loss_triton
+
+    s, teacher = _nan_teacher_case("cpu")
+    _triton_or_skip(teacher)
+    loss, _ = _kd_loss_triton([s], teacher, None, 1.0, spatial, True, True, 255)
+    assert loss.isnan().sum() == 1
+
+
 @pytest.mark.parametrize("axis", ["channel", "spatial"])
 @pytest.mark.parametrize("shape", [(2, 4, 3, 5), (3, 5), (1, 3, 2, 2, 3)], ids=str)
 def test_gradcheck(axis, shape):
@@ -417,6 +452,27 @@ def _sr_transcription(maps, pres, labels, c, weights, sr_f, temperature, ii):
 
 
 @pytest.mark.parametrize("sr_f", ["hard", "soft"])
+def test_self_regulation_edge_cases(sr_f):
+    maps = [torch.randn(2, 4, 5, 6, requires_grad=True) for _ in range(3)]
+    pres = [torch.randn(2, 4, requires_grad=True) for _ in range(3)]
+    loss = segkernels.nn.SelfRegulationLoss(4, sr_f=sr_f)
+    total, parts = loss(maps, pres, torch.full((2, 5, 6), 255))  # every pixel ignored: no NaN
+    assert torch.isfinite(total) and parts["mea_seg"].item() == 0 and parts["sr_f"].item() == 0
+    total.backward()
+    assert all(torch.isfinite(m.grad).all() for m in maps)
+    empty_total, _ = loss([m.detach()[:0] for m in maps], [p.detach()[:0] for p in pres],
+                          torch.zeros(0, 5, 6, dtype=torch.long))
+    assert empty_total.item() == 0
+    int32 = torch.randint(0, 4, (2, 5, 6), dtype=torch.int32)
+    assert_close(loss(maps, pres, int32)[0], loss(maps, pres, int32.long())[0])
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match="labels must lie in"):
+            loss(maps, pres, torch.full((2, 5, 6), bad))
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        loss(maps, pres, torch.zeros(2, 5, 6))
+
+
+@pytest.mark.parametrize("sr_f", ["hard", "soft"])
 def test_self_regulation_matches_transcription(sr_f):
     c, e = 6, 5
     maps = [torch.randn(2, c, 9, 7, dtype=torch.float64, requires_grad=True) for _ in range(e)]
@@ -516,6 +572,40 @@ def test_triton_seg_kd_kernel_under_interpreter(weighted):
         assert_close(grad, ref_grad)
     loss, grad = _seg_kd_loss_triton(s, teacher, torch.full_like(labels, 255), w, 2.0, 1.0, 1.0, 255)
     assert loss.item() == 0 and (grad == 0).all()
+    # An out-of-range label once read the class weight and the logit past their ends.
+    for bad in (4, 100000, -3):
+        wrong = labels.clone()
+        wrong[0, 0, 0] = bad
+        with pytest.raises(IndexError, match="outside"):
+            _seg_kd_loss_triton(s, teacher, wrong, w, 1.0, 1.0, 1.0, 255)
+
+
+def test_seg_kd_reference_keeps_the_contract():
+    # The reference (the fallback without kernels) once gave NaN where the contract says 0.
+    s, t = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 4, 5))
+    labels[0, 0, 0] = 255
+    w = torch.rand(3, dtype=torch.float64) + 0.1
+    expected = F.cross_entropy(s, labels, weight=w, ignore_index=255) + segkernels.kd_loss(s, t, labels=labels)
+    assert_close(reference_seg_kd_loss(s, t, labels, class_weight=w), expected)
+    for lab, weight in ((torch.full_like(labels, 255), None), (labels, torch.zeros(3, dtype=torch.float64))):
+        x = s.clone().requires_grad_(True)
+        loss = reference_seg_kd_loss(x, t, lab, class_weight=weight, soft_weight=0.0)
+        assert loss.item() == 0
+        loss.backward()
+        assert (x.grad == 0).all()
+    empty = torch.randn(0, 3, 4, 5)
+    assert reference_seg_kd_loss(empty, empty, torch.zeros(0, 4, 5, dtype=torch.long)).item() == 0
+    # A class_weight of another float dtype than the logits, as the kernel takes it.
+    f = reference_seg_kd_loss(s.float(), t.float(), labels, class_weight=w)
+    assert f.dtype == torch.float32 and abs(f.item() - expected.item()) < 1e-4
+
+
+def test_seg_kd_class_weight_requiring_grad_is_refused():
+    s, t = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="class_weight must not require grad"):
+        segkernels.seg_kd_loss(s, t, torch.zeros(1, 2, 2, dtype=torch.long), class_weight=w)
 
 
 @pytest.mark.cuda

@@ -36,11 +36,12 @@ SK_HD float exp_nonpos(float x) {
 SK_HD double exp_nonpos(double x) { return std::exp(x); }
 
 // One position's (or one row element's) contribution to the divergence, given the teacher's
-// probability pt and both log-probabilities. 0 where pt == 0 (p log p = 0, and no 0 * -inf).
+// probability pt and both log-probabilities. 0 where pt == 0 (p log p = 0, and no 0 * -inf); a
+// NaN pt (a NaN teacher) passes through, as in F.kl_div, rather than reading as 0.
 template <typename acc_t>
 SK_HD acc_t divergence_term(acc_t pt, acc_t lpt, acc_t lps, bool kl) {
   const acc_t v = kl ? pt * (lpt - lps) : -pt * lps;
-  return pt > acc_t(0) ? v : acc_t(0);
+  return pt != acc_t(0) ? v : acc_t(0);
 }
 
 }  // namespace kd_loss

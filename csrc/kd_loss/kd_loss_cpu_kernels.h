@@ -143,7 +143,7 @@ struct ChannelKernel {
               const acc_t pt = etc[i] * rzt[i];
               const acc_t ps = esc[i] * rzs[i];
               const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
-              acc[i] += pt > acc_t(0) ? v : acc_t(0);
+              acc[i] += pt != acc_t(0) ? v : acc_t(0);
               acc_t gv = gscale * (ps - pt);
               if (HARD) {
                 const acc_t p1 = inv_t == acc_t(1) ? ps : e1c[i] * rz1[i];
@@ -236,7 +236,7 @@ struct SpatialKernel {
     const acc_t ps = exp_nonpos(lps);
     const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
     g = store_as<scalar_t>(gscale * (ps - pt));
-    return pt > acc_t(0) ? v : acc_t(0);
+    return pt != acc_t(0) ? v : acc_t(0);
   }
 
   // Rows up to kStoredRow elements: a max pass, then one pass that keeps the exponentials
@@ -293,7 +293,7 @@ struct SpatialKernel {
             const acc_t ps = esp[i] * rzs;
             const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
             gr[i] = store_as<scalar_t>(gscale * (ps - pt));
-            return pt > acc_t(0) ? v : acc_t(0);
+            return pt != acc_t(0) ? v : acc_t(0);
           };
           for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
             // Partial sums per chunk, added in double: the same summation shape as run().
