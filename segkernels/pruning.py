@@ -346,8 +346,11 @@ def lasso_gram(
         raise ValueError(f"alphas must be 1-D (L,), got {tuple(alphas.shape)}")
     if bool((alphas < 0).any()) or not bool(torch.isfinite(alphas).all()):
         raise ValueError("alphas must be finite and >= 0")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, float)) or not n_samples > 0:
-        raise ValueError(f"n_samples must be a positive number, got {n_samples!r}")
+    # The solver's soft threshold compares magnitudes: a NaN would pass for zero without a word.
+    if not bool(torch.isfinite(G).all()) or not bool(torch.isfinite(q).all()):
+        raise ValueError("G and q must be finite (a NaN or inf in the statistics: check the calibration data)")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, float)) or not 0 < n_samples < math.inf:
+        raise ValueError(f"n_samples must be a finite positive number, got {n_samples!r}")
     if not isinstance(tol, (int, float)) or tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
@@ -658,6 +661,8 @@ def select_channels(
         raise ValueError(f"n_keep must be an int in [1, {c}], got {n_keep!r}")
     if stats.rows == 0:
         raise ValueError("stats holds no rows: call update() with calibration data first")
+    if not bool(torch.isfinite(stats.A).all()) or not bool(torch.isfinite(stats.B).all()):
+        raise ValueError("stats hold a NaN or inf: the calibration inputs or outputs were not finite")
     device = stats.A.device
     if n_keep == c:
         return torch.arange(c, dtype=torch.int64), torch.ones(c, dtype=torch.float64, device=device)
@@ -709,8 +714,8 @@ def reconstruct(stats: LayerStats, keep: torch.Tensor, *, ridge: float = 0.0) ->
     if not isinstance(stats, LayerStats):
         raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
     keep = _check_keep(keep, stats.in_channels)
-    if not isinstance(ridge, (int, float)) or ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     if stats.rows == 0:
         raise ValueError("stats holds no rows: call update() with calibration data first")
     sol = _solve_normal(stats, keep, ridge)
@@ -865,8 +870,8 @@ def prune_sequential(
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
-    if not isinstance(ridge, (int, float)) or ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     batches = list(calibration_batches)
     if not batches or not all(isinstance(b, torch.Tensor) and b.dim() == 4 for b in batches):
         raise ValueError("calibration_batches must be a non-empty list of (N, C, H, W) tensors")

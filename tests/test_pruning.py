@@ -478,6 +478,13 @@ def test_bad_inputs():
     G, q, al = torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     with pytest.raises(ValueError, match="G must be square"):
         segkernels.lasso_gram(G[:2], q, al, n_samples=10)
+    # A NaN once passed the solver's soft threshold as a zero and gave finite, wrong coefficients.
+    for bad_G, bad_q in ((G, torch.tensor([1.0, float("nan"), 0.5], dtype=torch.float64)),
+                         (G.clone().fill_diagonal_(float("inf")), q)):
+        with pytest.raises(ValueError, match="must be finite"):
+            segkernels.lasso_gram(bad_G, bad_q, al, n_samples=10)
+    with pytest.raises(ValueError, match="n_samples"):
+        segkernels.lasso_gram(G, q, al, n_samples=float("inf"))
     with pytest.raises(ValueError, match="q must be"):
         segkernels.lasso_gram(G, q[:2], al, n_samples=10)
     with pytest.raises(ValueError, match="n_samples"):
@@ -581,3 +588,18 @@ def test_triton_kernels_compile_for_sm90():
         if "ptxas" in str(exc) or "backend" in str(exc).lower():
             pytest.skip(f"cannot compile for CUDA here: {exc}")
         raise
+
+
+def test_non_finite_statistics_and_ridge_are_refused():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    stats = LayerStats(conv)
+    x = torch.randn(2, 3, 6, 6)
+    stats.update(x, conv(x).detach())
+    with pytest.raises(ValueError, match="ridge"):
+        pruning.reconstruct(stats, torch.tensor([0, 1]), ridge=float("nan"))
+    with pytest.raises(ValueError, match="ridge"):
+        pruning.reconstruct(stats, torch.tensor([0, 1]), ridge=True)
+    x[:, 0] = float("nan")  # the whole channel: whichever positions update() samples
+    stats.update(x, conv(x).detach())
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pruning.select_channels(stats, conv.weight, n_keep=2)
