@@ -78,8 +78,10 @@ def reference_ps_assemble(
     xx = windows[:, 2:3] + off
     ch = torch.arange(g, device=scores.device).view(g, 1, 1) * (k * k) + cell.view(1, m, 1) * k + cell.view(1, 1, m)
     valid = ((yy >= 0) & (yy < h))[:, None, :, None] & ((xx >= 0) & (xx < w))[:, None, None, :]
-    yc = yy.clamp(0, max(h - 1, 0))
-    xc = xx.clamp(0, max(w - 1, 0))
+    if h == 0 or w == 0:  # every cell lies outside an empty map: nothing to index
+        return torch.full((windows.shape[0], g, m, m), pad_value, dtype=scores.dtype, device=scores.device)
+    yc = yy.clamp(0, h - 1)
+    xc = xx.clamp(0, w - 1)
     picked = scores[b.view(-1, 1, 1, 1), ch.unsqueeze(0), yc[:, None, :, None], xc[:, None, None, :]]
     return torch.where(valid, picked, torch.full((), pad_value, dtype=scores.dtype, device=scores.device))
 

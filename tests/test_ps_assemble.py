@@ -144,6 +144,13 @@ def test_empty_windows_and_batch(device):
     assert segkernels.ps_assemble(empty, none, k=3, m=7).shape == (0, 2, 7, 7)
     dense = segkernels.ps_assemble_dense(empty, k=3, m=7, stride=2)
     assert dense.shape == (0, 2, 3, 3, 7, 7)
+    # Zero-height and zero-width maps: every cell is padding, in the reference too.
+    for h, w in ((0, 6), (5, 0)):
+        flat = torch.randn(1, 4, h, w, device=device)
+        win = torch.tensor([[0, -1, 0]], device=device)
+        expected = torch.full((1, 1, 3, 3), 2.0, device=device)
+        assert torch.equal(segkernels.ps_assemble(flat, win, k=2, m=3, pad_value=2.0), expected)
+        assert torch.equal(reference_ps_assemble(flat, win, 2, 3, 2.0), expected)
     (g,) = torch.autograd.grad(dense.sum(), empty)
     assert g.shape == empty.shape
 
