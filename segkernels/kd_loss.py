@@ -475,18 +475,17 @@ def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, har
         grad.zero_()
         return torch.zeros((), dtype=acc, device=teacher.device), grad
     labels = labels.contiguous()
-    # One synchronisation, as confusion_matrix's check on CUDA; the kernel skips such labels
-    # either way, so it never reads out of bounds.
-    if bool((((labels < 0) | (labels >= C)) & (labels != ignore_index)).any()):
-        raise IndexError(
-            f"segkernels.seg_kd_loss: labels hold values outside [0, {C}) that are not ignore_index={ignore_index}"
-        )
     count, wsum = _denominators(labels, class_weight, ignore_index, torch.float32)
     zero = torch.zeros((), dtype=torch.float32, device=teacher.device)
     coef = torch.stack([
         torch.where(wsum != 0, hard_weight / torch.where(wsum != 0, wsum, 1.0), zero),
         torch.where(count != 0, soft_weight / count.clamp_min(1), zero),
-    ]).contiguous()
+    ])
+    # An out-of-range label cannot raise without a host synchronisation (the issue rules them
+    # out here): the kernel never reads through one, and NaN coefficients make the loss and
+    # the whole gradient NaN, on the device, with no extra pass over the gradient.
+    bad = (((labels < 0) | (labels >= C)) & (labels != ignore_index)).any()
+    coef = torch.where(bad, float("nan"), coef).contiguous()
     weight = class_weight.to(torch.float32).contiguous() if class_weight is not None else coef
     block = 256 if teacher.is_cuda else 64
     tiles = triton.cdiv(P, block)
@@ -722,7 +721,8 @@ def seg_kd_loss(
     temperature=temperature, labels=labels, ignore_index=ignore_index).
 
     Shapes: student, teacher (N, C, *spatial); labels (N, *spatial) with values in [0, C) or
-    ignore_index; IndexError otherwise (on CUDA that check costs one synchronisation). When every
+    ignore_index; otherwise IndexError on the CPU, and on CUDA (where raising would need a host
+    synchronisation) a NaN loss and gradient, never an out-of-bounds read. When every
     position is ignored the result is 0 with a zero gradient (F.cross_entropy would give NaN).
     class_weight gets no gradient (as in F.cross_entropy, it must not require one). Returns a
     scalar in the input dtype.

@@ -88,7 +88,8 @@ class SelfRegulationLoss(nn.Module):
     forward(class_maps, presence_logits, labels) -> (total, parts):
         class_maps: E >= 2 exits' logits (N, C, H, W) at label resolution, deepest first.
         presence_logits: E image-level presence logits (N, C), same order.
-        labels: (N, H, W) int64, ignore_index where unlabelled.
+        labels: (N, H, W) integer, in [0, C) or ignore_index where unlabelled. Out of range:
+            ValueError on the CPU; on CUDA (no host synchronisation) NaN total and parts.
         parts: dict with "mea_cls", "mea_seg", "sr_l", "sr_f" (each summed over exits).
 
     - MEA-seg: per-exit pixel cross-entropy with the labels.
@@ -134,9 +135,14 @@ class SelfRegulationLoss(nn.Module):
             if tuple(p.shape) != (n, c):
                 raise ValueError(f"presence_logits[{i}] must be (N, C) = ({n}, {c}), got {tuple(p.shape)}")
         ii = self.ignore_index
-        # Checked here, not left to F.cross_entropy: on CUDA that is a device-side assert.
-        if bool((((labels < 0) | (labels >= c)) & (labels != ii)).any()):
+        # Out-of-range labels are not left to F.cross_entropy (a device-side assert on CUDA).
+        # The CPU raises; elsewhere raising would need a host synchronisation, so they are
+        # ignored and the total and every part come out NaN.
+        bad = ((labels < 0) | (labels >= c)) & (labels != ii)
+        if labels.device.type == "cpu" and bool(bad.any()):
             raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ii}")
+        poisoned = bad.any()
+        labels = labels.masked_fill(bad, ii)
         target = presence_targets(labels, c, ii)
         mea_seg = sum(_cross_entropy(m, labels, ii) for m in maps)
         mea_cls = sum(_bce(p, target.to(p.dtype)) for p in pres)
@@ -152,4 +158,9 @@ class SelfRegulationLoss(nn.Module):
         sr_l = sum(_bce(p, deep) for p in pres[1:])
         w = self.weights
         total = w[0] * mea_cls + w[1] * mea_seg + w[2] * sr_l + w[3] * sr_f
-        return total, {"mea_cls": mea_cls, "mea_seg": mea_seg, "sr_l": sr_l, "sr_f": sr_f}
+        parts = {"mea_cls": mea_cls, "mea_seg": mea_seg, "sr_l": sr_l, "sr_f": sr_f}
+        if labels.device.type != "cpu":
+            nan = float("nan")
+            total = torch.where(poisoned, nan, total)
+            parts = {k: torch.where(poisoned, nan, v) for k, v in parts.items()}
+        return total, parts

@@ -472,6 +472,21 @@ def test_self_regulation_edge_cases(sr_f):
         loss(maps, pres, torch.zeros(2, 5, 6))
 
 
+@pytest.mark.cuda
+def test_self_regulation_bad_labels_on_cuda_give_nan_without_synchronising():
+    maps = [torch.randn(2, 4, 5, 6, device="cuda") for _ in range(3)]
+    pres = [torch.randn(2, 4, device="cuda") for _ in range(3)]
+    labels = torch.randint(0, 4, (2, 5, 6), device="cuda")
+    labels[0, 0, 0] = 9
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, parts = segkernels.nn.SelfRegulationLoss(4)(maps, pres, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert total.isnan() and all(v.isnan() for v in parts.values())
+
+
 @pytest.mark.parametrize("sr_f", ["hard", "soft"])
 def test_self_regulation_matches_transcription(sr_f):
     c, e = 6, 5
@@ -572,12 +587,14 @@ def test_triton_seg_kd_kernel_under_interpreter(weighted):
         assert_close(grad, ref_grad)
     loss, grad = _seg_kd_loss_triton(s, teacher, torch.full_like(labels, 255), w, 2.0, 1.0, 1.0, 255)
     assert loss.item() == 0 and (grad == 0).all()
-    # An out-of-range label once read the class weight and the logit past their ends.
+    # An out-of-range label once read the class weight and the logit past their ends (a
+    # crash). With no host synchronisation allowed, it now poisons the loss and the gradient.
     for bad in (4, 100000, -3):
         wrong = labels.clone()
         wrong[0, 0, 0] = bad
-        with pytest.raises(IndexError, match="outside"):
-            _seg_kd_loss_triton(s, teacher, wrong, w, 1.0, 1.0, 1.0, 255)
+        loss, grad = _seg_kd_loss_triton(s, teacher, wrong, w, 1.0, 1.0, 1.0, 255)
+        counted = ((wrong >= 0) & (wrong < 4)).unsqueeze(1).expand_as(grad)
+        assert loss.isnan() and grad[counted].isnan().all() and (grad[~counted] == 0).all()
 
 
 def test_seg_kd_reference_keeps_the_contract():
