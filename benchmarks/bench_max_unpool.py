@@ -103,5 +103,5 @@ def test_pool_with_indices(benchmark, impl, name, shape, nd, dtype):
     pooled = x.numel() // (2**nd)
     idx_bytes = 1 if impl == "segkernels-compact" else 8
     moved = x.numel() * x.element_size() + pooled * (x.element_size() + idx_bytes)
-    run_benchmark(benchmark, fn, op=f"max_pool{nd}d with indices", impl=impl, case=case, bytes_moved=moved, device=DEVICE,
-                  baseline=None if impl == "torch" else baseline)
+    run_benchmark(benchmark, fn, op=f"max_pool{nd}d with indices", impl=impl, case=case, bytes_moved=moved,
+                  device=DEVICE, baseline=None if impl == "torch" else baseline)

@@ -2,7 +2,8 @@
 
 Columns: median time, speed-up over the PyTorch baseline of the same op and case (the ratio of
 the two tests' medians, and, where the bench recorded it, the same ratio from calls timed
-interleaved, which the build VM's drift cannot tilt), achieved GB/s for the fewest bytes the op must move, that as a share of the measured copy bandwidth,
+interleaved, which the build VM's drift cannot tilt), achieved GB/s for the fewest bytes the op
+must move, that as a share of the measured copy bandwidth,
 and the measured peak extra memory.
 """
 
@@ -47,7 +48,9 @@ def build_table(rows, title_lines=()):
     lines = list(title_lines)
     lines.append(f"Measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write of 256 MiB).")
     lines.append("")
-    lines.append("| op | case | impl | median ms | speed-up vs torch | paired speed-up | GB/s | % of copy BW | peak MiB |")
+    lines.append(
+        "| op | case | impl | median ms | speed-up vs torch | paired speed-up | GB/s | % of copy BW | peak MiB |"
+    )
     lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
     speedups = []
     for (op, case), rs in sorted(groups.items()):

@@ -113,7 +113,9 @@ if _library.triton_available():
     def _confusion_matrix_triton(input: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int):
         # The public wrapper checks everything; these guard direct op calls, as the C++ op does.
         if not 0 < num_classes <= MAX_CLASSES:
-            raise ValueError(f"segkernels.confusion_matrix: num_classes must be in [1, {MAX_CLASSES}], got {num_classes}")
+            raise ValueError(
+                f"segkernels.confusion_matrix: num_classes must be in [1, {MAX_CLASSES}], got {num_classes}"
+            )
         if labels.dtype != torch.int64 or (not input.is_floating_point() and input.dtype != torch.int64):
             raise TypeError("segkernels.confusion_matrix: labels (and a prediction map) must be int64")
         expected = (input.shape[0], *input.shape[2:]) if input.is_floating_point() else tuple(input.shape)

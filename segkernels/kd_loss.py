@@ -31,6 +31,7 @@ Design notes:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -584,8 +585,17 @@ def _check_logits(x, name: str) -> None:
         raise ValueError(f"{name} must be (N, C, *spatial) with 0 to 3 spatial dims, got shape {tuple(x.shape)}")
 
 
+def _check_ignore_index(ignore_index) -> int:
+    # numbers.Integral: numpy integers too; the op takes an int64.
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -(2**63) <= int(ignore_index) < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    return int(ignore_index)
+
+
 def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive number, got {temperature!r}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
@@ -602,8 +612,7 @@ def _check_labels(labels, teacher: torch.Tensor, ignore_index) -> torch.Tensor:
         raise ValueError(f"labels must be (N, *spatial) = {expected}, got {tuple(labels.shape)}")
     if labels.device != teacher.device:
         raise ValueError(f"labels must be on {teacher.device}, got {labels.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    _check_ignore_index(ignore_index)
     return labels.long()
 
 
@@ -674,12 +683,11 @@ def kd_loss(
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+    ignore_index = _check_ignore_index(ignore_index)
     if labels is not None:
         if axis != "channel":
             raise ValueError("labels (an ignore mask) are only supported with axis='channel'")
         labels = _check_labels(labels, teacher, ignore_index)
-    elif isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     spatial = axis == "spatial"
 
     if not _use_kernels(teacher):
@@ -736,6 +744,7 @@ def seg_kd_loss(
     if student.device != teacher.device:
         raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must be on the same device")
     temperature = _check_temperature(temperature)
+    ignore_index = _check_ignore_index(ignore_index)
     labels = _check_labels(labels, teacher, ignore_index)
     for name, v in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -94,10 +94,8 @@ def median_frequency_weights(
             or labels.dtype == torch.bool
             or labels.dim() < 2
         ):
-            raise TypeError(
-                "label_batches must hold integer label tensors of shape (N, *spatial), got "
-                + (f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__)
-            )
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise TypeError(f"label_batches must hold integer label tensors of shape (N, *spatial), got {got}")
         if labels.shape[0] == 0:
             continue
         flat = labels.reshape(labels.shape[0], -1).long()

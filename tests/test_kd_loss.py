@@ -3,6 +3,7 @@ from the same inputs), gradcheck, opcheck, torch.compile, layouts, stability and
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,6 +357,17 @@ def test_seg_kd_loss_bad_label_raises():
         segkernels.seg_kd_loss(students[0], teacher, labels)
 
 
+def test_numpy_scalars_are_taken():
+    s, t = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    lab = torch.randint(0, 3, (2, 4, 5))
+    lab[0, 0, 0] = 7
+    expected = segkernels.kd_loss(s, t, temperature=2.0, labels=lab, ignore_index=7)
+    got = segkernels.kd_loss(s, t, temperature=np.float32(2.0), labels=lab, ignore_index=np.int64(7))
+    assert_close(got, expected)
+    expected = segkernels.seg_kd_loss(s, t, lab, ignore_index=7)
+    assert_close(segkernels.seg_kd_loss(s, t, lab, ignore_index=np.int32(7)), expected)
+
+
 def test_argument_errors():
     s, t = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     lab = torch.zeros(2, 4, 5, dtype=torch.long)
@@ -363,6 +375,9 @@ def test_argument_errors():
         (TypeError, "student\\[0\\] must be a torch.Tensor", lambda: segkernels.kd_loss([1], t)),
         (TypeError, "student must be a torch.Tensor", lambda: segkernels.kd_loss(1, t)),
         (ValueError, "non-empty list", lambda: segkernels.kd_loss([], t)),
+        (ValueError, "ignore_index must fit in int64", lambda: segkernels.kd_loss(s, t, ignore_index=2**63)),
+        (ValueError, "ignore_index must fit", lambda: segkernels.seg_kd_loss(s, t, lab, ignore_index=-(2**64))),
+        (TypeError, "ignore_index must be an int", lambda: segkernels.kd_loss(s, t, labels=lab, ignore_index=1.5)),
         (TypeError, "teacher must be float32", lambda: segkernels.kd_loss(s, t.long())),
         (TypeError, "must have the same dtype", lambda: segkernels.kd_loss(s, t.double())),
         (ValueError, "same shape", lambda: segkernels.kd_loss(s, t[:, :2])),
