@@ -4,6 +4,8 @@ per-position objectness logit, assembled into m x m instance masks by
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Optional, Tuple
 
 import torch
@@ -12,6 +14,12 @@ from torch import nn
 from .ps_assemble import ps_assemble
 
 __all__ = ["InstanceFCNHead"]
+
+
+def _check_count(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class InstanceFCNHead(nn.Module):
@@ -29,10 +37,10 @@ class InstanceFCNHead(nn.Module):
 
     def __init__(self, in_channels: int, k: int = 5, m: int = 21, hidden: int = 512) -> None:
         super().__init__()
-        if not 1 <= k <= m:
+        for name, value in (("in_channels", in_channels), ("k", k), ("m", m), ("hidden", hidden)):
+            _check_count(value, name, 1)
+        if not k <= m:
             raise ValueError(f"need 1 <= k <= m, got k={k}, m={m}")
-        if in_channels < 1 or hidden < 1:
-            raise ValueError(f"in_channels and hidden must be positive, got {in_channels}, {hidden}")
         self.k, self.m = k, m
         self.instance = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, k * k, 3, padding=1)
@@ -65,8 +73,7 @@ class InstanceFCNHead(nn.Module):
         """
         if objectness.dim() != 4 or objectness.shape[1] != 1:
             raise ValueError(f"objectness must have shape (N, 1, H, W), got {tuple(objectness.shape)}")
-        if n < 0:
-            raise ValueError(f"n must be non-negative, got {n}")
+        n = _check_count(n, "n", 0)
         batch, _, h, w = objectness.shape
         device = objectness.device
         centres = torch.randint(h * w, (batch, n), generator=generator, device=device)
@@ -97,7 +104,7 @@ class InstanceFCNHead(nn.Module):
                 f"got {tuple(scores.shape)}"
             )
         batch, _, h, w = objectness.shape
-        t = min(int(top_n), h * w)
+        t = min(_check_count(top_n, "top_n", 0), h * w)
         values, centres = objectness.flatten(1).topk(t, dim=1)
         y0, x0 = self._top_left(centres, w)
         b = torch.arange(batch, device=objectness.device).view(-1, 1).expand(batch, t)
