@@ -876,6 +876,12 @@ def prune_sequential(
     if not batches or not all(isinstance(b, torch.Tensor) and b.dim() == 4 for b in batches):
         raise ValueError("calibration_batches must be a non-empty list of (N, C, H, W) tensors")
     mods = list(model)
+    for i, mod in enumerate(mods):
+        # The model is run layer by layer: a pooling that returns (values, indices) would hand a
+        # tuple to the next layer.
+        if getattr(mod, "return_indices", False):
+            raise ValueError(f"module {i} ({type(mod).__name__}) returns indices; prune_sequential needs each "
+                             "module to map a tensor to a tensor")
     conv_pos = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
     if not conv_pos:
         raise ValueError("model holds no nn.Conv2d")

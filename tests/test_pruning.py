@@ -371,6 +371,9 @@ def test_prune_sequential_options_and_errors():
     assert [m.in_channels for m in pruned if isinstance(m, nn.Conv2d)] == [3, 4, 16, 4]
     with pytest.raises(IndexError, match="layers"):
         pruning.prune_sequential(net, batches, layers=[0])
+    for pool in (nn.MaxPool2d(2, return_indices=True), segkernels.nn.MaxPool2d(2, return_indices=True)):
+        with pytest.raises(ValueError, match="returns indices"):
+            pruning.prune_sequential(nn.Sequential(*net, pool, nn.Conv2d(16, 4, 1)), batches, progress=False)
     with pytest.raises(IndexError, match="layers"):
         pruning.prune_sequential(net, batches, layers=[4])
     with pytest.raises(ValueError, match="n_keep"):
