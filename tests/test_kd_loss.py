@@ -69,6 +69,34 @@ def test_matches_reference(device, dtype, axis, reduction, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_rows_without_spatial_dims(device, layout):
+    # (N, C) logits run as one (1, C, N, 1) map; the labels, several students, seg_kd_loss and
+    # a non-contiguous (N, C) view must all come through that unchanged.
+    n, c = 301, 7
+
+    def logits():
+        x = torch.randn(n, c, device=device) * 3
+        return x if layout == "contiguous" else torch.randn(c, n, device=device).t() * 3
+
+    students = [logits().requires_grad_() for _ in range(2)]
+    teacher = logits()
+    labels = torch.randint(0, c, (n,), device=device)
+    labels[::5] = 255
+    for reduction in ("mean", "sum", "none"):
+        _check(students, teacher, multi=True, temperature=2.0, labels=labels, reduction=reduction)
+    s = students[0]
+    got = segkernels.seg_kd_loss(s, teacher, labels, temperature=2.0)
+    (g,) = torch.autograd.grad(got, s)
+    s64 = s.detach().double().requires_grad_()
+    ref = reference_seg_kd_loss(s64, teacher.double(), labels, temperature=2.0)
+    (rg,) = torch.autograd.grad(ref, s64)
+    assert_close(got, ref.float())
+    assert_close(g, rg.float())
+    assert g.shape == (n, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("divergence", ["kl", "ce"])
