@@ -96,6 +96,17 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """fn, then a device synchronisation (on CUDA), so that a timer around it sees the work."""
+
+    def call():
+        out = fn()
+        synchronize(device)
+        return out
+
+    return call
+
+
 def run_benchmark(
     benchmark,
     fn: Callable[[], object],
@@ -116,11 +127,7 @@ def run_benchmark(
     disagree on an op at parity, and calls timed side by side share the drift.
     """
 
-    def timed():
-        out = fn()
-        synchronize(device)
-        return out
-
+    timed = synchronised(fn, device)
     timed()  # warm-up: lazy initialisation, allocator, autotuning
     if device.type == "cpu":
         # Large fresh CPU outputs ask for transparent huge pages (segkernels' new_output). On the
@@ -158,12 +165,7 @@ def paired_speedup(timed: Callable[[], object], baseline: Callable[[], object], 
                    rounds: int) -> float:
     """median(baseline time) / median(timed time) over `rounds` interleaved pairs, alternating
     which of the two goes first."""
-
-    def timed_baseline():
-        out = baseline()
-        synchronize(device)
-        return out
-
+    timed_baseline = synchronised(baseline, device)
     timed_baseline()
     times = {timed: [], timed_baseline: []}
     for r in range(rounds):

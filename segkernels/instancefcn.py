@@ -4,22 +4,14 @@ per-position objectness logit, assembled into m x m instance masks by
 
 from __future__ import annotations
 
-import numbers
-
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from .ps_assemble import ps_assemble
+from .ps_assemble import _check_int, ps_assemble
 
 __all__ = ["InstanceFCNHead"]
-
-
-def _check_count(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class InstanceFCNHead(nn.Module):
@@ -38,7 +30,7 @@ class InstanceFCNHead(nn.Module):
     def __init__(self, in_channels: int, k: int = 5, m: int = 21, hidden: int = 512) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("k", k), ("m", m), ("hidden", hidden)):
-            _check_count(value, name, 1)
+            _check_int(value, name, 1)
         if not k <= m:
             raise ValueError(f"need 1 <= k <= m, got k={k}, m={m}")
         self.k, self.m = k, m
@@ -73,7 +65,7 @@ class InstanceFCNHead(nn.Module):
         """
         if objectness.dim() != 4 or objectness.shape[1] != 1:
             raise ValueError(f"objectness must have shape (N, 1, H, W), got {tuple(objectness.shape)}")
-        n = _check_count(n, "n", 0)
+        n = _check_int(n, "n", 0)
         batch, _, h, w = objectness.shape
         device = objectness.device
         centres = torch.randint(h * w, (batch, n), generator=generator, device=device)
@@ -104,7 +96,7 @@ class InstanceFCNHead(nn.Module):
                 f"got {tuple(scores.shape)}"
             )
         batch, _, h, w = objectness.shape
-        t = min(_check_count(top_n, "top_n", 0), h * w)
+        t = min(_check_int(top_n, "top_n", 0), h * w)
         values, centres = objectness.flatten(1).topk(t, dim=1)
         y0, x0 = self._top_left(centres, w)
         b = torch.arange(batch, device=objectness.device).view(-1, 1).expand(batch, t)

@@ -106,6 +106,21 @@ def reference_kd_loss(
     return total / max(1, per.numel())
 
 
+def _cross_entropy_or_zero(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """F.cross_entropy's (weighted) mean, but 0 with a zero gradient, not NaN, when no position
+    counts (all ignored, an empty batch, or weights summing to 0 over the counted positions)."""
+    total = F.cross_entropy(logits, labels, weight=weight, ignore_index=ignore_index, reduction="sum")
+    counted = labels != ignore_index
+    if weight is None:
+        denominator = counted.sum().to(total.dtype)
+    else:
+        safe = torch.where(counted, labels, torch.zeros_like(labels))
+        denominator = torch.where(counted, weight[safe], torch.zeros((), dtype=weight.dtype)).sum().to(total.dtype)
+    return torch.where(denominator != 0, total / torch.where(denominator != 0, denominator, 1), 0)
+
+
 def reference_seg_kd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -121,14 +136,7 @@ def reference_seg_kd_loss(
     contract's one departure from F.cross_entropy: a hard term of 0, not NaN, when no position
     counts (all ignored, an empty batch, or weights summing to 0 over the counted positions)."""
     weight = class_weight.to(student.dtype) if class_weight is not None else None
-    total = F.cross_entropy(student, labels, weight=weight, ignore_index=ignore_index, reduction="sum")
-    counted = labels != ignore_index
-    if weight is None:
-        denominator = counted.sum().to(total.dtype)
-    else:
-        safe = torch.where(counted, labels, torch.zeros_like(labels))
-        denominator = torch.where(counted, weight[safe], torch.zeros((), dtype=weight.dtype)).sum().to(total.dtype)
-    hard = torch.where(denominator != 0, total / torch.where(denominator != 0, denominator, 1), 0)
+    hard = _cross_entropy_or_zero(student, labels, ignore_index, weight)
     soft = reference_kd_loss(student, teacher, temperature=temperature, labels=labels, ignore_index=ignore_index)
     return hard_weight * hard + soft_weight * soft
 
@@ -232,7 +240,7 @@ if _library.triton_available():
             valid = mask & (lab != ignore_index)
             if HARD:
                 # The hard term reads the class weight and the logit at the label: an
-                # out-of-range label (the wrapper raises on it) must never be read through.
+                # out-of-range label (the wrapper turns the result NaN) must never be read through.
                 valid = valid & (lab >= 0) & (lab < C)
             lab = tl.where(valid, lab, 0)
         else:
@@ -602,7 +610,7 @@ def _check_temperature(temperature) -> float:
     return float(temperature)
 
 
-def _check_labels(labels, teacher: torch.Tensor, ignore_index) -> torch.Tensor:
+def _check_labels(labels, teacher: torch.Tensor) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -612,7 +620,6 @@ def _check_labels(labels, teacher: torch.Tensor, ignore_index) -> torch.Tensor:
         raise ValueError(f"labels must be (N, *spatial) = {expected}, got {tuple(labels.shape)}")
     if labels.device != teacher.device:
         raise ValueError(f"labels must be on {teacher.device}, got {labels.device}")
-    _check_ignore_index(ignore_index)
     return labels.long()
 
 
@@ -694,7 +701,7 @@ def kd_loss(
     if labels is not None:
         if axis != "channel":
             raise ValueError("labels (an ignore mask) are only supported with axis='channel'")
-        labels = _check_labels(labels, teacher, ignore_index)
+        labels = _check_labels(labels, teacher)
     spatial = axis == "spatial"
 
     if not _use_kernels(teacher):
@@ -758,7 +765,7 @@ def seg_kd_loss(
         raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must be on the same device")
     temperature = _check_temperature(temperature)
     ignore_index = _check_ignore_index(ignore_index)
-    labels = _check_labels(labels, teacher, ignore_index)
+    labels = _check_labels(labels, teacher)
     for name, v in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise TypeError(f"{name} must be a finite number, got {v!r}")

@@ -700,6 +700,11 @@ def _kept_columns(stats: LayerStats, keep: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _check_ridge(ridge) -> None:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+
+
 def reconstruct(stats: LayerStats, keep: torch.Tensor, *, ridge: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Least-squares weights and bias for the kept input channels, from the statistics.
 
@@ -714,8 +719,7 @@ def reconstruct(stats: LayerStats, keep: torch.Tensor, *, ridge: float = 0.0) ->
     if not isinstance(stats, LayerStats):
         raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
     keep = _check_keep(keep, stats.in_channels)
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    _check_ridge(ridge)
     if stats.rows == 0:
         raise ValueError("stats holds no rows: call update() with calibration data first")
     sol = _solve_normal(stats, keep, ridge)
@@ -870,8 +874,7 @@ def prune_sequential(
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    _check_ridge(ridge)
     batches = list(calibration_batches)
     if not batches or not all(isinstance(b, torch.Tensor) and b.dim() == 4 for b in batches):
         raise ValueError("calibration_batches must be a non-empty list of (N, C, H, W) tensors")

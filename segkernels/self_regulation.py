@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kd_loss import kd_loss
+from .kd_loss import _cross_entropy_or_zero, kd_loss
 
 __all__ = ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss", "presence_targets"]
 
@@ -67,13 +67,6 @@ def presence_targets(labels: torch.Tensor, num_classes: int, ignore_index: int =
     out = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device)
     out.scatter_(1, idx, 1.0)
     return out[:, :num_classes]
-
-
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    # Mean over the counted pixels, 0 (with a zero gradient) when there are none, where
-    # F.cross_entropy's mean gives NaN: an all-ignored crop must not poison the total.
-    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -139,18 +132,18 @@ class SelfRegulationLoss(nn.Module):
         # The CPU raises; elsewhere raising would need a host synchronisation, so they are
         # ignored and the total and every part come out NaN.
         bad = ((labels < 0) | (labels >= c)) & (labels != ii)
-        if labels.device.type == "cpu" and bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ii}")
         poisoned = bad.any()
+        if labels.device.type == "cpu" and bool(poisoned):
+            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ii}")
         labels = labels.masked_fill(bad, ii)
         target = presence_targets(labels, c, ii)
-        mea_seg = sum(_cross_entropy(m, labels, ii) for m in maps)
+        mea_seg = sum(_cross_entropy_or_zero(m, labels, ii) for m in maps)
         mea_cls = sum(_bce(p, target.to(p.dtype)) for p in pres)
         shallow = maps[-1].detach()
         if self.sr_f == "hard":
             pseudo = shallow.argmax(1)
             pseudo = torch.where(labels == ii, labels, pseudo)
-            sr_f = sum(_cross_entropy(m, pseudo, ii) for m in maps[:-1])
+            sr_f = sum(_cross_entropy_or_zero(m, pseudo, ii) for m in maps[:-1])
         else:
             sr_f = kd_loss(maps[:-1], shallow, temperature=self.temperature, labels=labels, ignore_index=ii,
                            divergence="ce").sum()

@@ -446,11 +446,13 @@ def test_instancefcn_head():
     assert head.propose(scores, objectness, top_n=1000)[0].shape == (2 * 11 * 12, 3)
     with pytest.raises(ValueError, match="k <= m"):
         segkernels.nn.InstanceFCNHead(4, k=5, m=3)
-    for make, name in ((lambda: segkernels.nn.InstanceFCNHead(4, k=2.5), "k"),
-                       (lambda: segkernels.nn.InstanceFCNHead(0), "in_channels"),
-                       (lambda: head.propose(scores, objectness, top_n=-1), "top_n"),
-                       (lambda: head.sample_windows(objectness, n=2.5), "n")):
-        with pytest.raises(ValueError, match=f"^{name} must be an int"):
+    for make, error, message in (
+        (lambda: segkernels.nn.InstanceFCNHead(4, k=2.5), TypeError, "k must be an int"),
+        (lambda: segkernels.nn.InstanceFCNHead(0), ValueError, "in_channels must be >= 1"),
+        (lambda: head.propose(scores, objectness, top_n=-1), ValueError, "top_n must be >= 0"),
+        (lambda: head.sample_windows(objectness, n=2.5), TypeError, "n must be an int"),
+    ):
+        with pytest.raises(error, match=f"^{message}"):
             make()
 
 
