@@ -756,3 +756,21 @@ def test_tiled_fast_path_logic(spatial, kernel, padding, ceil_mode, extra, compa
         if bad[1, 2].view(-1)[0] != i[1, 2].view(-1)[0]:
             _, _, m = torch.ops.segkernels._max_unpool_tiled_logic(v, bad, grad_out, kernel, padding, out_size)
             assert int(m) == i.numel() - 1
+
+
+@pytest.mark.parametrize(
+    "width,kernel,padding,public",
+    [(1, (2, 2**32), (0, 0), True), (4, (2, 2**30), (0, 2**31), True), (4, (2, 2), (0, 2**31 - 2), False)],
+)
+def test_huge_kernel_or_padding_never_reaches_the_32_bit_tiled_math(width, kernel, padding, public):
+    # tiled_geometry<int32_t> would truncate these (kernel 2**32 -> 0: a division by zero; padding
+    # 2**31 -> INT_MIN: an entry index of -2). CUDA must take its 64-bit instantiation, and the
+    # test-only op that runs the 32-bit math on the CPU must refuse, not crash.
+    v = torch.randn(1, 1, 2, width)
+    i = torch.randint(0, 16, (1, 1, 2, width))
+    with pytest.raises(ValueError, match="32-bit tiled"):
+        torch.ops.segkernels._max_unpool_tiled_logic(v, i, torch.randn(1, 1, 4, 4), kernel, padding, (4, 4))
+    if public:  # output_size (4, 4) is a legal size for this geometry: the op must still be exact
+        out = segkernels.max_unpool2d(v, i, kernel, padding=padding, output_size=(4, 4))
+        expected = reference_max_unpool(v, i, kernel, kernel, padding, (1, 1), (4, 4))
+        assert_close(out, expected, exact=True)

@@ -81,6 +81,15 @@ SK_HD int64_t window_tap(const Axis& a, int64_t pc, int64_t q) {
   return t < a.kernel ? t : -1;
 }
 
+// Taps [first, last) of window pc that fall inside the full map along one axis (loops over
+// them cost the map's extent, not the kernel's, whatever the kernel size).
+SK_HD void valid_taps(const Axis& a, int64_t pc, int64_t& first, int64_t& last) {
+  const int64_t start = pc * a.stride - a.padding;
+  first = start < 0 ? ceil_div(-start, a.dilation) : 0;
+  const int64_t room = a.full - 1 - start;  // last in-bounds offset from the window start
+  last = room < 0 ? 0 : (room / a.dilation + 1 < a.kernel ? room / a.dilation + 1 : a.kernel);
+}
+
 // Pooled coordinates [lo, hi] whose window span may contain full coordinate q
 // (empty when lo > hi); callers confirm each with window_tap.
 SK_HD void window_candidates(const Axis& a, int64_t q, int64_t& lo, int64_t& hi) {
@@ -223,9 +232,10 @@ SK_HD int64_t unpool_row_disjoint(const Geometry& g, const scalar_t* values, con
     const int64_t c = i - px * C;
     const int64_t id = static_cast<int64_t>(indices[pooled_row + i]);
     const scalar_t v = values[pooled_row + i];
-    for (int64_t tx = 0; tx < ax.kernel; ++tx) {
+    int64_t first, last;
+    valid_taps(ax, px, first, last);
+    for (int64_t tx = first; tx < last; ++tx) {
       const int64_t x = tap_coord(ax, px, tx);
-      if (x < 0 || x >= W) continue;
       const bool hit = IndexKind<index_t>::compact ? id == tap_row + tx : id == row_flat + x;
       out_row[x * C + c] = hit ? v : scalar_t(0);
       matches += hit;

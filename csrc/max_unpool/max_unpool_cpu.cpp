@@ -42,14 +42,6 @@ struct RowCursor {
   }
 };
 
-// Taps [first, last) of window pc that fall inside the full map along one axis.
-inline void valid_taps(const Axis& a, int64_t pc, int64_t& first, int64_t& last) {
-  const int64_t start = pc * a.stride - a.padding;
-  first = start < 0 ? ceil_div(-start, a.dilation) : 0;
-  const int64_t room = a.full - 1 - start;  // last in-bounds offset from the window start
-  last = room < 0 ? 0 : std::min<int64_t>(a.kernel, room / a.dilation + 1);
-}
-
 #if SEGKERNELS_CPU_AVX2
 // Taps x = 2q and 2q + 1 of 8 windows q as two float vectors (even, odd), in window order.
 __attribute__((target("avx2"), always_inline)) inline void load_tap_pairs(const float* p, __m256& even, __m256& odd) {
@@ -451,9 +443,10 @@ int64_t unpool_row_disjoint_cpu(const Geometry& g, const bits_t* vals, const ind
   const bool compact = IndexKind<index_t>::compact;
   int64_t matches = 0;
   auto entry = [&](int64_t px) {
-    for (int64_t tx = 0; tx < ax.kernel; ++tx) {
+    int64_t first, last;
+    valid_taps(ax, px, first, last);
+    for (int64_t tx = first; tx < last; ++tx) {
       const int64_t x = tap_coord(ax, px, tx);
-      if (x < 0 || x >= W) continue;
       const int64_t want = compact ? tap_row + tx : row_flat + x;
       const index_t* ip = irow + px * C;
       const bits_t* vp = vrow + px * C;
@@ -978,8 +971,10 @@ std::tuple<Tensor, Tensor, Tensor> max_unpool_tiled_logic_cpu(const Tensor& inpu
   UnpoolArgs a = prepare_unpool(input, indices, kernel, kernel, padding, ones, output_size, "_max_unpool_tiled_logic");
   TORCH_CHECK(all_axes_tiling(a.geometry), "segkernels._max_unpool_tiled_logic: windows must tile");
   UnpoolBackwardArgs b = prepare_unpool_backward(grad_output, indices, kernel, kernel, padding, ones);
-  TORCH_CHECK(a.out.numel() < (int64_t{1} << 30) && b.grad_input.numel() < (int64_t{1} << 30),
-              "segkernels._max_unpool_tiled_logic: test sizes only");
+  TORCH_CHECK_VALUE(tiled_fits_int32(a.geometry, a.out.numel(), a.values.numel()) &&
+                        tiled_fits_int32(b.geometry, b.grad_output.numel(), b.grad_input.numel()),
+                    "segkernels._max_unpool_tiled_logic: the geometry does not fit the 32-bit tiled kernels "
+                    "(CUDA runs such maps with 64-bit index math)");
   const TiledGeometry<int32_t> ga = tiled_geometry<int32_t>(a.geometry);
   const TiledGeometry<int32_t> gb = tiled_geometry<int32_t>(b.geometry);
   int64_t matches = 0;

@@ -163,13 +163,6 @@ __global__ void unpool_backward_tiled_kernel(TiledGeometry<I> g, const scalar_t*
     grad_in[e] = unpool_backward_tiled_element<scalar_t, index_t, I>(g, grad_out, idx, e);
 }
 
-// Whether every flat offset of both maps fits the 32-bit arithmetic of the tiled kernels.
-bool fits_int32(int64_t full_numel, int64_t pooled_numel) {
-  // Half the range: the grid-stride loops add up to a grid's worth of threads past the end.
-  const int64_t limit = std::numeric_limits<int32_t>::max() / 2;
-  return full_numel < limit && pooled_numel < limit;
-}
-
 std::tuple<Tensor, Tensor> max_pool_with_indices_cuda(const Tensor& input, at::IntArrayRef kernel,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                                       at::IntArrayRef dilation, bool ceil_mode, bool compact) {
@@ -210,7 +203,7 @@ Tensor gather_into_full(UnpoolArgs& a) {
       using index_t = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       const int64_t total = a.out.numel();
       if (!kSum && all_axes_tiling(g)) {
-        if (fits_int32(total, a.values.numel()))
+        if (tiled_fits_int32(g, total, a.values.numel()))
           unpool_tiled_kernel<scalar_t, index_t, int32_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0,
                                                             stream>>>(tiled_geometry<int32_t>(g), vals, idx, out,
                                                                       static_cast<int32_t>(total), counter);
@@ -297,7 +290,7 @@ Tensor max_unpool_backward_cuda(const Tensor& grad_output, const Tensor& indices
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = grid_for((total + kThreads - 1) / kThreads);
   if (all_axes_tiling(g)) {
-    const bool small = fits_int32(go.numel(), total);
+    const bool small = tiled_fits_int32(g, go.numel(), total);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_unpool_backward_tiled_cuda", [&] {
       auto run = [&](auto* ip) {
         using index_t = std::remove_const_t<std::remove_pointer_t<decltype(ip)>>;

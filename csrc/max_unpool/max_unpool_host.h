@@ -82,6 +82,22 @@ inline bool all_axes_tiling(const Geometry& g) {
   return axis_tiling(g.ax[0]) && axis_tiling(g.ax[1]) && axis_tiling(g.ax[2]);
 }
 
+// Whether the 32-bit tiled kernels may run: every flat offset of both maps, and every kernel,
+// padding and window reach (pooled * kernel + |padding|), fits in half the int32 range (the
+// grid-stride loops add up to a grid's worth of threads past the end). A huge kernel or padding
+// would otherwise be truncated by tiled_geometry<int32_t> and send the index math out of bounds.
+inline bool tiled_fits_int32(const Geometry& g, int64_t full_numel, int64_t pooled_numel) {
+  const int64_t limit = int64_t{1} << 30;
+  if (full_numel >= limit || pooled_numel >= limit) return false;
+  for (const Axis& a : g.ax) {
+    const int64_t pad = a.padding < 0 ? -a.padding : a.padding;
+    if (a.kernel >= limit || pad >= limit || a.full >= limit || a.pooled * a.kernel + pad >= limit ||
+        a.full + pad >= limit)
+      return false;
+  }
+  return true;
+}
+
 // Whether every tap of every window lies inside the full map (no padding reach, no overhang).
 inline bool all_windows_inside(const Geometry& g) {
   for (const Axis& a : g.ax)
