@@ -59,34 +59,40 @@ if _library.triton_available():
         stride_n,
         stride_c,
         stride_p,
+        tiles_per_image,
         FROM_LOGITS: tl.constexpr,
+        ACC: tl.constexpr,
         BLOCK: tl.constexpr,
         TILES: tl.constexpr,
         STATIC_CLASSES: tl.constexpr,
         NUM_BINS: tl.constexpr,
         USE_HISTOGRAM: tl.constexpr,
     ):
-        pid_p = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
+        # One flat grid axis: a second one would cap the batch at 65535 (CUDA's grid y limit).
+        pid = tl.program_id(0).to(tl.int64)
+        n = pid // tiles_per_image
+        pid_p = pid - n * tiles_per_image
+        # int64 (pid * 0 + ...): (C - 1) * stride_c may pass 2**31 on large maps.
+        stride_c64 = pid * 0 + stride_c
         bad = tl.zeros([BLOCK], dtype=tl.int64)
         if USE_HISTOGRAM:
             hist = tl.zeros([NUM_BINS], dtype=tl.int32)
         # TILES tiles per program: the histogram is flushed once per program, not per tile.
         for t in range(TILES):
-            offs = (pid_p.to(tl.int64) * TILES + t) * BLOCK + tl.arange(0, BLOCK)
+            offs = (pid_p * TILES + t) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < spatial
             ptrs = x_ptr + n * stride_n + offs * stride_p
             if FROM_LOGITS:
-                best = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                best = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
                 pred = tl.zeros([BLOCK], dtype=tl.int64)
                 if STATIC_CLASSES > 0:
                     # Unrolled: every class's load is in flight at once.
                     for c in tl.static_range(1, STATIC_CLASSES):
-                        v = tl.load(ptrs + c * stride_c, mask=mask, other=0.0).to(tl.float32)
+                        v = tl.load(ptrs + c * stride_c64, mask=mask, other=0.0).to(ACC)
                         best, pred = _argmax_step(best, pred, v, c)
                 else:
                     for c in range(1, classes):
-                        v = tl.load(ptrs + c * stride_c, mask=mask, other=0.0).to(tl.float32)
+                        v = tl.load(ptrs + c * stride_c64, mask=mask, other=0.0).to(ACC)
                         best, pred = _argmax_step(best, pred, v, c)
             else:
                 pred = tl.load(ptrs, mask=mask, other=0).to(tl.int64)
@@ -129,14 +135,22 @@ if _library.triton_available():
         spatial = labels[0].numel() if n > 0 else 0
         if from_logits:
             x = input
-            channels_last = x.dim() > 2 and not x.is_contiguous() and x.permute(0, *range(2, x.dim()), 1).is_contiguous()
-            if not channels_last:
-                x = x.contiguous()
-            stride_n, stride_c = x.stride(0), x.stride(1)
-            stride_p = num_classes if channels_last else 1
+            if x.dim() == 2:
+                # (N, C) rows: one "image" of N positions, read through its own strides (a grid
+                # axis per row would launch a program per position).
+                n, spatial = 1, x.shape[0]
+                stride_n, stride_c, stride_p = 0, x.stride(1), x.stride(0)
+            else:
+                channels_last = not x.is_contiguous() and x.permute(0, *range(2, x.dim()), 1).is_contiguous()
+                if not channels_last:
+                    x = x.contiguous()
+                stride_n, stride_c = x.stride(0), x.stride(1)
+                stride_p = num_classes if channels_last else 1
         else:
+            # A prediction map and its labels line up element for element: one flat "image".
             x = input.contiguous()
-            stride_n, stride_c, stride_p = spatial, 0, 1
+            n, spatial = 1, x.numel()
+            stride_n, stride_c, stride_p = 0, 0, 1
         lab = labels.contiguous()
         matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=input.device)
         invalid = torch.zeros(1, dtype=torch.int64, device=input.device)
@@ -145,7 +159,8 @@ if _library.triton_available():
         bins = triton.next_power_of_2(num_classes * num_classes)
         block = 1024 if not input.is_cuda else 512
         tiles = 8 if input.is_cuda else 2
-        grid = (triton.cdiv(spatial, block * tiles), n)
+        tiles_per_image = triton.cdiv(spatial, block * tiles)
+        grid = (tiles_per_image * n,)
         _confusion_kernel[grid](
             x,
             lab,
@@ -157,7 +172,11 @@ if _library.triton_available():
             stride_n,
             stride_c,
             stride_p,
+            tiles_per_image,
             FROM_LOGITS=from_logits,
+            # float64 logits compare in float64: a float32 cast would merge near-ties (and
+            # values past float32's range) that torch.argmax tells apart.
+            ACC=tl.float64 if input.dtype == torch.float64 else tl.float32,
             BLOCK=block,
             TILES=tiles,
             STATIC_CLASSES=num_classes if from_logits and num_classes <= 32 else 0,

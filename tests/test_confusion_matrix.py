@@ -169,6 +169,61 @@ def test_triton_kernel_under_interpreter():
     assert torch.equal(_confusion_matrix_triton(logits, labels, 70, 255)[0], reference_confusion_matrix(logits, labels, 70))
 
 
+class _GridRecorder:
+    """Stands in for a Triton kernel and records each launch grid before launching."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_grid_is_one_flat_axis_and_rows_are_one_image(monkeypatch):
+    # CUDA caps grid axes 1 and 2 at 65535: flattened maps and (N, C) rows of 70000 positions
+    # must not put one program per position on a second axis.
+    import sys
+
+    from segkernels._library import triton_runs_on
+
+    mod = sys.modules["segkernels.confusion_matrix"]  # the package's function shadows the module name
+
+    logits = torch.randn(70000, 6)
+    if not triton_runs_on(logits):
+        pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernel on CPU tensors")
+    recorder = _GridRecorder(mod._confusion_kernel)
+    monkeypatch.setattr(mod, "_confusion_kernel", recorder)
+    labels = torch.randint(0, 6, (70000,))
+    labels[::9] = 255
+    expected = reference_confusion_matrix(logits, labels, 6)
+    for x in (logits, logits.t().contiguous().t(), logits.argmax(1)):
+        cm, invalid = mod._confusion_matrix_triton(x, labels, 6, 255)
+        assert torch.equal(cm, expected) and int(invalid) == 0
+    batched, batched_labels = _case((3, 37, 29), 5, torch.float32, "cpu")
+    cm, _ = mod._confusion_matrix_triton(batched, batched_labels, 5, 255)
+    assert torch.equal(cm, reference_confusion_matrix(batched, batched_labels, 5))
+    assert all(len(g) == 1 for g in recorder.grids), recorder.grids
+    assert max(g[0] for g in recorder.grids[:3]) <= 64, recorder.grids  # ~70000 / tile, not 70000
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_float64_logits_compare_in_float64():
+    from segkernels._library import triton_runs_on
+    from segkernels.confusion_matrix import _confusion_matrix_triton
+
+    logits = torch.tensor([[[1.0, 1e300], [1.0 + 1e-12, 2e300]]], dtype=torch.float64)  # (1, 2, 2)
+    if not triton_runs_on(logits):
+        pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernel on CPU tensors")
+    labels = torch.tensor([[1, 1]])
+    cm, _ = _confusion_matrix_triton(logits, labels, 2, 255)
+    assert torch.equal(cm, reference_confusion_matrix(logits, labels, 2))
+    assert torch.equal(cm, torch.tensor([[0, 0], [0, 2]]))  # float32 would tie both: class 0
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("classes", [7, 40])
@@ -183,3 +238,29 @@ def test_triton_kernel_several_tiles_per_program(classes):
         pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernel on CPU tensors")
     cm, invalid = _confusion_matrix_triton(logits, labels, classes, 255)
     assert torch.equal(cm, reference_confusion_matrix(logits, labels, classes)) and int(invalid) == 0
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_kernel_compiles_for_sm90_without_a_gpu():
+    """Ahead-of-time compilation (Triton to cubin) for an H100/H200: checks the types and
+    constexpr branches that the interpreter does not (int64 channel offsets, float64 compare)."""
+    import sys
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod = sys.modules["segkernels.confusion_matrix"]
+    if not isinstance(mod._confusion_kernel, triton.runtime.JITFunction):
+        pytest.skip("kernels are interpreted (TRITON_INTERPRET=1)")
+    names = ["x_ptr", "lab_ptr", "cm_ptr", "bad_ptr", "spatial", "classes", "ignore_index", "stride_n", "stride_c",
+             "stride_p", "tiles_per_image"]
+    for x_type, acc, static, bins in [("*bf16", tl.float32, 19, 512), ("*fp64", tl.float64, 0, 4096),
+                                      ("*i64", tl.float32, 0, 1)]:
+        consts = dict(FROM_LOGITS=x_type != "*i64", ACC=acc, BLOCK=512, TILES=8, STATIC_CLASSES=static,
+                      NUM_BINS=bins, USE_HISTOGRAM=bins > 1)
+        types = [x_type, "*i64", "*i64", "*i64", "i64", "i32", "i64", "i32", "i32", "i32", "i32"]
+        sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
+        compiled = triton.compile(ASTSource(mod._confusion_kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm.get("cubin")
