@@ -267,18 +267,20 @@ if _library.triton_available():
             loss_off = pid
         else:
             loss_off = n * P + pid_p * BLOCK
+        # As int64 (pid * 0 + ...): 3 * loss_stride_k (= 3 * N * P) may pass 2**31.
+        koff = pid * 0 + loss_stride_k
         _channel_student(s0, g0, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
                          lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL, HARD, HAS_WEIGHT, BLOCK)
         if K > 1:
             _channel_student(s1, g1, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + loss_stride_k, KL, HARD, HAS_WEIGHT, BLOCK)
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + koff, KL, HARD, HAS_WEIGHT, BLOCK)
         if K > 2:
             _channel_student(s2, g2, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * loss_stride_k, KL, HARD,
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * koff, KL, HARD,
                              HAS_WEIGHT, BLOCK)
         if K > 3:
             _channel_student(s3, g3, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * loss_stride_k, KL, HARD,
+                             lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * koff, KL, HARD,
                              HAS_WEIGHT, BLOCK)
 
     @triton.jit
