@@ -65,6 +65,28 @@ def reference_channel_gram(A: torch.Tensor, B: torch.Tensor, weight: torch.Tenso
     return G, q
 
 
+def lasso_gap_bound(w: torch.Tensor, h: torch.Tensor, q: torch.Tensor, g_diag: torch.Tensor, thr: float) -> float:
+    """An upper bound on sklearn's duality gap / ||y||^2 for coefficients w with h = G w (float64).
+
+    With s = min(1, thr / max|q - h|) the gap is 0.5 (1 - s)^2 ||y||^2 + rest, where rest does not
+    involve ||y||^2, and ||y||^2 >= (q.w)^2 / (w.G.w) (the fit of y along Z w): so testing the
+    bound against tol stops no earlier than sklearn's test on the true gap. For thr = 0 (least
+    squares) sklearn tests ||q - h||^2 instead. Channels with G_jj = 0 are left out."""
+    act = g_diag != 0
+    wa, r, qa = w[act], (q - h)[act], q[act]
+    qw, whw, l1 = float(qa @ wa), float(wa @ h[act]), float(wa.abs().sum())
+    if thr > 0:
+        dual = float(r.abs().max()) if r.numel() else 0.0
+        s = thr / dual if dual > thr else 1.0
+        lead, rest = 0.5 * (1.0 - s) ** 2, 0.5 * (1.0 + s * s) * (whw - 2.0 * qw) + thr * l1 + s * qw
+    else:
+        lead, rest = 0.0, float(r @ r)
+    if not rest > 0:
+        return lead
+    y2_lower = qw * qw / whw if whw > 0 else 0.0
+    return lead + rest / y2_lower if y2_lower > 0 else math.inf
+
+
 def reference_lasso_gram(
     G: torch.Tensor,
     q: torch.Tensor,
@@ -76,7 +98,9 @@ def reference_lasso_gram(
     init: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Cyclic coordinate descent on the Gram for each alpha (sklearn's enet_coordinate_descent_gram
-    with l2 = 0), stopping when the largest update of a sweep is <= tol * the largest coefficient."""
+    with l2 = 0), stopping as sklearn does: when the largest update of a sweep is <= tol * the
+    largest coefficient and the duality gap is <= tol * ||y||^2 (through a bound that does not
+    need ||y||^2: see lasso_gap_bound), or when a sweep changes nothing."""
     c, L = G.shape[0], alphas.shape[0]
     Gd, qd = G.double(), q.double()
     out = torch.zeros(L, c, dtype=torch.float64)
@@ -99,7 +123,9 @@ def reference_lasso_gram(
                     w[j] = new
                     d_max = max(d_max, abs(new - old))
                 w_max = max(w_max, abs(new))
-            if w_max == 0.0 or d_max <= tol * w_max:
+            if d_max == 0.0:
+                break
+            if (w_max == 0.0 or d_max <= tol * w_max) and lasso_gap_bound(w, h, qc, gc.diagonal(), thr) <= tol:
                 break
         out[a] = w
     return out.to(device=G.device, dtype=G.dtype)
@@ -152,10 +178,10 @@ if _library.triton_available():
         g_ptr,
         q_ptr,
         thr_ptr,
+        tol_ptr,
         init_ptr,
         out_ptr,
         c,
-        tol,
         max_iter,
         HAS_INIT: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -163,19 +189,24 @@ if _library.triton_available():
         # One program per alpha; the coefficients w and H = G w live in registers. Each
         # coordinate step reads q_j and G_jj as scalars and, only when w_j changes, one row of G
         # (cached in L2, shared by all programs). thr = alpha * n_samples, computed on the host.
+        # Everything is float64 whatever G's dtype, as in the C++ kernel: the gap test compares
+        # with tol (1e-8 by default), below float32's resolution.
         pid = tl.program_id(0)
         offs = tl.arange(0, BLOCK_C)
         mask = offs < c
         thr = tl.load(thr_ptr + pid)
+        tol = tl.load(tol_ptr)
         if HAS_INIT:
-            w = tl.load(init_ptr + pid.to(tl.int64) * c + offs, mask=mask, other=0.0)
+            w = tl.load(init_ptr + pid.to(tl.int64) * c + offs, mask=mask, other=0.0).to(tl.float64)
         else:
-            w = tl.zeros([BLOCK_C], dtype=thr.dtype)
-        h = tl.zeros([BLOCK_C], dtype=thr.dtype)
+            w = tl.zeros([BLOCK_C], dtype=tl.float64)
+        h = tl.zeros([BLOCK_C], dtype=tl.float64)
+        qv = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        active = mask & (tl.load(g_ptr + offs * c + offs, mask=mask, other=0.0) != 0.0)
         if HAS_INIT:
             for j in range(0, c):
                 wj = tl.sum(tl.where(offs == j, w, 0.0), axis=0)
-                row = tl.load(g_ptr + j * c + offs, mask=mask, other=0.0)
+                row = tl.load(g_ptr + j * c + offs, mask=mask, other=0.0).to(tl.float64)
                 h += row * wj
         it = max_iter * 0
         done = max_iter <= 0
@@ -186,8 +217,8 @@ if _library.triton_available():
                 sel = offs == j
                 wj = tl.sum(tl.where(sel, w, 0.0), axis=0)
                 hj = tl.sum(tl.where(sel, h, 0.0), axis=0)
-                qj = tl.load(q_ptr + j)
-                gjj = tl.load(g_ptr + j * c + j)
+                qj = tl.load(q_ptr + j).to(tl.float64)
+                gjj = tl.load(g_ptr + j * c + j).to(tl.float64)
                 rho = qj - hj + gjj * wj
                 mag = tl.abs(rho) - thr
                 safe = tl.where(gjj != 0.0, gjj, 1.0)
@@ -195,14 +226,30 @@ if _library.triton_available():
                 nw = tl.where(gjj != 0.0, nw, wj)
                 d = nw - wj
                 if d != 0.0:
-                    row = tl.load(g_ptr + j * c + offs, mask=mask, other=0.0)
+                    row = tl.load(g_ptr + j * c + offs, mask=mask, other=0.0).to(tl.float64)
                     h += row * d
                     w = tl.where(sel, nw, w)
                 d_max = tl.maximum(d_max, tl.abs(d))
                 w_max = tl.maximum(w_max, tl.where(gjj != 0.0, tl.abs(nw), 0.0))
             it += 1
-            done = (w_max == 0.0) | (d_max <= tol * w_max)
-        tl.store(out_ptr + pid.to(tl.int64) * c + offs, w, mask=mask)
+            # sklearn's two tests (lasso_gap_bound in pruning.h and in this module, vectorised).
+            r = tl.where(active, qv - h, 0.0)
+            wa = tl.where(active, w, 0.0)
+            dual = tl.max(tl.abs(r), axis=0)
+            qw = tl.sum(qv * wa, axis=0)
+            whw = tl.sum(wa * h, axis=0)
+            l1 = tl.sum(tl.abs(wa), axis=0)
+            s = tl.where(dual > thr, thr / tl.where(dual > thr, dual, 1.0), 1.0)
+            lead = tl.where(thr > 0.0, 0.5 * (1.0 - s) * (1.0 - s), 0.0)
+            rest = tl.where(thr > 0.0, 0.5 * (1.0 + s * s) * (whw - 2.0 * qw) + thr * l1 + s * qw,
+                            tl.sum(r * r, axis=0))
+            y2_lower = tl.where(whw > 0.0, qw * qw / tl.where(whw > 0.0, whw, 1.0), 0.0)
+            bound = tl.where(rest > 0.0,
+                             tl.where(y2_lower > 0.0, lead + rest / tl.where(y2_lower > 0.0, y2_lower, 1.0),
+                                      float("inf")),
+                             lead)
+            done = (d_max == 0.0) | (((w_max == 0.0) | (d_max <= tol * w_max)) & (bound <= tol))
+        tl.store(out_ptr + pid.to(tl.int64) * c + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
     def _channel_gram_triton(A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor):
         n, c = weight.shape[0], weight.shape[1]
@@ -228,15 +275,16 @@ if _library.triton_available():
             return out
         block_c = max(2, triton.next_power_of_2(c))
         init_t = init.contiguous() if init is not None else out
-        thresholds = (alphas.double() * float(n_samples)).to(G.dtype).contiguous()
+        thresholds = (alphas.double() * float(n_samples)).contiguous()
+        tol_t = torch.tensor([float(tol)], dtype=torch.float64, device=G.device)  # a float argument would be fp32
         _lasso_gram_kernel[(L,)](
             G.contiguous(),
             q.contiguous(),
             thresholds,
+            tol_t,
             init_t,
             out,
             c,
-            float(tol),
             int(max_iter),
             HAS_INIT=init is not None,
             BLOCK_C=block_c,
@@ -318,9 +366,11 @@ def lasso_gram(
 
     Solves min_beta (1 / (2 n_samples)) ||y - Z beta||^2 + alpha ||beta||_1 (sklearn's Lasso with
     fit_intercept=False, here through G = Z^T Z and q = Z^T y) by cyclic coordinate descent on the
-    Gram, one independent problem per alpha (parallel over alphas). A sweep ends the descent when
-    its largest coefficient change is <= tol * the largest coefficient (sklearn's first test; its
-    duality gap needs ||y||^2, which the Gram does not carry), or after max_iter sweeps.
+    Gram, one independent problem per alpha (parallel over alphas). The descent stops after a
+    sweep whose largest coefficient change is <= tol * the largest coefficient and whose duality
+    gap is <= tol * ||y||^2 (sklearn's two tests; the gap is bounded through ||y||^2 >= (q.w)^2 /
+    (w.G.w), since the Gram does not carry ||y||^2, so it stops no earlier than sklearn), after a
+    sweep that changes nothing, or after max_iter sweeps. float32 inputs are solved in float64.
 
     Args:
         G: (c, c) symmetric positive semi-definite; q: (c,); alphas: (L,) >= 0, same dtype

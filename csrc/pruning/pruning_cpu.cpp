@@ -169,8 +169,12 @@ Tensor lasso_gram_cpu(const Tensor& G_in, const Tensor& q_in, const Tensor& alph
             }
             w_max = std::max(w_max, std::abs(nw));
           }
-          // sklearn's first stopping test: the largest update relative to the largest coefficient.
-          if (w_max == 0.0 || d_max <= tol * w_max) break;
+          if (d_max == 0.0) break;  // a sweep that changed nothing: every later one is the same
+          // sklearn's two tests: the largest update relative to the largest coefficient, then
+          // (bounded, see lasso_gap_bound) the duality gap.
+          if ((w_max == 0.0 || d_max <= tol * w_max) &&
+              lasso_gap_bound<scalar_t>(w.data(), h.data(), qp, gd.data(), c, threshold) <= tol)
+            break;
         }
         for (int64_t j = 0; j < c; ++j) op[a * c + j] = static_cast<scalar_t>(w[j]);
       }
