@@ -26,6 +26,10 @@ Design notes:
   rows of 10^6) still fill the device: per-segment (max, sum) pairs are merged with small torch
   ops between the two launches.
 - CUDA float64 runs the eager reference (the Triton kernels compute in float32).
+- No fused multiply-adds in the softmax arithmetic (C++: built with -ffp-contract=off;
+  Triton: enable_fp_fusion=False): the maximum m is taken over rounded x / T, so x / T - m
+  must round the product the same way, or at |x| / T past 2**24 the residual at the maximum
+  overflows exp (the loss read -inf or NaN at temperature 1e-10). The kernels are memory-bound.
 """
 
 from __future__ import annotations
@@ -439,6 +443,7 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
             stats = torch.empty(rows * segments * 2 * (kg + 1), dtype=torch.float32, device=teacher.device)
             _kd_spatial_stats_kernel[(rows, segments)](
                 teacher, *sp, stats, P, seg, segments, inv_t, K=kg, BLOCK=block, num_warps=4,
+                enable_fp_fusion=False,
             )
             # Merge the segments' (max, sum) into each row's (max, log-sum): small torch ops on
             # the device, no synchronisation.
@@ -451,7 +456,7 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
             part = torch.empty(kg * rows * segments, dtype=torch.float32, device=teacher.device)
             _kd_spatial_apply_kernel[(rows, segments)](
                 teacher, *sp, *gp, fin, part, P, seg, segments, rows, inv_t, gscale,
-                K=kg, KL=kl, BLOCK=block, num_warps=4,
+                K=kg, KL=kl, BLOCK=block, num_warps=4, enable_fp_fusion=False,
             )
             loss[k0:k0 + kg].copy_(part.view(kg, rows, segments).sum(-1).mul_(scale).view(kg, N, C))
         else:
@@ -462,6 +467,7 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
                 teacher, *sp, *gp, lk, lab, teacher, teacher,
                 C, P, C * P, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
                 K=len(group), KL=kl, HAS_LABELS=labels is not None, HARD=False, HAS_WEIGHT=False, BLOCK=block,
+                enable_fp_fusion=False,
             )
     return loss, grads
 
@@ -505,7 +511,7 @@ def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, har
         teacher, student, student, student, student, grad, grad, grad, grad, partials, labels, weight, coef,
         C, P, C * P, 1 if cl else P, C if cl else 1, 0, ignore_index, 1.0 / temperature,
         temperature * temperature, temperature, K=1, KL=True, HAS_LABELS=True, HARD=True,
-        HAS_WEIGHT=class_weight is not None, BLOCK=block,
+        HAS_WEIGHT=class_weight is not None, BLOCK=block, enable_fp_fusion=False,
     )
     return partials.sum().to(acc), grad
 

@@ -195,6 +195,45 @@ def test_large_logits_and_temperatures(device, axis, temperature, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("axis", ["channel", "spatial"])
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 1e-10), (torch.float64, 1e-20)], ids=str)
+def test_extreme_temperatures_keep_the_maximum_at_zero(device, axis, dtype, temperature):
+    # |logit| / T far past 2**24 (2**53): each log-probability must subtract the maximum of the
+    # very values it is computed from. A fused multiply-add in one place and a rounded product in
+    # the other left a positive residual at the maximum: exp overflowed to inf, the loss read
+    # -inf or NaN (the CPU kernels' AVX2 build).
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+    t = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    for reduction in ("sum", "none"):
+        got = segkernels.kd_loss(s, t, temperature=temperature, axis=axis, reduction=reduction, scale_by_t2=False)
+        ref_s = s.detach().double().requires_grad_()
+        ref = reference_kd_loss(ref_s, t.double(), temperature=temperature, axis=axis, reduction=reduction,
+                                scale_by_t2=False)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+    (grad,) = torch.autograd.grad(got.sum(), s)
+    ref.sum().backward()
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), ref_s.grad, rtol=1e-5, atol=1e-5 * float(ref_s.grad.abs().max()))
+    if axis == "channel":
+        labels = torch.randint(0, 5, (2, 4, 6), generator=g).to(device)
+        got = segkernels.seg_kd_loss(s, t, labels, temperature=temperature)
+        ref = reference_seg_kd_loss(s.detach().double(), t.double(), labels, temperature=temperature)
+        assert torch.isfinite(got) and abs(float(got.detach()) - float(ref)) <= 1e-5 * abs(float(ref))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [1e4, 1e15, 1e30])
+def test_one_class_kl_is_exactly_zero_at_any_temperature(device, temperature):
+    # One class: both softmaxes are exactly 1, so KL is 0, even after the T^2 scale.
+    s = torch.tensor([[0.3], [1.7]], dtype=torch.float64, device=device)
+    t = torch.tensor([[-0.5], [2.0]], dtype=torch.float64, device=device)
+    got = segkernels.kd_loss(s, t, temperature=temperature, reduction="none")
+    assert torch.equal(got, torch.zeros(2, dtype=torch.float64, device=device)), got
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
 @pytest.mark.parametrize("divergence", ["kl", "ce"])
 def test_minus_inf_logits(device, axis, divergence):
     shape = (2, 5, 4, 6)
@@ -702,6 +741,42 @@ def test_baseline_and_avx2_cpu_builds_agree(axis, monkeypatch):
         _check_seg = segkernels.seg_kd_loss(students[0], teacher, lab, temperature=2.0)
         ref = reference_seg_kd_loss(students[0].detach().double(), teacher.double(), lab, temperature=2.0)
         assert_close(_check_seg, ref.float())
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_launches_turn_fp_fusion_off(monkeypatch):
+    # The interpreter computes in numpy and never fuses; on a GPU, Triton fuses x * (1/T) - max
+    # into one FMA unless told not to (see the module docstring): every launch must say so.
+    import sys
+
+    from segkernels._library import triton_runs_on
+
+    mod = sys.modules["segkernels.kd_loss"]
+    s = torch.randn(2, 5, 4, 6, requires_grad=True)
+    if not triton_runs_on(s):
+        pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernels on CPU tensors")
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs.get("enable_fp_fusion"))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for name in ("_kd_channel_kernel", "_kd_spatial_stats_kernel", "_kd_spatial_apply_kernel"):
+        monkeypatch.setattr(mod, name, Recorder(getattr(mod, name)))
+    t = torch.randn(2, 5, 4, 6)
+    labels = torch.randint(0, 5, (2, 4, 6))
+    mod._kd_loss_triton([s], t, None, 2.0, False, True, True, 255)
+    mod._kd_loss_triton([s], t, None, 2.0, True, True, True, 255)
+    mod._seg_kd_loss_triton(s, t, labels, None, 2.0, 1.0, 1.0, 255)
+    assert len(launches) == 4 and all(f is False for f in launches), launches
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
