@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -399,6 +400,8 @@ def lasso_gram(
     # The solver's soft threshold compares magnitudes: a NaN would pass for zero without a word.
     if not bool(torch.isfinite(G).all()) or not bool(torch.isfinite(q).all()):
         raise ValueError("G and q must be finite (a NaN or inf in the statistics: check the calibration data)")
+    if bool((G.diagonal() < 0).any()):
+        raise ValueError("G must be positive semi-definite, but its diagonal has a negative entry")
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, float)) or not 0 < n_samples < math.inf:
         raise ValueError(f"n_samples must be a finite positive number, got {n_samples!r}")
     if not isinstance(tol, (int, float)) or tol < 0:
@@ -412,6 +415,8 @@ def lasso_gram(
                 f"init must be ({alphas.shape[0]}, {c}) {G.dtype} on {G.device}, got {tuple(init.shape)} "
                 f"{init.dtype} on {init.device}"
             )
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError("init must be finite")
     if not _library.use_compiled(G) or (G.is_cuda and not _library.triton_available()):
         return reference_lasso_gram(G, q, alphas, n_samples=n_samples, tol=tol, max_iter=max_iter, init=init)
     return torch.ops.segkernels.lasso_gram(G, q, alphas, float(n_samples), float(tol), int(max_iter), init)
@@ -579,6 +584,12 @@ class LayerStats:
         self._check_weight(weight)
         return channel_gram(self.A, self.B, weight.detach().to(self.A))
 
+    def _check_usable(self) -> None:
+        if self.rows == 0:
+            raise ValueError("stats holds no rows: call update() with calibration data first")
+        if not all(bool(torch.isfinite(t).all()) for t in (self.A, self.B, self.x_sum, self.y_sum, self.y_sq)):
+            raise ValueError("stats hold a NaN or inf: the calibration inputs or outputs were not finite")
+
     def _check_weight(self, weight: torch.Tensor) -> None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -627,7 +638,9 @@ def alpha_search(
     lo: Optional[Tuple[float, torch.Tensor, int]] = None  # denser side: nnz > n_keep
     warm: Optional[torch.Tensor] = None
     t = 0
-    floor = alpha_max * 1e-9
+    # Not below the smallest normal float: a denormal alpha_max would underflow the floor to 0,
+    # and the path (whose alphas underflow to 0 too) would never pass it.
+    floor = max(alpha_max * 1e-9, sys.float_info.min)
     while lo is None:
         alphas = [alpha_max * r ** (t + s + 1) for s in range(points)]
         t += points
@@ -709,10 +722,7 @@ def select_channels(
     c = stats.in_channels
     if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 1 <= n_keep <= c:
         raise ValueError(f"n_keep must be an int in [1, {c}], got {n_keep!r}")
-    if stats.rows == 0:
-        raise ValueError("stats holds no rows: call update() with calibration data first")
-    if not bool(torch.isfinite(stats.A).all()) or not bool(torch.isfinite(stats.B).all()):
-        raise ValueError("stats hold a NaN or inf: the calibration inputs or outputs were not finite")
+    stats._check_usable()
     device = stats.A.device
     if n_keep == c:
         return torch.arange(c, dtype=torch.int64), torch.ones(c, dtype=torch.float64, device=device)
@@ -770,8 +780,7 @@ def reconstruct(stats: LayerStats, keep: torch.Tensor, *, ridge: float = 0.0) ->
         raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
     keep = _check_keep(keep, stats.in_channels)
     _check_ridge(ridge)
-    if stats.rows == 0:
-        raise ValueError("stats holds no rows: call update() with calibration data first")
+    stats._check_usable()
     sol = _solve_normal(stats, keep, ridge)
     n, kh, kw = stats.out_channels, *stats.kernel_size
     weight = sol[:-1].t().reshape(n, keep.numel(), kh, kw).contiguous()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kd_loss import _cross_entropy_or_zero, kd_loss
+from .kd_loss import _check_temperature, _cross_entropy_or_zero, kd_loss
 
 __all__ = ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss", "presence_targets"]
 
@@ -24,7 +24,7 @@ class KDLoss(nn.Module):
     def __init__(self, temperature: float = 1.0, *, ignore_index: int = 255, divergence: str = "kl",
                  reduction: str = "mean", scale_by_t2: bool = True) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.temperature = _check_temperature(temperature)
         self.ignore_index = ignore_index
         self.divergence = divergence
         self.reduction = reduction
@@ -46,7 +46,7 @@ class ChannelWiseKDLoss(nn.Module):
     def __init__(self, temperature: float = 4.0, *, divergence: str = "kl", reduction: str = "mean",
                  scale_by_t2: bool = True) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.temperature = _check_temperature(temperature)
         self.divergence = divergence
         self.reduction = reduction
         self.scale_by_t2 = scale_by_t2
@@ -107,7 +107,8 @@ class SelfRegulationLoss(nn.Module):
         self.num_classes = num_classes
         self.weights = tuple(float(w) for w in weights)
         self.sr_f = sr_f
-        self.temperature = temperature
+        # Checked in both modes: "hard" does not use it, but a NaN or negative value is a mistake.
+        self.temperature = _check_temperature(temperature)
         self.ignore_index = ignore_index
 
     def forward(self, class_maps: Sequence[torch.Tensor], presence_logits: Sequence[torch.Tensor],

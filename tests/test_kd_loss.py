@@ -588,6 +588,13 @@ def test_self_regulation_matches_transcription(sr_f):
         segkernels.nn.SelfRegulationLoss(c, sr_f="medium")
     with pytest.raises(ValueError, match="class_maps\\[1\\]"):
         loss_fn([maps[0], maps[1][:, :3]], pres[:2], labels)
+    # temperature is checked at construction in every mode ("hard" does not use it)
+    for bad in (float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match="temperature"):
+            segkernels.nn.SelfRegulationLoss(c, sr_f="hard", temperature=bad)
+        for module in (segkernels.nn.KDLoss, segkernels.nn.ChannelWiseKDLoss):
+            with pytest.raises(ValueError, match="temperature"):
+                module(temperature=bad)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -530,6 +530,35 @@ def test_torch_compile():
     torch.testing.assert_close(got, f(A, B, w, alphas))
 
 
+def test_degenerate_statistics_end_or_are_refused():
+    from segkernels.pruning import LayerStats, reconstruct, select_channels
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 3, padding=1).double()
+    stats = LayerStats(conv)
+    stats.update(torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(2, 3, 6, 6, dtype=torch.float64),
+                 positions_per_image=None)
+    # Weights so small that G underflows to 0 and alpha_max is denormal: the alpha path used to
+    # underflow to 0 with its floor and never end. No alpha keeps 2 channels; the search ends.
+    keep, beta = select_channels(stats, torch.full((3, 4, 3, 3), 1e-320, dtype=torch.float64), 2)
+    assert keep.shape == (2,) and torch.isfinite(beta).all()
+    G = torch.eye(3, dtype=torch.float64)
+    q = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    alphas = torch.tensor([0.1], dtype=torch.float64)
+    with pytest.raises(ValueError, match="init must be finite"):
+        segkernels.lasso_gram(G, q, alphas, n_samples=1.0, init=torch.tensor([[float("nan"), 0.0, 0.0]],
+                                                                            dtype=torch.float64))
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        segkernels.lasso_gram(torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)), q, alphas,
+                              n_samples=1.0)
+    bad = LayerStats(conv)
+    y = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    y[0, 0, 0, 0] = float("nan")
+    bad.update(torch.randn(2, 4, 6, 6, dtype=torch.float64), y, positions_per_image=None)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        reconstruct(bad, torch.tensor([0, 2]))
+
+
 def test_bad_inputs():
     A, B, w = torch.eye(18, dtype=torch.float64), torch.zeros(18, 4, dtype=torch.float64), torch.zeros(4, 2, 3, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="A must be"):
