@@ -759,12 +759,12 @@ def _kept_columns(stats: LayerStats, keep: torch.Tensor) -> torch.Tensor:
     return (keep[:, None] * K + torch.arange(K)[None, :]).reshape(-1).to(stats.A.device)
 
 
-@torch.no_grad()
 def _check_ridge(ridge) -> None:
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
 
 
+@torch.no_grad()
 def reconstruct(stats: LayerStats, keep: torch.Tensor, *, ridge: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Least-squares weights and bias for the kept input channels, from the statistics.
 
