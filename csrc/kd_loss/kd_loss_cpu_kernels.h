@@ -142,8 +142,7 @@ struct ChannelKernel {
               const acc_t lpt = (load_acc(tc[i * sp]) * inv_t - mt[i]) - lzt[i];
               const acc_t pt = etc[i] * rzt[i];
               const acc_t ps = esc[i] * rzs[i];
-              const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
-              acc[i] += pt != acc_t(0) ? v : acc_t(0);
+              acc[i] += divergence_term(pt, lpt, lps, KL);
               acc_t gv = gscale * (ps - pt);
               if (HARD) {
                 const acc_t p1 = inv_t == acc_t(1) ? ps : e1c[i] * rz1[i];
@@ -234,9 +233,8 @@ struct SpatialKernel {
     const acc_t lps = (xs * inv_t - ms) - lzs;
     const acc_t pt = exp_nonpos(lpt);
     const acc_t ps = exp_nonpos(lps);
-    const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
     g = store_as<scalar_t>(gscale * (ps - pt));
-    return pt != acc_t(0) ? v : acc_t(0);
+    return divergence_term(pt, lpt, lps, KL);
   }
 
   // Rows up to kStoredRow elements: a max pass, then one pass that keeps the exponentials
@@ -291,9 +289,8 @@ struct SpatialKernel {
             const acc_t lps = (load_acc(sr[i]) * inv_t - ms) - lzs;
             const acc_t pt = etp[i] * rzt;
             const acc_t ps = esp[i] * rzs;
-            const acc_t v = KL ? pt * (lpt - lps) : -pt * lps;
             gr[i] = store_as<scalar_t>(gscale * (ps - pt));
-            return pt != acc_t(0) ? v : acc_t(0);
+            return divergence_term(pt, lpt, lps, KL);
           };
           for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
             // Partial sums per chunk, added in double: the same summation shape as run().
