@@ -26,11 +26,13 @@ Design notes:
   rows of 10^6) still fill the device: per-segment (max, sum) pairs are merged with small torch
   ops between the two launches.
 - CUDA float64 runs the eager reference (the Triton kernels compute in float32).
-- No fused multiply-adds in the softmax arithmetic (C++: built with -ffp-contract=off;
-  Triton: enable_fp_fusion=False): the maximum m is taken over rounded x / T, so x / T - m
-  must round the product the same way, or at |x| / T past 2**24 the residual at the maximum
-  overflows exp (the loss read -inf or NaN at temperature 1e-10). The cost on the CPU: the exp
-  polynomial loses its FMAs (bfloat16 pixel KD measured up to about 20% slower).
+- The shifted logit at a row's maximum must come out exactly 0, or at |x| / T past 2**24 the
+  residual overflows exp (the loss once read -inf or NaN at temperature 1e-10: the maximum was
+  taken over rounded x / T and the compiler fused x / T - m into one FMA). The C++ kernels take
+  the maximum m of the raw logits and compute (x - m) / T, which is 0 at the maximum however the
+  arithmetic is contracted, so the extension keeps FMA contraction (the exp polynomial uses it).
+  The Triton kernels still compute x / T - max(x / T) and are launched with
+  enable_fp_fusion=False instead.
 """
 
 from __future__ import annotations

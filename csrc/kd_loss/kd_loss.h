@@ -12,7 +12,7 @@
 namespace segkernels {
 namespace kd_loss {
 
-// exp for arguments <= 0 (x - max of the row), branch-free so that loops over positions
+// exp for arguments <= 0 ((x - max of the row) / T), branch-free so that loops over positions
 // vectorise: Cody-Waite reduction and Cephes' degree-5 polynomial (about 1 ulp). Exactly 0 for
 // x < -87 (so exp(-inf) = 0 and p = 0 stays exactly 0); NaN stays NaN.
 SK_HD float exp_nonpos(float x) {

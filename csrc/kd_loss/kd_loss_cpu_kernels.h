@@ -48,10 +48,13 @@ struct ChannelKernel {
   int64_t off(int64_t c, int64_t p) const { return CONTIG ? c * P + p : p * C + c; }
   int64_t step() const { return CONTIG ? 1 : C; }
 
-  // Max m, log of the sum lz and reciprocal rz of the sum of exp(x * mul - m) over the channels
-  // for `len` positions (m and lz kept apart: m + lz would round away the low bits of
-  // log-probabilities at logits of 1e5), and the unnormalised exp(x * mul - m) in e (C x tile);
-  // the probability is e * rz. Every caller keeps e: a run-time `if (e)` in the loop had become
+  // Max m of the raw logits, log of the sum lz and reciprocal rz of the sum of exp((x - m) * mul)
+  // over the channels for `len` positions (m and lz kept apart: m + lz would round away the low
+  // bits of log-probabilities at logits of 1e5), and the unnormalised exp((x - m) * mul) in e
+  // (C x tile); the probability is e * rz. The maximum is subtracted before scaling so that the
+  // shifted value is exactly 0 at the maximum however the compiler contracts the arithmetic (a
+  // maximum over x * mul with x * mul - m fused into one FMA left a residual that overflowed exp
+  // at tiny temperatures). Every caller keeps e: a run-time `if (e)` in the loop had become
   // masked vector stores, which are slow on AMD.
   void stats(const scalar_t* __restrict x, int64_t p0, int64_t len, acc_t mul, acc_t* __restrict m,
              acc_t* __restrict lz, acc_t* __restrict rz, acc_t* __restrict e, int64_t tile) const {
@@ -60,7 +63,7 @@ struct ChannelKernel {
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* __restrict xc = x + off(c, p0);
       for (int64_t i = 0; i < len; ++i) {
-        const acc_t v = load_acc(xc[i * sp]) * mul;
+        const acc_t v = load_acc(xc[i * sp]);
         m[i] = v > m[i] ? v : m[i];
       }
     }
@@ -69,7 +72,7 @@ struct ChannelKernel {
       const scalar_t* __restrict xc = x + off(c, p0);
       acc_t* __restrict ec = e + c * tile;
       for (int64_t i = 0; i < len; ++i) {
-        const acc_t ex = exp_nonpos(load_acc(xc[i * sp]) * mul - m[i]);
+        const acc_t ex = exp_nonpos((load_acc(xc[i * sp]) - m[i]) * mul);
         ec[i] = ex;
         rz[i] += ex;
       }
@@ -138,8 +141,8 @@ struct ChannelKernel {
             const acc_t cf = static_cast<acc_t>(c);
             for (int64_t i = 0; i < len; ++i) {
               const acc_t x = load_acc(sc[i * sp]);
-              const acc_t lps = (x * inv_t - ms[i]) - lzs[i];
-              const acc_t lpt = (load_acc(tc[i * sp]) * inv_t - mt[i]) - lzt[i];
+              const acc_t lps = (x - ms[i]) * inv_t - lzs[i];
+              const acc_t lpt = (load_acc(tc[i * sp]) - mt[i]) * inv_t - lzt[i];
               const acc_t pt = etc[i] * rzt[i];
               const acc_t ps = esc[i] * rzs[i];
               acc[i] += divergence_term(pt, lpt, lps, KL);
@@ -179,28 +182,28 @@ struct SpatialKernel {
   // not reassociate them itself): each loop below keeps kLanes partial results.
   static constexpr int64_t kLanes = 16;
 
-  // max of x[i] * inv_t over [0, len), in kLanes independent lanes.
-  acc_t scaled_max(const scalar_t* __restrict x, int64_t len) const {
+  // max of the raw x[i] over [0, len), in kLanes independent lanes.
+  acc_t row_max(const scalar_t* __restrict x, int64_t len) const {
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     const int64_t full = len - len % kLanes;
     acc_t lane_max[kLanes];
     for (int64_t j = 0; j < kLanes; ++j) lane_max[j] = ninf;
     for (int64_t i = 0; i < full; i += kLanes)
       for (int64_t j = 0; j < kLanes; ++j) {
-        const acc_t v = load_acc(x[i + j]) * inv_t;
+        const acc_t v = load_acc(x[i + j]);
         lane_max[j] = v > lane_max[j] ? v : lane_max[j];
       }
     acc_t m = ninf;
     for (int64_t j = 0; j < kLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
     for (int64_t i = full; i < len; ++i) {
-      const acc_t v = load_acc(x[i]) * inv_t;
+      const acc_t v = load_acc(x[i]);
       m = v > m ? v : m;
     }
     return m;
   }
 
-  // Online softmax over a row, chunk by chunk: running max m and sum z of exp(x * inv_t - m);
-  // returns m and log(z).
+  // Online softmax over a row, chunk by chunk: running max m of the raw logits and sum z of
+  // exp((x - m) * inv_t); returns m and log(z).
   void stats(const scalar_t* __restrict x, acc_t& m_out, acc_t& lz_out) const {
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     acc_t m = ninf, z = 0;
@@ -208,18 +211,18 @@ struct SpatialKernel {
       const int64_t len = std::min<int64_t>(kChunk, L - c0);
       const int64_t full = len - len % kLanes;
       const scalar_t* __restrict xc = x + c0;
-      const acc_t cm = scaled_max(xc, len);
+      const acc_t cm = row_max(xc, len);
       if (cm > m) {
-        z = m == ninf ? acc_t(0) : z * exp_nonpos(m - cm);
+        z = m == ninf ? acc_t(0) : z * exp_nonpos((m - cm) * inv_t);
         m = cm;
       }
       if (m == ninf) continue;  // all -inf so far
       acc_t lane_sum[kLanes] = {};
       for (int64_t i = 0; i < full; i += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) lane_sum[j] += exp_nonpos(load_acc(xc[i + j]) * inv_t - m);
+        for (int64_t j = 0; j < kLanes; ++j) lane_sum[j] += exp_nonpos((load_acc(xc[i + j]) - m) * inv_t);
       acc_t cz = 0;
       for (int64_t j = 0; j < kLanes; ++j) cz += lane_sum[j];
-      for (int64_t i = full; i < len; ++i) cz += exp_nonpos(load_acc(xc[i]) * inv_t - m);
+      for (int64_t i = full; i < len; ++i) cz += exp_nonpos((load_acc(xc[i]) - m) * inv_t);
       z += cz;
     }
     m_out = m;
@@ -229,8 +232,8 @@ struct SpatialKernel {
   // Loss term and gradient of one element.
   static inline acc_t term(acc_t xt, acc_t xs, acc_t inv_t, acc_t mt, acc_t lzt, acc_t ms, acc_t lzs, acc_t gscale,
                            scalar_t& g) {
-    const acc_t lpt = (xt * inv_t - mt) - lzt;
-    const acc_t lps = (xs * inv_t - ms) - lzs;
+    const acc_t lpt = (xt - mt) * inv_t - lzt;
+    const acc_t lps = (xs - ms) * inv_t - lzs;
     const acc_t pt = exp_nonpos(lpt);
     const acc_t ps = exp_nonpos(lps);
     g = store_as<scalar_t>(gscale * (ps - pt));
@@ -238,25 +241,25 @@ struct SpatialKernel {
   }
 
   // Rows up to kStoredRow elements: a max pass, then one pass that keeps the exponentials
-  // exp(x * inv_t - m) in e and returns m, log of their sum and its reciprocal; the final pass
+  // exp((x - m) * inv_t) in e and returns m, log of their sum and its reciprocal; the final pass
   // reuses them (two exponentials per element instead of four for the online version).
   void stored_stats(const scalar_t* __restrict x, acc_t* __restrict e, acc_t& m_out, acc_t& lz_out,
                     acc_t& rz_out) const {
     const int64_t full = L - L % kLanes;
     // A row of -inf logits only has no distribution: its terms come out NaN, as in the online
     // version and the reference.
-    const acc_t m = scaled_max(x, L);
+    const acc_t m = row_max(x, L);
     acc_t lane_sum[kLanes] = {};
     for (int64_t i = 0; i < full; i += kLanes)
       for (int64_t j = 0; j < kLanes; ++j) {
-        const acc_t ex = exp_nonpos(load_acc(x[i + j]) * inv_t - m);
+        const acc_t ex = exp_nonpos((load_acc(x[i + j]) - m) * inv_t);
         e[i + j] = ex;
         lane_sum[j] += ex;
       }
     acc_t z = 0;
     for (int64_t j = 0; j < kLanes; ++j) z += lane_sum[j];
     for (int64_t i = full; i < L; ++i) {
-      const acc_t ex = exp_nonpos(load_acc(x[i]) * inv_t - m);
+      const acc_t ex = exp_nonpos((load_acc(x[i]) - m) * inv_t);
       e[i] = ex;
       z += ex;
     }
@@ -285,8 +288,8 @@ struct SpatialKernel {
           acc_t lane_part[kLanes] = {};
           double total = 0;
           const auto element = [&](int64_t i) {
-            const acc_t lpt = (load_acc(tc[i]) * inv_t - mt) - lzt;
-            const acc_t lps = (load_acc(sr[i]) * inv_t - ms) - lzs;
+            const acc_t lpt = (load_acc(tc[i]) - mt) * inv_t - lzt;
+            const acc_t lps = (load_acc(sr[i]) - ms) * inv_t - lzs;
             const acc_t pt = etp[i] * rzt;
             const acc_t ps = esp[i] * rzs;
             gr[i] = store_as<scalar_t>(gscale * (ps - pt));
