@@ -402,6 +402,13 @@ def lasso_gram(
         raise ValueError("G and q must be finite (a NaN or inf in the statistics: check the calibration data)")
     if bool((G.diagonal() < 0).any()):
         raise ValueError("G must be positive semi-definite, but its diagonal has a negative entry")
+    # The descent reads one triangle's worth of G per coordinate: a G that is not a Gram (a
+    # transposed or mis-assembled matrix) would solve some other problem without a word. The
+    # tolerance leaves room for a Gram summed in a different order on each side of the diagonal.
+    asym = float((G - G.T).abs().max()) if c else 0.0
+    scale = float(G.abs().max()) if c else 0.0
+    if asym > (1e-3 if G.dtype == torch.float32 else 1e-8) * scale:
+        raise ValueError(f"G must be symmetric (a Gram Z^T Z), but max |G - G^T| = {asym:.3g} against max |G| = {scale:.3g}")
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, float)) or not 0 < n_samples < math.inf:
         raise ValueError(f"n_samples must be a finite positive number, got {n_samples!r}")
     if not isinstance(tol, (int, float)) or tol < 0:

@@ -551,6 +551,17 @@ def test_degenerate_statistics_end_or_are_refused():
     with pytest.raises(ValueError, match="positive semi-definite"):
         segkernels.lasso_gram(torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)), q, alphas,
                               n_samples=1.0)
+    # A matrix that is not a Gram: the descent would solve another problem without a word.
+    lopsided = G.clone()
+    lopsided[0, 2] = 0.5
+    with pytest.raises(ValueError, match="symmetric"):
+        segkernels.lasso_gram(lopsided, q, alphas, n_samples=1.0)
+    # Grams from a product, rounded differently on each side of the diagonal, still pass.
+    for dtype in (torch.float32, torch.float64):
+        Z = torch.randn(20000, 7, dtype=dtype)
+        Zt = Z.T.contiguous()
+        Gz = torch.stack([(Zt * Zt[j]).sum(1) for j in range(7)])  # row sums, not a symmetric kernel
+        assert segkernels.lasso_gram(Gz, Z.T @ Z[:, 0], alphas.to(dtype), n_samples=20000.0).shape == (1, 7)
     bad = LayerStats(conv)
     y = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     y[0, 0, 0, 0] = float("nan")
