@@ -223,6 +223,30 @@ def test_extreme_temperatures_keep_the_maximum_at_zero(device, axis, dtype, temp
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 1e-10), (torch.float64, 1e-20)], ids=str)
+def test_extreme_temperatures_on_rows_past_the_stored_length(device, dtype, temperature):
+    # Rows longer than the CPU's stored-row limit (32768) take the online softmax, whose running
+    # maximum rises from chunk to chunk and rescales the sum by exp((m_old - m_new) / T): at
+    # this temperature that factor is 0, and the maximum's own term must still be exactly 1.
+    g = torch.Generator().manual_seed(11)
+    shape = (1, 2, 32942)
+    s = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    t[0, 1] = torch.linspace(-1, 1, shape[-1], dtype=torch.float64)  # a new maximum in every chunk
+    s = s.to(device=device, dtype=dtype).requires_grad_()
+    t = t.to(device=device, dtype=dtype)
+    got = segkernels.kd_loss(s, t, temperature=temperature, axis="spatial", reduction="none", scale_by_t2=False)
+    ref_s = s.detach().double().requires_grad_()
+    ref = reference_kd_loss(ref_s, t.double(), temperature=temperature, axis="spatial", reduction="none",
+                            scale_by_t2=False)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+    (grad,) = torch.autograd.grad(got.sum(), s)
+    ref.sum().backward()
+    torch.testing.assert_close(grad.double(), ref_s.grad, rtol=1e-5, atol=1e-5 * float(ref_s.grad.abs().max()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [1e4, 1e15, 1e30])
 def test_one_class_kl_is_exactly_zero_at_any_temperature(device, temperature):
     # One class: both softmaxes are exactly 1, so KL is 0, even after the T^2 scale.
