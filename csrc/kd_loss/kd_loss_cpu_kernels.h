@@ -55,16 +55,20 @@ struct ChannelKernel {
   // shifted value is exactly 0 at the maximum however the compiler contracts the arithmetic (a
   // maximum over x * mul with x * mul - m fused into one FMA left a residual that overflowed exp
   // at tiny temperatures). Every caller keeps e: a run-time `if (e)` in the loop had become
-  // masked vector stores, which are slow on AMD.
+  // masked vector stores, which are slow on AMD. The maximum does not depend on mul: with
+  // max_known, m already holds it (the hard part's softmax at T = 1 reuses the student's).
   void stats(const scalar_t* __restrict x, int64_t p0, int64_t len, acc_t mul, acc_t* __restrict m,
-             acc_t* __restrict lz, acc_t* __restrict rz, acc_t* __restrict e, int64_t tile) const {
+             acc_t* __restrict lz, acc_t* __restrict rz, acc_t* __restrict e, int64_t tile,
+             bool max_known = false) const {
     const int64_t sp = step();
-    for (int64_t i = 0; i < len; ++i) m[i] = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* __restrict xc = x + off(c, p0);
-      for (int64_t i = 0; i < len; ++i) {
-        const acc_t v = load_acc(xc[i * sp]);
-        m[i] = v > m[i] ? v : m[i];
+    if (!max_known) {
+      for (int64_t i = 0; i < len; ++i) m[i] = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* __restrict xc = x + off(c, p0);
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t v = load_acc(xc[i * sp]);
+          m[i] = v > m[i] ? v : m[i];
+        }
       }
     }
     for (int64_t i = 0; i < len; ++i) rz[i] = 0;
@@ -117,12 +121,11 @@ struct ChannelKernel {
           for (int64_t i = 0; i < len; ++i) acc[i] = 0;
           double hard_loss = 0;
           if (HARD) {
-            if (inv_t == acc_t(1)) {
-              std::copy(ms, ms + len, m1);
+            std::copy(ms, ms + len, m1);
+            if (inv_t == acc_t(1))
               std::copy(lzs, lzs + len, lz1);
-            } else {
-              stats(sb, p0, len, acc_t(1), m1, lz1, rz1, e1, tile);
-            }
+            else
+              stats(sb, p0, len, acc_t(1), m1, lz1, rz1, e1, tile, /*max_known=*/true);
             for (int64_t i = 0; i < len; ++i) {
               wy[i] = hard->weight ? hard->weight[lab[i]] : acc_t(1);
               const acc_t ce = -((load_acc(sb[off(lab[i], p0 + i)]) - m1[i]) - lz1[i]) * wy[i];
