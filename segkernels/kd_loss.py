@@ -641,6 +641,35 @@ def _rows_as_map(x: torch.Tensor) -> torch.Tensor:
     return x.t().unsqueeze(0).unsqueeze(-1)
 
 
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
+
+
+def _loss_dtypes(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> tuple:
+    """(dtype to compute in, dtype of the result) for logits of one device.
+
+    Outside autocast the logits must share a dtype, which the loss keeps. Under autocast for
+    their device, as PyTorch's own losses (log_softmax, kl_div and cross_entropy autocast to
+    float32): mixed dtypes are promoted (a bfloat16 student against a float32 teacher), and a
+    16-bit loss comes out in float32. The kernels read 16-bit logits as they are; only their
+    float32 result is kept instead of being rounded to 16 bits.
+    """
+    dtypes = [t.dtype for t in tensors]
+    if not _autocast_on(tensors[0].device):
+        for name, d in zip(names[1:], dtypes[1:]):
+            if d != dtypes[0]:
+                raise TypeError(f"{name} ({d}) and {names[0]} ({dtypes[0]}) must have the same dtype "
+                                "(mixed dtypes are promoted under torch.autocast only)")
+        return dtypes[0], dtypes[0]
+    common = dtypes[0]
+    for d in dtypes[1:]:
+        common = torch.promote_types(common, d)
+    return common, (torch.float32 if common in (torch.float16, torch.bfloat16) else common)
+
+
 def _use_kernels(teacher: torch.Tensor) -> bool:
     if teacher.device.type == "cpu":
         return _library.use_compiled(teacher)
@@ -667,7 +696,8 @@ def kd_loss(
         student: logits (N, C, *spatial) with 0 to 3 spatial dims, float32/float16/bfloat16/
             float64; or a list of K such students, distilled from the same teacher in one pass
             that reads the teacher once (the result then has a leading K dim).
-        teacher: logits of the same shape and dtype; a target (it gets no gradient).
+        teacher: logits of the same shape and dtype (under torch.autocast the dtypes may differ
+            and are promoted); a target (it gets no gradient).
         temperature: T > 0; both distributions are softmax(logits / T).
         axis: "channel": a distribution over the C channels at every position (pixel-wise KD);
             "spatial": a distribution over all positions of every (n, c) (channel-wise KD).
@@ -683,22 +713,24 @@ def kd_loss(
 
     Returns:
         The loss in the input dtype: a scalar, the map for reduction="none", with a leading (K,)
-        dim for a list of students. Computed in float32 for 16-bit inputs.
+        dim for a list of students. Computed in float32 for 16-bit inputs, and returned in
+        float32 under torch.autocast (as F.kl_div is).
     """
     multi = isinstance(student, (list, tuple))
     students = list(student) if multi else [student]
     if multi and not students:
         raise ValueError("student must be a tensor or a non-empty list of tensors")
     _check_logits(teacher, "teacher")
-    for i, s in enumerate(students):
-        name = f"student[{i}]" if multi else "student"
+    names = [f"student[{i}]" if multi else "student" for i in range(len(students))]
+    for name, s in zip(names, students):
         _check_logits(s, name)
         if s.shape != teacher.shape:
             raise ValueError(f"{name} {tuple(s.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
-        if s.dtype != teacher.dtype:
-            raise TypeError(f"{name} ({s.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
         if s.device != teacher.device:
             raise ValueError(f"{name} ({s.device}) and teacher ({teacher.device}) must be on the same device")
+    dtype, out_dtype = _loss_dtypes([teacher, *students], ["teacher", *names])
+    teacher = teacher.to(dtype)
+    students = [s.to(dtype) for s in students]
     temperature = _check_temperature(temperature)
     if axis not in ("channel", "spatial"):
         raise ValueError(f"axis must be 'channel' or 'spatial', got {axis!r}")
@@ -716,9 +748,9 @@ def kd_loss(
     spatial = axis == "spatial"
 
     if not _use_kernels(teacher):
-        return reference_kd_loss(student if multi else students[0], teacher, temperature=temperature, axis=axis,
+        return reference_kd_loss(students if multi else students[0], teacher, temperature=temperature, axis=axis,
                                  labels=labels, ignore_index=ignore_index, divergence=divergence,
-                                 reduction=reduction, scale_by_t2=scale_by_t2)
+                                 reduction=reduction, scale_by_t2=scale_by_t2).to(out_dtype)
     rows = not spatial and teacher.dim() == 2
     if rows:
         students, teacher = [_rows_as_map(x) for x in students], _rows_as_map(teacher)
@@ -740,7 +772,7 @@ def kd_loss(
                 out = out / (labels != ignore_index).sum().clamp_min(1).to(out.dtype)
             else:
                 out = out / max(1, maps[0].numel())
-    out = out.to(teacher.dtype)
+    out = out.to(out_dtype)
     return out if multi else out[0]
 
 
@@ -764,16 +796,17 @@ def seg_kd_loss(
     synchronisation) a NaN loss and gradient, never an out-of-bounds read. When every
     position is ignored the result is 0 with a zero gradient (F.cross_entropy would give NaN).
     class_weight gets no gradient (as in F.cross_entropy, it must not require one). Returns a
-    scalar in the input dtype.
+    scalar in the input dtype (float32 under torch.autocast, with mixed dtypes promoted, as
+    F.cross_entropy and F.kl_div are).
     """
     _check_logits(student, "student")
     _check_logits(teacher, "teacher")
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
-    if student.dtype != teacher.dtype:
-        raise TypeError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
     if student.device != teacher.device:
         raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must be on the same device")
+    dtype, out_dtype = _loss_dtypes([teacher, student], ["teacher", "student"])
+    student, teacher = student.to(dtype), teacher.to(dtype)
     temperature = _check_temperature(temperature)
     ignore_index = _check_ignore_index(ignore_index)
     labels = _check_labels(labels, teacher)
@@ -791,7 +824,8 @@ def seg_kd_loss(
             raise ValueError("class_weight must not require grad: seg_kd_loss gives it none (as F.cross_entropy)")
     if not _use_kernels(teacher):
         return reference_seg_kd_loss(student, teacher, labels, temperature=temperature, hard_weight=hard_weight,
-                                     soft_weight=soft_weight, class_weight=class_weight, ignore_index=ignore_index)
+                                     soft_weight=soft_weight, class_weight=class_weight,
+                                     ignore_index=ignore_index).to(out_dtype)
     if teacher.dim() == 2:
         student, teacher, labels = _rows_as_map(student), _rows_as_map(teacher), labels.view(1, -1, 1)
     loss, _grad = _library.call_below_autograd(
@@ -799,4 +833,4 @@ def seg_kd_loss(
         student, teacher.detach(), labels, class_weight, temperature, float(hard_weight), float(soft_weight),
         ignore_index,
     )
-    return loss.to(teacher.dtype)
+    return loss.to(out_dtype)

@@ -845,3 +845,62 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     types = ["*bf16"] * 9 + ["*fp32", "*fp32", "i32", "i32", "i32", "i32", "fp32", "fp32"]
     sig = dict(zip(apply, types), **{k: "constexpr" for k in consts})
     assert triton.compile(ASTSource(mod._kd_spatial_apply_kernel, sig, consts), target=target).asm.get("cubin")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("axis", ["channel", "spatial"])
+def test_autocast_promotes_mixed_dtypes_and_returns_float32(device, axis):
+    # Under autocast a student's logits come out of its convs in 16 bits while a teacher's may be
+    # float32 (precomputed, or run outside autocast). PyTorch's own losses autocast to float32;
+    # so do these, without a float32 copy of 16-bit logits when the dtypes already agree.
+    amp_dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    g = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(5, 5, 1).to(device)
+    x = torch.randn(2, 5, 6, 7, generator=g).to(device)
+    teacher32 = torch.randn(2, 5, 6, 7, generator=g).mul(3).to(device)
+    labels = torch.randint(0, 5, (2, 6, 7), generator=g).to(device)
+    labels[0, 0, :3] = 255
+    with torch.autocast(device, dtype=amp_dtype):
+        student = conv(x)
+        assert student.dtype == amp_dtype
+        for teacher in (teacher32, teacher32.to(amp_dtype)):
+            got = segkernels.kd_loss(student, teacher, temperature=2.0, axis=axis)
+            assert got.dtype == torch.float32
+            with torch.autocast(device, enabled=False):
+                common = torch.promote_types(student.dtype, teacher.dtype)
+                s_ref = student.detach().to(common).double().requires_grad_()
+                ref = reference_kd_loss(s_ref, teacher.to(common).double(), temperature=2.0, axis=axis)
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+            (grad,) = torch.autograd.grad(got, student)
+            (ref_grad,) = torch.autograd.grad(ref, s_ref)
+            assert grad.dtype == amp_dtype
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-2, atol=1e-2 * float(ref_grad.abs().max()))
+            if axis == "channel":
+                got = segkernels.seg_kd_loss(student, teacher, labels, temperature=2.0)
+                assert got.dtype == torch.float32
+                with torch.autocast(device, enabled=False):
+                    ref = reference_seg_kd_loss(student.detach().to(common).double(), teacher.to(common).double(),
+                                                labels, temperature=2.0)
+                torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+    # Outside autocast, mixed dtypes stay an error and 16-bit logits give a 16-bit loss.
+    s16 = torch.randn(2, 5, 6, 7, generator=g).to(device=device, dtype=amp_dtype)
+    with pytest.raises(TypeError, match="same dtype"):
+        segkernels.kd_loss(s16, teacher32, axis=axis)
+    assert segkernels.kd_loss(s16, teacher32.to(amp_dtype), axis=axis).dtype == amp_dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_under_torch_compile(device):
+    amp_dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    # 16-bit student made outside: inductor may elide a float32 -> 16-bit -> float32 round trip.
+    s = torch.randn(2, 5, 6, 7, device=device).to(amp_dtype)
+    t = torch.randn(2, 5, 6, 7, device=device)
+
+    def f(s, t):
+        with torch.autocast(device, dtype=amp_dtype):
+            return segkernels.kd_loss(s, t, temperature=2.0)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(s, t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, f(s, t))
