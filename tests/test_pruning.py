@@ -556,12 +556,18 @@ def test_degenerate_statistics_end_or_are_refused():
     lopsided[0, 2] = 0.5
     with pytest.raises(ValueError, match="symmetric"):
         segkernels.lasso_gram(lopsided, q, alphas, n_samples=1.0)
-    # Grams from a product, rounded differently on each side of the diagonal, still pass.
-    for dtype in (torch.float32, torch.float64):
-        Z = torch.randn(20000, 7, dtype=dtype)
-        Zt = Z.T.contiguous()
-        Gz = torch.stack([(Zt * Zt[j]).sum(1) for j in range(7)])  # row sums, not a symmetric kernel
-        assert segkernels.lasso_gram(Gz, Z.T @ Z[:, 0], alphas.to(dtype), n_samples=20000.0).shape == (1, 7)
+    # Grams rounded differently on each side of the diagonal still pass: the plain-PyTorch
+    # channel_gram of float32 statistics with a mean of 255 and zero-sum filters (2e-3 of max |G|
+    # apart across the diagonal, a false refusal at the first tolerance, 1e-3), and its float64
+    # counterpart at a mean of 1e4.
+    g = torch.Generator().manual_seed(5)
+    for dtype, mean in ((torch.float32, 255.0), (torch.float64, 1e4)):
+        X = (torch.randn(4000, 144, generator=g, dtype=torch.float64) + mean).to(dtype)
+        W = torch.randn(8, 16, 3, 3, generator=g, dtype=dtype)
+        W -= W.mean((2, 3), keepdim=True)
+        Gz, qz = reference_channel_gram(X.T @ X, X.T @ (X @ W.reshape(8, -1).T), W)
+        assert not torch.equal(Gz, Gz.T)
+        assert segkernels.lasso_gram(Gz, qz, alphas.to(dtype), n_samples=32000.0).shape == (1, 16)
     bad = LayerStats(conv)
     y = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     y[0, 0, 0, 0] = float("nan")
