@@ -29,8 +29,10 @@ Design notes:
 - The shifted logit at a row's maximum must come out exactly 0, or at |x| / T past 2**24 the
   residual overflows exp (the loss once read -inf or NaN at temperature 1e-10: the maximum was
   taken over rounded x / T and the compiler fused x / T - m into one FMA). The C++ kernels take
-  the maximum m of the raw logits and compute (x - m) / T, which is 0 at the maximum however the
-  arithmetic is contracted, so the extension keeps FMA contraction (the exp polynomial uses it).
+  the maximum m of the raw logits and compute (x / 2 - m / 2) / T * 2 (kd_loss.h,
+  shifted_logit): 0 at the maximum however the arithmetic is contracted, so the extension keeps
+  FMA contraction (the exp polynomial uses it), and no overflow where a row spans more than the
+  float range but (x - m) / T does not.
   The Triton kernels still compute x / T - max(x / T) and are launched with
   enable_fp_fusion=False instead.
 """

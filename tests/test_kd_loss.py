@@ -247,6 +247,38 @@ def test_extreme_temperatures_on_rows_past_the_stored_length(device, dtype, temp
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("length", [5, 40000], ids=["short", "past-the-stored-length"])
+def test_rows_spanning_more_than_the_float_range(device, dtype, length):
+    # Logits near -max and +max in one row: x - max overflows to -inf, (x - max) / T need not.
+    # Subtracting first (0d777c0) turned such losses into inf, and seg_kd_loss with
+    # soft_weight=0 into NaN (0 * inf), where the reference stays finite.
+    big = 0.9 * torch.finfo(dtype).max
+    s = torch.zeros(1, 2, length, dtype=torch.float64)
+    t = torch.zeros(1, 2, length, dtype=torch.float64)
+    s[0, :, 0], s[0, :, 1] = big, -big
+    t[0, :, 1] = 5.0
+    s, t = s.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+    for temperature in (4.0, 1e30):
+        # (The channel axis over 40000 classes would test float32 summation instead.)
+        cases = [("spatial", s, t)] + ([("channel", s.transpose(1, 2), t.transpose(1, 2))] if length < 100 else [])
+        for axis, x, y in cases:
+            got = segkernels.kd_loss(x, y, temperature=temperature, axis=axis, reduction="none", scale_by_t2=False)
+            ref = reference_kd_loss(x.double(), y.double(), temperature=temperature, axis=axis, reduction="none",
+                                    scale_by_t2=False)
+            assert torch.isfinite(got).all(), (axis, temperature, got)
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float64:
+        return  # the float64 reference itself overflows in seg_kd_loss's T^2 soft term
+    x, y = s[:, :, :3].transpose(1, 2).contiguous(), t[:, :, :3].transpose(1, 2).contiguous()  # (1, 3, 2): 3 classes
+    labels = torch.tensor([[2, 2]], device=device)  # a cross-entropy of big: finite
+    got = segkernels.seg_kd_loss(x, y, labels, temperature=4.0, soft_weight=0.0)
+    ref = reference_seg_kd_loss(x.double(), y.double(), labels, temperature=4.0, soft_weight=0.0)
+    assert not torch.isnan(got)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [1e4, 1e15, 1e30])
 def test_one_class_kl_is_exactly_zero_at_any_temperature(device, temperature):
     # One class: both softmaxes are exactly 1, so KL is 0, even after the T^2 scale.

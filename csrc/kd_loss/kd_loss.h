@@ -35,6 +35,17 @@ SK_HD float exp_nonpos(float x) {
 
 SK_HD double exp_nonpos(double x) { return std::exp(x); }
 
+// (x - m) / T for a logit x and its row's maximum m (of the raw logits), given inv_t = 1 / T.
+// Exactly 0 at the maximum however the compiler contracts the arithmetic: x * inv_t - m with m
+// taken over rounded products became one FMA, whose residual at the maximum overflowed exp at
+// tiny temperatures. Halving first keeps x - m in range where a row spans more than the float
+// range (|x|, |m| near FLT_MAX) while (x - m) / T may not overflow; halving and doubling are exact
+// but for denormals, so elsewhere the result is that of (x - m) * inv_t.
+template <typename acc_t>
+SK_HD acc_t shifted_logit(acc_t x, acc_t m, acc_t inv_t) {
+  return ((x * acc_t(0.5) - m * acc_t(0.5)) * inv_t) * acc_t(2);
+}
+
 // One position's (or one row element's) contribution to the divergence, given the teacher's
 // probability pt and both log-probabilities. 0 where pt == 0 (p log p = 0, and no 0 * -inf); a
 // NaN pt (a NaN teacher) passes through, as in F.kl_div, rather than reading as 0.

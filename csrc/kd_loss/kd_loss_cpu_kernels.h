@@ -76,7 +76,7 @@ struct ChannelKernel {
       const scalar_t* __restrict xc = x + off(c, p0);
       acc_t* __restrict ec = e + c * tile;
       for (int64_t i = 0; i < len; ++i) {
-        const acc_t ex = exp_nonpos((load_acc(xc[i * sp]) - m[i]) * mul);
+        const acc_t ex = exp_nonpos(shifted_logit(load_acc(xc[i * sp]), m[i], mul));
         ec[i] = ex;
         rz[i] += ex;
       }
@@ -144,8 +144,8 @@ struct ChannelKernel {
             const acc_t cf = static_cast<acc_t>(c);
             for (int64_t i = 0; i < len; ++i) {
               const acc_t x = load_acc(sc[i * sp]);
-              const acc_t lps = (x - ms[i]) * inv_t - lzs[i];
-              const acc_t lpt = (load_acc(tc[i * sp]) - mt[i]) * inv_t - lzt[i];
+              const acc_t lps = shifted_logit(x, ms[i], inv_t) - lzs[i];
+              const acc_t lpt = shifted_logit(load_acc(tc[i * sp]), mt[i], inv_t) - lzt[i];
               const acc_t pt = etc[i] * rzt[i];
               const acc_t ps = esc[i] * rzs[i];
               acc[i] += divergence_term(pt, lpt, lps, KL);
@@ -216,16 +216,16 @@ struct SpatialKernel {
       const scalar_t* __restrict xc = x + c0;
       const acc_t cm = row_max(xc, len);
       if (cm > m) {
-        z = m == ninf ? acc_t(0) : z * exp_nonpos((m - cm) * inv_t);
+        z = m == ninf ? acc_t(0) : z * exp_nonpos(shifted_logit(m, cm, inv_t));
         m = cm;
       }
       if (m == ninf) continue;  // all -inf so far
       acc_t lane_sum[kLanes] = {};
       for (int64_t i = 0; i < full; i += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) lane_sum[j] += exp_nonpos((load_acc(xc[i + j]) - m) * inv_t);
+        for (int64_t j = 0; j < kLanes; ++j) lane_sum[j] += exp_nonpos(shifted_logit(load_acc(xc[i + j]), m, inv_t));
       acc_t cz = 0;
       for (int64_t j = 0; j < kLanes; ++j) cz += lane_sum[j];
-      for (int64_t i = full; i < len; ++i) cz += exp_nonpos((load_acc(xc[i]) - m) * inv_t);
+      for (int64_t i = full; i < len; ++i) cz += exp_nonpos(shifted_logit(load_acc(xc[i]), m, inv_t));
       z += cz;
     }
     m_out = m;
@@ -235,8 +235,8 @@ struct SpatialKernel {
   // Loss term and gradient of one element.
   static inline acc_t term(acc_t xt, acc_t xs, acc_t inv_t, acc_t mt, acc_t lzt, acc_t ms, acc_t lzs, acc_t gscale,
                            scalar_t& g) {
-    const acc_t lpt = (xt - mt) * inv_t - lzt;
-    const acc_t lps = (xs - ms) * inv_t - lzs;
+    const acc_t lpt = shifted_logit(xt, mt, inv_t) - lzt;
+    const acc_t lps = shifted_logit(xs, ms, inv_t) - lzs;
     const acc_t pt = exp_nonpos(lpt);
     const acc_t ps = exp_nonpos(lps);
     g = store_as<scalar_t>(gscale * (ps - pt));
@@ -255,14 +255,14 @@ struct SpatialKernel {
     acc_t lane_sum[kLanes] = {};
     for (int64_t i = 0; i < full; i += kLanes)
       for (int64_t j = 0; j < kLanes; ++j) {
-        const acc_t ex = exp_nonpos((load_acc(x[i + j]) - m) * inv_t);
+        const acc_t ex = exp_nonpos(shifted_logit(load_acc(x[i + j]), m, inv_t));
         e[i + j] = ex;
         lane_sum[j] += ex;
       }
     acc_t z = 0;
     for (int64_t j = 0; j < kLanes; ++j) z += lane_sum[j];
     for (int64_t i = full; i < L; ++i) {
-      const acc_t ex = exp_nonpos((load_acc(x[i]) - m) * inv_t);
+      const acc_t ex = exp_nonpos(shifted_logit(load_acc(x[i]), m, inv_t));
       e[i] = ex;
       z += ex;
     }
@@ -291,8 +291,8 @@ struct SpatialKernel {
           acc_t lane_part[kLanes] = {};
           double total = 0;
           const auto element = [&](int64_t i) {
-            const acc_t lpt = (load_acc(tc[i]) - mt) * inv_t - lzt;
-            const acc_t lps = (load_acc(sr[i]) - ms) * inv_t - lzs;
+            const acc_t lpt = shifted_logit(load_acc(tc[i]), mt, inv_t) - lzt;
+            const acc_t lps = shifted_logit(load_acc(sr[i]), ms, inv_t) - lzs;
             const acc_t pt = etp[i] * rzt;
             const acc_t ps = esp[i] * rzs;
             gr[i] = store_as<scalar_t>(gscale * (ps - pt));
