@@ -33,8 +33,9 @@ Design notes:
   shifted_logit): 0 at the maximum however the arithmetic is contracted, so the extension keeps
   FMA contraction (the exp polynomial uses it), and no overflow where a row spans more than the
   float range but (x - m) / T does not.
-  The Triton kernels still compute x / T - max(x / T) and are launched with
-  enable_fp_fusion=False instead.
+  The Triton kernels use the same arithmetic (_shifted). They are still launched with
+  enable_fp_fusion=False, which they needed when they computed x / T - max(x / T); whether
+  fusion would now make them faster has not been measured on a GPU.
 """
 
 from __future__ import annotations
@@ -160,11 +161,19 @@ if _library.triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _online_update(m, z, x):
-        # Running max m and sum z of exp(x - m); -inf safe (an all -inf prefix keeps z = 0).
+    def _shifted(x, m, inv_t):
+        # (x - m) / T as the C++ kernels' shifted_logit (csrc/kd_loss/kd_loss.h): m is the
+        # maximum of the raw logits, so this is exactly 0 at the maximum, and halving first keeps
+        # x - m in range for rows spanning more than the float range.
+        return ((x * 0.5 - m * 0.5) * inv_t) * 2.0
+
+    @triton.jit
+    def _online_update(m, z, x, inv_t):
+        # Running max m of the raw logits and sum z of exp((x - m) / T); -inf safe (an all -inf
+        # prefix keeps z = 0).
         m_new = tl.maximum(m, x)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        z = z * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+        z = z * tl.exp(_shifted(m, m_safe, inv_t)) + tl.exp(_shifted(x, m_safe, inv_t))
         return m_new, z
 
     @triton.jit
@@ -190,9 +199,9 @@ if _library.triton_available():
         z1 = tl.zeros([BLOCK], tl.float32)
         for c in range(0, C):
             x = tl.load(s_ptr + base + (base * 0 + c) * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
-            ms, zs = _online_update(ms, zs, x * inv_t)
+            ms, zs = _online_update(ms, zs, x, inv_t)
             if HARD:
-                m1, z1 = _online_update(m1, z1, x)
+                m1, z1 = _online_update(m1, z1, x, 1.0)
         lzs = tl.log(zs)
         acc = tl.zeros([BLOCK], tl.float32)
         wy = tl.zeros([BLOCK], tl.float32)
@@ -210,8 +219,8 @@ if _library.triton_available():
             c_off = (base * 0 + c) * stride_c  # int64, as in the teacher's loop
             x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
-            lps = x * inv_t - ms - lzs
-            lpt = y * inv_t - mt - lzt
+            lps = _shifted(x, ms, inv_t) - lzs
+            lpt = _shifted(y, mt, inv_t) - lzt
             pt = tl.exp(lpt)
             ps = tl.exp(lps)
             acc += _term(pt, lpt, lps, KL)
@@ -224,7 +233,9 @@ if _library.triton_available():
         acc = tl.where(valid, acc, 0.0)
         if HARD:
             # one partial loss per program, summed afterwards (deterministic, no float atomics)
-            tl.store(loss_ptr + loss_off, tl.sum(hard_loss * hard_coef, axis=0) + tl.sum(acc, axis=0) * lscale)
+            # Each term scaled before the sum: a block of soft terms may pass the float range
+            # on its own (logits near +-max) where the scaled mean does not, or soft_weight is 0.
+            tl.store(loss_ptr + loss_off, tl.sum(hard_loss * hard_coef, axis=0) + tl.sum(acc * lscale, axis=0))
         else:
             tl.store(loss_ptr + loss_off + tl.arange(0, BLOCK), acc * lscale, mask=mask)
 
@@ -262,7 +273,7 @@ if _library.triton_available():
             # (base * 0 + c): c as int64 (the loop index is int32, a plain int when interpreted),
             # since (C - 1) * H * W may pass 2**31.
             y = tl.load(t_ptr + base + (base * 0 + c) * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
-            mt, zt = _online_update(mt, zt, y * inv_t)
+            mt, zt = _online_update(mt, zt, y, inv_t)
         lzt = tl.log(zt)
         lscale = scale
         hard_coef = 0.0
@@ -300,10 +311,10 @@ if _library.triton_available():
         for off in range(start, end, BLOCK):
             idx = off + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + row + idx, mask=idx < end, other=float("-inf")).to(tl.float32)
-            m, z = _online_update(m, z, x * inv_t)
+            m, z = _online_update(m, z, x, inv_t)
         mm = tl.max(m, axis=0)
         mm_safe = tl.where(mm == float("-inf"), 0.0, mm)
-        return mm, tl.sum(z * tl.exp(m - mm_safe), axis=0)
+        return mm, tl.sum(z * tl.exp(_shifted(m, mm_safe, inv_t)), axis=0)
 
     @triton.jit
     def _kd_spatial_stats_kernel(
@@ -346,8 +357,8 @@ if _library.triton_available():
             m = idx < end
             x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
             y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-            lps = x * inv_t - ms - lzs
-            lpt = y * inv_t - mt - lzt
+            lps = _shifted(x, ms, inv_t) - lzs
+            lpt = _shifted(y, mt, inv_t) - lzt
             pt = tl.exp(lpt)
             ps = tl.exp(lps)
             acc += tl.where(m, _term(pt, lpt, lps, KL), 0.0)
@@ -450,13 +461,13 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
                 teacher, *sp, stats, P, seg, segments, inv_t, K=kg, BLOCK=block, num_warps=4,
                 enable_fp_fusion=False,
             )
-            # Merge the segments' (max, sum) into each row's (max, log-sum): small torch ops on
-            # the device, no synchronisation.
+            # Merge the segments' (raw max, sum) into each row's (max, log-sum): small torch ops
+            # on the device, no synchronisation. The rescale is _shifted's arithmetic.
             st = stats.view(rows, segments, kg + 1, 2)
             m, z = st[..., 0], st[..., 1]
             top = m.amax(1)
             top_safe = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-            lz = torch.log((z * torch.exp(m - top_safe.unsqueeze(1))).sum(1))
+            lz = torch.log((z * torch.exp(((m * 0.5 - top_safe.unsqueeze(1) * 0.5) * inv_t) * 2.0)).sum(1))
             fin = torch.stack([top, lz], dim=-1).contiguous()
             part = torch.empty(kg * rows * segments, dtype=torch.float32, device=teacher.device)
             _kd_spatial_apply_kernel[(rows, segments)](

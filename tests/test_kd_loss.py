@@ -276,6 +276,11 @@ def test_rows_spanning_more_than_the_float_range(device, dtype, length):
     ref = reference_seg_kd_loss(x.double(), y.double(), labels, temperature=4.0, soft_weight=0.0)
     assert not torch.isnan(got)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+    # With the T^2 soft term the true total (about 5 big) is past the float32 range: inf, as a
+    # float32 sum gives, where the CPU kernel's double total once made fill_ raise.
+    got = segkernels.seg_kd_loss(x, y, labels, temperature=4.0)
+    assert float(reference_seg_kd_loss(x.double(), y.double(), labels, temperature=4.0)) > torch.finfo(dtype).max
+    assert got == float("inf")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -740,6 +745,44 @@ def test_triton_seg_kd_kernel_under_interpreter(weighted):
         loss, grad = _seg_kd_loss_triton(s, teacher, wrong, w, 1.0, 1.0, 1.0, 255)
         counted = ((wrong >= 0) & (wrong < 4)).unsqueeze(1).expand_as(grad)
         assert loss.isnan() and grad[counted].isnan().all() and (grad[~counted] == 0).all()
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_extremes_match_the_cpu_kernels():
+    # The Triton kernels shift by the raw maximum as the C++ ones do (_shifted, shifted_logit):
+    # the maximum's term stays exactly 1 at temperature 1e-10, and rows spanning more than the
+    # float range stay finite. Spatial rows of 2000 run in several segments, merged in torch.
+    from segkernels.kd_loss import _kd_loss_triton, _seg_kd_loss_triton
+
+    g = torch.Generator().manual_seed(13)
+    teacher = torch.randn(2, 5, 4, 6, generator=g)
+    _triton_or_skip(teacher)
+    students = [torch.randn(2, 5, 4, 6, generator=g) for _ in range(2)]
+    long_t, long_s = torch.randn(1, 2, 2000, generator=g), torch.randn(1, 2, 2000, generator=g)
+    long_t[0, 1] = torch.linspace(-1, 1, 2000)  # the maximum rises through every segment
+    big = 0.9 * torch.finfo(torch.float32).max
+    spanning, long_spanning = [x.clone() for x in students], long_s.clone()
+    spanning[1][0, 0], spanning[1][0, 1] = big, -big
+    long_spanning[0, 0, 5], long_spanning[0, 0, 1500] = big, -big
+    for temperature, ss, ls in ((1e-10, students, long_s), (4.0, spanning, long_spanning)):
+        for spatial, s, t in ((False, ss, teacher), (True, ss, teacher), (True, [ls], long_t)):
+            loss, grads = _kd_loss_triton(s, t, None, temperature, spatial, True, False, 255)
+            ref, ref_grads = torch.ops.segkernels.kd_loss(s, t, None, temperature, spatial, True, False, 255)
+            assert torch.isfinite(loss).all(), (temperature, spatial)
+            torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+            for gr, r in zip(grads, ref_grads):
+                torch.testing.assert_close(gr, r, rtol=1e-5, atol=1e-5 * max(1.0, float(r.abs().max())))
+    labels = torch.randint(2, 5, (2, 4, 6), generator=g)  # not class 1 (-big): a cross-entropy past the range
+    # The soft terms of one block summed past the float range before their scale (0 here, or
+    # soft_weight / count): NaN where the CPU kernel, which sums in double, read 7.7e37.
+    for soft_weight in (0.0, 0.1):  # (at 1 the true total, 7e38, is past the range)
+        loss, grad = _seg_kd_loss_triton(spanning[1], teacher, labels, None, 4.0, 0.5, soft_weight, 255)
+        ref, ref_grad = torch.ops.segkernels.seg_kd_loss(spanning[1], teacher, labels, None, 4.0, 0.5, soft_weight,
+                                                         255)
+        assert torch.isfinite(loss), soft_weight
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_seg_kd_reference_keeps_the_contract():

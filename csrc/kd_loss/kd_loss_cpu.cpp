@@ -265,6 +265,9 @@ std::tuple<Tensor, Tensor> seg_kd_loss_cpu(const Tensor& student_in, const Tenso
   });
   double total = 0;
   for (double v : partials) total += v;
+  // A total past the float range reads inf, as a float32 sum would; fill_ refuses to narrow it.
+  if (acc_type == at::kFloat && std::abs(total) > static_cast<double>(std::numeric_limits<float>::max()))
+    total = std::copysign(std::numeric_limits<double>::infinity(), total);
   loss.fill_(total);
   return {loss, grad};
 }
