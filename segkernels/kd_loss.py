@@ -213,7 +213,9 @@ if _library.triton_available():
             else:
                 wy = tl.where(valid, 1.0, 0.0)
             sy = tl.load(s_ptr + base + lab * stride_c + offs, mask=mask & valid, other=0.0).to(tl.float32)
-            hard_loss = tl.where(valid, -(sy - m1 - lz1) * wy, 0.0)
+            # Halved, as in _shifted (doubled with the coefficient below): the logit at the label
+            # minus the maximum may pass the float range where the mean cross-entropy does not.
+            hard_loss = tl.where(valid, -((sy * 0.5 - m1 * 0.5) - lz1 * 0.5) * wy, 0.0)
             wy = wy * hard_coef
         for c in range(0, C):
             c_off = (base * 0 + c) * stride_c  # int64, as in the teacher's loop
@@ -235,7 +237,8 @@ if _library.triton_available():
             # one partial loss per program, summed afterwards (deterministic, no float atomics)
             # Each term scaled before the sum: a block of soft terms may pass the float range
             # on its own (logits near +-max) where the scaled mean does not, or soft_weight is 0.
-            tl.store(loss_ptr + loss_off, tl.sum(hard_loss * hard_coef, axis=0) + tl.sum(acc * lscale, axis=0))
+            total = tl.sum(hard_loss * (2.0 * hard_coef), axis=0) + tl.sum(acc * lscale, axis=0)
+            tl.store(loss_ptr + loss_off, total)
         else:
             tl.store(loss_ptr + loss_off + tl.arange(0, BLOCK), acc * lscale, mask=mask)
 
@@ -634,6 +637,18 @@ def _check_temperature(temperature) -> float:
     return float(temperature)
 
 
+def _check_temperature_range(temperature: float, dtype: torch.dtype, squared: bool) -> None:
+    # The kernels compute in float32 for 16- and 32-bit logits: a 1 / T or T^2 past that range
+    # turns the maximum's own term into 0 * inf and the loss into NaN.
+    fmax = torch.finfo(_acc_dtype(dtype)).max
+    if temperature < 1.0 / fmax or (squared and temperature > math.sqrt(fmax)):
+        what = "1 / T" if temperature < 1.0 else "T^2 (the T^2 scale)"
+        raise ValueError(
+            f"temperature={temperature!r} is out of range for {dtype} logits: {what} overflows their "
+            f"{_acc_dtype(dtype)} arithmetic (pass float64 logits{'' if temperature < 1.0 else ' or scale_by_t2=False'})"
+        )
+
+
 def _check_labels(labels, teacher: torch.Tensor) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -745,14 +760,15 @@ def kd_loss(
     teacher = teacher.to(dtype)
     students = [s.to(dtype) for s in students]
     temperature = _check_temperature(temperature)
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+    _check_temperature_range(temperature, dtype, scale_by_t2)
     if axis not in ("channel", "spatial"):
         raise ValueError(f"axis must be 'channel' or 'spatial', got {axis!r}")
     if divergence not in ("kl", "ce"):
         raise ValueError(f"divergence must be 'kl' or 'ce', got {divergence!r}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not isinstance(scale_by_t2, bool):
-        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
     ignore_index = _check_ignore_index(ignore_index)
     if labels is not None:
         if axis != "channel":
@@ -821,6 +837,7 @@ def seg_kd_loss(
     dtype, out_dtype = _loss_dtypes([teacher, student], ["teacher", "student"])
     student, teacher = student.to(dtype), teacher.to(dtype)
     temperature = _check_temperature(temperature)
+    _check_temperature_range(temperature, dtype, True)
     ignore_index = _check_ignore_index(ignore_index)
     labels = _check_labels(labels, teacher)
     for name, v in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):

@@ -281,6 +281,33 @@ def test_rows_spanning_more_than_the_float_range(device, dtype, length):
     got = segkernels.seg_kd_loss(x, y, labels, temperature=4.0)
     assert float(reference_seg_kd_loss(x.double(), y.double(), labels, temperature=4.0)) > torch.finfo(dtype).max
     assert got == float("inf")
+    # A label on the -big class: its cross-entropy (1.8 big) passes the range, the mean of it
+    # and of an ordinary position does not.
+    x2 = torch.cat([x, torch.randn(1, 3, 1, dtype=dtype, device=device)], 2)
+    y2 = torch.cat([y, torch.randn(1, 3, 1, dtype=dtype, device=device)], 2)
+    labels = torch.tensor([[1, 1, 0]], device=device)
+    got = segkernels.seg_kd_loss(x2, y2, labels, temperature=4.0, hard_weight=0.25, soft_weight=0.0)
+    ref = reference_seg_kd_loss(x2.double(), y2.double(), labels, temperature=4.0, hard_weight=0.25, soft_weight=0.0)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_temperatures_past_the_arithmetic_range_are_refused(device):
+    # 1 / T or T^2 past float32 made the maximum's own term 0 * inf: a NaN loss without a word.
+    s = torch.randn(2, 3, 4, device=device)
+    t = torch.randn(2, 3, 4, device=device)
+    labels = torch.zeros(2, 4, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="1 / T overflows"):
+        segkernels.kd_loss(s, t, temperature=1e-39)
+    with pytest.raises(ValueError, match=r"T\^2 .* overflows .* scale_by_t2=False"):
+        segkernels.kd_loss(s.bfloat16(), t.bfloat16(), temperature=1e20)
+    with pytest.raises(ValueError, match="temperature=1e\\+20"):
+        segkernels.seg_kd_loss(s, t, labels, temperature=1e20)
+    assert torch.isfinite(segkernels.kd_loss(s, t, temperature=1e20, scale_by_t2=False))
+    assert torch.isfinite(segkernels.kd_loss(s, t, temperature=1e-37))
+    assert torch.isfinite(segkernels.kd_loss(s.double(), t.double(), temperature=1e20))
+    assert torch.isfinite(segkernels.seg_kd_loss(s.double(), t.double(), labels, temperature=1e-39))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -773,12 +800,13 @@ def test_triton_extremes_match_the_cpu_kernels():
             torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
             for gr, r in zip(grads, ref_grads):
                 torch.testing.assert_close(gr, r, rtol=1e-5, atol=1e-5 * max(1.0, float(r.abs().max())))
-    labels = torch.randint(2, 5, (2, 4, 6), generator=g)  # not class 1 (-big): a cross-entropy past the range
+    labels = torch.randint(0, 5, (2, 4, 6), generator=g)
+    labels[0, 0, :5] = 1  # the -big class: a cross-entropy past the range, a mean within it
     # The soft terms of one block summed past the float range before their scale (0 here, or
-    # soft_weight / count): NaN where the CPU kernel, which sums in double, read 7.7e37.
-    for soft_weight in (0.0, 0.1):  # (at 1 the true total, 7e38, is past the range)
-        loss, grad = _seg_kd_loss_triton(spanning[1], teacher, labels, None, 4.0, 0.5, soft_weight, 255)
-        ref, ref_grad = torch.ops.segkernels.seg_kd_loss(spanning[1], teacher, labels, None, 4.0, 0.5, soft_weight,
+    # soft_weight / count): NaN where the CPU kernel, which sums in double, stayed finite.
+    for soft_weight in (0.0, 0.01):  # (at 1 the true total is past the range)
+        loss, grad = _seg_kd_loss_triton(spanning[1], teacher, labels, None, 4.0, 0.05, soft_weight, 255)
+        ref, ref_grad = torch.ops.segkernels.seg_kd_loss(spanning[1], teacher, labels, None, 4.0, 0.05, soft_weight,
                                                          255)
         assert torch.isfinite(loss), soft_weight
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
@@ -900,6 +928,7 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     if not isinstance(mod._kd_channel_kernel, triton.runtime.JITFunction):
         pytest.skip("kernels are interpreted (TRITON_INTERPRET=1)")
     target = GPUTarget("cuda", 90, 32)
+    launch = {"enable_fp_fusion": False}  # as the launches
     ch = ["t_ptr", "s0", "s1", "s2", "s3", "g0", "g1", "g2", "g3", "loss_ptr", "lab_ptr", "w_ptr", "coef_ptr",
           "C", "P", "stride_n", "stride_c", "stride_p", "loss_stride_k", "ignore_index", "inv_t", "scale", "gscale"]
     for dt, consts in [
@@ -908,18 +937,20 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     ]:
         types = ["*" + dt] * 9 + ["*fp32", "*i64", "*fp32", "*fp32"] + ["i32"] * 7 + ["fp32"] * 3
         sig = dict(zip(ch, types), **{k: "constexpr" for k in consts})
-        compiled = triton.compile(ASTSource(mod._kd_channel_kernel, sig, consts), target=target)
+        compiled = triton.compile(ASTSource(mod._kd_channel_kernel, sig, consts), target=target, options=launch)
         assert compiled.asm.get("cubin")
     stats = ["t_ptr", "s0", "s1", "s2", "s3", "stats_ptr", "L", "SEG", "S", "inv_t"]
     consts = dict(K=2, BLOCK=1024)
     sig = dict(zip(stats, ["*bf16"] * 5 + ["*fp32", "i32", "i32", "i32", "fp32"]), **{k: "constexpr" for k in consts})
-    assert triton.compile(ASTSource(mod._kd_spatial_stats_kernel, sig, consts), target=target).asm.get("cubin")
+    compiled = triton.compile(ASTSource(mod._kd_spatial_stats_kernel, sig, consts), target=target, options=launch)
+    assert compiled.asm.get("cubin")
     apply = ["t_ptr", "s0", "s1", "s2", "s3", "g0", "g1", "g2", "g3", "fin_ptr", "part_ptr", "L", "SEG", "S", "rows",
              "inv_t", "gscale"]
     consts = dict(K=2, KL=True, BLOCK=1024)
     types = ["*bf16"] * 9 + ["*fp32", "*fp32", "i32", "i32", "i32", "i32", "fp32", "fp32"]
     sig = dict(zip(apply, types), **{k: "constexpr" for k in consts})
-    assert triton.compile(ASTSource(mod._kd_spatial_apply_kernel, sig, consts), target=target).asm.get("cubin")
+    compiled = triton.compile(ASTSource(mod._kd_spatial_apply_kernel, sig, consts), target=target, options=launch)
+    assert compiled.asm.get("cubin")
 
 
 @pytest.mark.parametrize("device", DEVICES)

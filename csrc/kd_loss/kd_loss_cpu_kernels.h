@@ -128,8 +128,11 @@ struct ChannelKernel {
               stats(sb, p0, len, acc_t(1), m1, lz1, rz1, e1, tile, /*max_known=*/true);
             for (int64_t i = 0; i < len; ++i) {
               wy[i] = hard->weight ? hard->weight[lab[i]] : acc_t(1);
-              const acc_t ce = -((load_acc(sb[off(lab[i], p0 + i)]) - m1[i]) - lz1[i]) * wy[i];
-              hard_loss += vm[i] != acc_t(0) ? static_cast<double>(ce) : 0.0;
+              // In double: the logit at the label minus the maximum may pass the float range
+              // (logits near -max and +max) where the mean cross-entropy does not.
+              const double ce = -((static_cast<double>(load_acc(sb[off(lab[i], p0 + i)])) - m1[i]) - lz1[i]) *
+                                static_cast<double>(wy[i]);
+              hard_loss += vm[i] != acc_t(0) ? ce : 0.0;
               wy[i] = vm[i] != acc_t(0) ? wy[i] * hard->hard_coef : acc_t(0);
             }
           }
