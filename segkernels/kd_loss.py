@@ -726,7 +726,9 @@ def kd_loss(
             that reads the teacher once (the result then has a leading K dim).
         teacher: logits of the same shape and dtype (under torch.autocast the dtypes may differ
             and are promoted); a target (it gets no gradient).
-        temperature: T > 0; both distributions are softmax(logits / T).
+        temperature: T > 0; both distributions are softmax(logits / T). With 16- or 32-bit
+            logits 1 / T, and T^2 when it scales the loss, must fit in float32 (ValueError
+            otherwise).
         axis: "channel": a distribution over the C channels at every position (pixel-wise KD);
             "spatial": a distribution over all positions of every (n, c) (channel-wise KD).
         labels: optional (N, *spatial) integer map (axis="channel" only); positions equal to
