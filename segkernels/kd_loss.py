@@ -168,13 +168,16 @@ if _library.triton_available():
         return ((x * 0.5 - m * 0.5) * inv_t) * 2.0
 
     @triton.jit
-    def _online_update(m, z, x, inv_t):
-        # Running max m of the raw logits and sum z of exp((x - m) / T); -inf safe (an all -inf
-        # prefix keeps z = 0).
-        m_new = tl.maximum(m, x)
+    def _online_sum(z, m, m_new, x, inv_t):
+        # The sum z of exp((x - m) / T) rescaled from the running max m of the raw logits to
+        # m_new = max(m, x), plus x's own term; -inf safe (an all -inf prefix keeps z = 0).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        z = z * tl.exp(_shifted(m, m_safe, inv_t)) + tl.exp(_shifted(x, m_safe, inv_t))
-        return m_new, z
+        return z * tl.exp(_shifted(m, m_safe, inv_t)) + tl.exp(_shifted(x, m_safe, inv_t))
+
+    @triton.jit
+    def _online_update(m, z, x, inv_t):
+        m_new = tl.maximum(m, x)
+        return m_new, _online_sum(z, m, m_new, x, inv_t)
 
     @triton.jit
     def _term(pt, lpt, lps, KL: tl.constexpr):
@@ -195,13 +198,14 @@ if _library.triton_available():
                          HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
         ms = tl.full([BLOCK], float("-inf"), tl.float32)
         zs = tl.zeros([BLOCK], tl.float32)
-        m1 = tl.full([BLOCK], float("-inf"), tl.float32)
         z1 = tl.zeros([BLOCK], tl.float32)
         for c in range(0, C):
             x = tl.load(s_ptr + base + (base * 0 + c) * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
-            ms, zs = _online_update(ms, zs, x, inv_t)
-            if HARD:
-                m1, z1 = _online_update(m1, z1, x, 1.0)
+            m_new = tl.maximum(ms, x)
+            zs = _online_sum(zs, ms, m_new, x, inv_t)
+            if HARD:  # the softmax at T = 1 shares the maximum (it does not depend on T)
+                z1 = _online_sum(z1, ms, m_new, x, 1.0)
+            ms = m_new
         lzs = tl.log(zs)
         acc = tl.zeros([BLOCK], tl.float32)
         wy = tl.zeros([BLOCK], tl.float32)
@@ -215,7 +219,7 @@ if _library.triton_available():
             sy = tl.load(s_ptr + base + lab * stride_c + offs, mask=mask & valid, other=0.0).to(tl.float32)
             # Halved, as in _shifted (doubled with the coefficient below): the logit at the label
             # minus the maximum may pass the float range where the mean cross-entropy does not.
-            hard_loss = tl.where(valid, -((sy * 0.5 - m1 * 0.5) - lz1 * 0.5) * wy, 0.0)
+            hard_loss = tl.where(valid, -((sy * 0.5 - ms * 0.5) - lz1 * 0.5) * wy, 0.0)
             wy = wy * hard_coef
         for c in range(0, C):
             c_off = (base * 0 + c) * stride_c  # int64, as in the teacher's loop
@@ -228,7 +232,7 @@ if _library.triton_available():
             acc += _term(pt, lpt, lps, KL)
             gv = gscale * (ps - pt)
             if HARD:
-                p1 = tl.exp(x - m1 - lz1)
+                p1 = tl.exp(x - ms - lz1)
                 gv += wy * (p1 - tl.where(lab == c, 1.0, 0.0))
             gv = tl.where(valid, gv, 0.0)
             tl.store(g_ptr + base + c_off + offs, gv.to(g_ptr.dtype.element_ty), mask=mask)

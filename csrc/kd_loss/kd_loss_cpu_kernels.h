@@ -96,7 +96,7 @@ struct ChannelKernel {
       acc_t* __restrict et = et_buf.data();
       acc_t* __restrict es = es_buf.data();
       acc_t* __restrict e1 = e1_buf.data();
-      acc_t mt[kMaxTile], lzt[kMaxTile], rzt[kMaxTile], ms[kMaxTile], lzs[kMaxTile], rzs[kMaxTile], m1[kMaxTile], lz1[kMaxTile], rz1[kMaxTile],
+      acc_t mt[kMaxTile], lzt[kMaxTile], rzt[kMaxTile], ms[kMaxTile], lzs[kMaxTile], rzs[kMaxTile], lz1[kMaxTile], rz1[kMaxTile],
           acc[kMaxTile], vm[kMaxTile], wy[kMaxTile], labf[kMaxTile];
       int64_t lab[kMaxTile];
       const int64_t sp = step();
@@ -121,16 +121,16 @@ struct ChannelKernel {
           for (int64_t i = 0; i < len; ++i) acc[i] = 0;
           double hard_loss = 0;
           if (HARD) {
-            std::copy(ms, ms + len, m1);
+            // The softmax at T = 1 shares the student's maximum ms (it does not depend on T).
             if (inv_t == acc_t(1))
               std::copy(lzs, lzs + len, lz1);
             else
-              stats(sb, p0, len, acc_t(1), m1, lz1, rz1, e1, tile, /*max_known=*/true);
+              stats(sb, p0, len, acc_t(1), ms, lz1, rz1, e1, tile, /*max_known=*/true);
             for (int64_t i = 0; i < len; ++i) {
               wy[i] = hard->weight ? hard->weight[lab[i]] : acc_t(1);
               // In double: the logit at the label minus the maximum may pass the float range
               // (logits near -max and +max) where the mean cross-entropy does not.
-              const double ce = -((static_cast<double>(load_acc(sb[off(lab[i], p0 + i)])) - m1[i]) - lz1[i]) *
+              const double ce = -((static_cast<double>(load_acc(sb[off(lab[i], p0 + i)])) - ms[i]) - lz1[i]) *
                                 static_cast<double>(wy[i]);
               hard_loss += vm[i] != acc_t(0) ? ce : 0.0;
               wy[i] = vm[i] != acc_t(0) ? wy[i] * hard->hard_coef : acc_t(0);
