@@ -91,9 +91,8 @@ inline bool tiled_fits_int32(const Geometry& g, int64_t full_numel, int64_t pool
   if (full_numel >= limit || pooled_numel >= limit) return false;
   for (const Axis& a : g.ax) {
     const int64_t pad = a.padding < 0 ? -a.padding : a.padding;
-    if (a.kernel >= limit || pad >= limit || a.full >= limit || a.pooled * a.kernel + pad >= limit ||
-        a.full + pad >= limit)
-      return false;
+    // (full + pad bounds full and pad alone; kernel is checked apart as pooled may be 0.)
+    if (a.kernel >= limit || a.pooled * a.kernel + pad >= limit || a.full + pad >= limit) return false;
   }
   return true;
 }
