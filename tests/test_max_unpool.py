@@ -407,15 +407,17 @@ def test_gradgradcheck():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pool_backward_matches_aten(device):
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pool_backward_matches_aten(device, compact, layout):
     for geometry in GEOMETRIES_2D + GEOMETRIES_3D:
         shape = SHAPES_2D[0] if len(geometry[0]) == 2 else SHAPES_3D[0]
-        x = _random_input(shape, torch.float32, device, "ties").requires_grad_(True)
-        values, _ = _pool(x, geometry, compact=True)
+        x = to_layout(_random_input(shape, torch.float32, device, "ties"), layout).requires_grad_(True)
+        values, _ = _pool(x, geometry, compact=compact)
         g = torch.randn_like(values)
         (grad,) = torch.autograd.grad(values, x, g)
-        x2 = x.detach().clone().requires_grad_(True)
-        (ref,) = torch.autograd.grad(_aten_pool(x2, geometry)[0], x2, g)
+        x2 = x.detach().contiguous().requires_grad_(True)
+        (ref,) = torch.autograd.grad(_aten_pool(x2, geometry)[0], x2, g.contiguous())
         assert_close(grad, ref)
 
 
@@ -774,3 +776,84 @@ def test_huge_kernel_or_padding_never_reaches_the_32_bit_tiled_math(width, kerne
         out = segkernels.max_unpool2d(v, i, kernel, padding=padding, output_size=(4, 4))
         expected = reference_max_unpool(v, i, kernel, kernel, padding, (1, 1), (4, 4))
         assert_close(out, expected, exact=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA pooling kernel's element function (pool_max_element), run on the CPU in the 32-bit
+# arithmetic CUDA uses when the map fits, and in 64 bits. The CPU op runs a row-wise version of
+# its own, so without this the CPU-only CI would never execute the logic the GPU runs.
+
+
+@pytest.mark.parametrize("narrow", [True, False], ids=["int32", "int64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("geometry", GEOMETRIES_2D + GEOMETRIES_3D)
+def test_pool_element_logic_matches_aten(geometry, dtype, layout, narrow):
+    k, s, p, d, c = geometry
+    for shape in SHAPES_2D if len(k) == 2 else SHAPES_3D:
+        for kind in ("randn", "ties", "nan", "all_neg_inf_rows"):
+            x = _random_input(shape, dtype, "cpu", "nan" if kind == "all_neg_inf_rows" else kind)
+            if kind == "all_neg_inf_rows":  # whole windows of -inf report their first valid tap
+                x[..., :3, :] = float("-inf")
+            x = to_layout(x, layout)
+            ref_values, ref_indices = _aten_pool(x.contiguous(), geometry)
+            _, ref_compact = reference_max_pool_with_indices(x.contiguous(), k, s, p, d, c, compact=True)
+            for compact in (False, True):
+                values, indices = torch.ops.segkernels._max_pool_logic(x, k, s, p, d, c, compact, narrow)
+                assert indices.dtype == (torch.uint8 if compact else torch.int64)
+                assert_close(values, ref_values, exact=True)
+                assert_close(indices, ref_compact if compact else ref_indices, exact=True)
+
+
+def test_pool_geometry_past_the_32_bit_range_takes_64_bit_math():
+    # narrow_geometry<int32_t> would truncate a stride of 2**31 to INT_MIN. CUDA must take its
+    # 64-bit instantiation; the test-only op refuses the 32-bit math instead of wrapping. (ATen
+    # cannot take this stride at all; one window per row, over x = -1 (padding) and x = 0.)
+    x = torch.randn(1, 2, 3, 4)
+    k, s, p, d, c = (1, 2), (1, 2**31), (0, 1), (1, 1), True
+    with pytest.raises(ValueError, match="32-bit pooling"):
+        torch.ops.segkernels._max_pool_logic(x, k, s, p, d, c, False, True)
+    expected_values = x[..., :1]
+    expected_indices = (torch.arange(3) * 4).view(1, 1, 3, 1).expand(1, 2, 3, 1)
+    for compact in (False, True):
+        values, indices = torch.ops.segkernels._max_pool_logic(x, k, s, p, d, c, compact, False)
+        assert_close(values, expected_values, exact=True)
+        assert_close(indices, torch.ones_like(indices) if compact else expected_indices, exact=True)
+    values, indices = _pool(x, (k, s, p, d, c))
+    assert_close(values, expected_values, exact=True)
+    assert_close(indices, expected_indices, exact=True)
+
+
+@pytest.mark.cuda
+def test_cuda_pool_past_the_32_bit_range():
+    # Runs the 64-bit instantiation of the CUDA pooling kernel (the stride does not fit int32).
+    x = torch.randn(1, 2, 3, 4)
+    geometry = ((1, 2), (1, 2**31), (0, 1), (1, 1), True)
+    for compact in (False, True):
+        v, i = _pool(x, geometry, compact)
+        vc, ic = _pool(x.cuda(), geometry, compact)
+        assert_close(vc.cpu(), v, exact=True)
+        assert_close(ic.cpu(), i, exact=True)
+
+
+def test_fast_divider_matches_integer_division():
+    # FastDivider replaces every division of the 32-bit CUDA kernels; its contract is
+    # 0 <= n < 2**31 and 1 <= d < 2**31. Divisors: all small ones, powers of two and their
+    # neighbours, and random ones up to the top of the range; numerators: the edges around
+    # multiples of d and the top of the range, and random ones.
+    top = 2**31 - 1
+    divisors = set(range(1, 300))
+    for b in range(1, 31):
+        divisors |= {2**b - 1, 2**b, 2**b + 1}
+    divisors |= set(torch.randint(1, top, (300,)).tolist()) | {top, top - 1}
+    random_n = torch.randint(0, top, (2000,))
+    for d in sorted(divisors):
+        multiples = torch.tensor([d * q for q in (1, 2, 3, top // d)])
+        n = torch.cat([multiples - 1, multiples, torch.tensor([0, 1, top, top - 1, top - d]), random_n])
+        n = n[(n >= 0) & (n <= top)]
+        assert torch.equal(torch.ops.segkernels._fast_divide(n, d), n // d), d
+    for bad_d in (0, 2**31):
+        with pytest.raises(ValueError, match="divisor"):
+            torch.ops.segkernels._fast_divide(torch.tensor([1]), bad_d)
+    with pytest.raises(ValueError, match="numerators"):
+        torch.ops.segkernels._fast_divide(torch.tensor([2**31]), 3)

@@ -19,24 +19,89 @@ namespace segkernels {
 namespace max_unpool {
 
 // One spatial axis. "full" is the large map (pooling input / unpooling output),
-// "pooled" the small one.
-struct Axis {
-  int64_t full;
-  int64_t pooled;
-  int64_t kernel;
-  int64_t stride;
-  int64_t padding;
-  int64_t dilation;
+// "pooled" the small one. I is the index arithmetic type: int64 everywhere, and int32 for the
+// CUDA kernels that run one thread per element, when every offset fits (a GPU emulates 64-bit
+// integer arithmetic, and a 64-bit division is a subroutine call).
+template <typename I>
+struct AxisOf {
+  I full;
+  I pooled;
+  I kernel;
+  I stride;
+  I padding;
+  I dilation;
+};
+using Axis = AxisOf<int64_t>;
+
+template <typename I>
+struct GeometryOf {
+  AxisOf<I> ax[3];  // z, y, x
+  I inner;          // 1 for channels-first, C for channels-last
+
+  SK_HD I full_plane() const { return ax[0].full * ax[1].full * ax[2].full; }
+  SK_HD I pooled_plane() const { return ax[0].pooled * ax[1].pooled * ax[2].pooled; }
+  SK_HD I window_size() const { return ax[0].kernel * ax[1].kernel * ax[2].kernel; }
+};
+using Geometry = GeometryOf<int64_t>;
+
+// The same geometry in a narrower index type; callers check first that every offset fits.
+template <typename I>
+inline GeometryOf<I> narrow_geometry(const Geometry& g) {
+  GeometryOf<I> n;
+  for (int i = 0; i < 3; ++i) {
+    const Axis& a = g.ax[i];
+    n.ax[i] = AxisOf<I>{static_cast<I>(a.full),    static_cast<I>(a.pooled),  static_cast<I>(a.kernel),
+                        static_cast<I>(a.stride),  static_cast<I>(a.padding), static_cast<I>(a.dilation)};
+  }
+  n.inner = static_cast<I>(g.inner);
+  return n;
+}
+
+// A map's extents (D, H, W) and channels-last channel count as dividers, for decoding flat
+// element numbers.
+template <typename I>
+struct MapDividers {
+  typename DividerFor<I>::type z, y, x, inner;
 };
 
-struct Geometry {
-  Axis ax[3];     // z, y, x
-  int64_t inner;  // 1 for channels-first, C for channels-last
-
-  SK_HD int64_t full_plane() const { return ax[0].full * ax[1].full * ax[2].full; }
-  SK_HD int64_t pooled_plane() const { return ax[0].pooled * ax[1].pooled * ax[2].pooled; }
-  SK_HD int64_t window_size() const { return ax[0].kernel * ax[1].kernel * ax[2].kernel; }
+// What the one-thread-per-element kernels need: the geometry in index type I, and its
+// divisors prepared once on the host (FastDivider in 32 bits).
+template <typename I>
+struct IndexPlan {
+  using Div = typename DividerFor<I>::type;
+  GeometryOf<I> g;
+  MapDividers<I> full, pooled;
+  Div kernel[3];  // z, y, x
 };
+
+template <typename I>
+inline IndexPlan<I> index_plan(const Geometry& geometry) {
+  using Div = typename DividerFor<I>::type;
+  IndexPlan<I> p;
+  p.g = narrow_geometry<I>(geometry);
+  const AxisOf<I>* a = p.g.ax;
+  p.full = MapDividers<I>{Div(a[0].full), Div(a[1].full), Div(a[2].full), Div(p.g.inner)};
+  p.pooled = MapDividers<I>{Div(a[0].pooled), Div(a[1].pooled), Div(a[2].pooled), Div(p.g.inner)};
+  for (int i = 0; i < 3; ++i) p.kernel[i] = Div(a[i].kernel);
+  return p;
+}
+
+// Element e of a map as (outer, z, y, x, channel).
+template <typename I>
+SK_HD void decode_element(I e, const MapDividers<I>& m, I& o, I& z, I& y, I& x, I& c) {
+  I rest = e;
+  c = 0;
+  if (m.inner.divisor != 1) {
+    rest = m.inner.div(e);
+    c = e - rest * m.inner.divisor;
+  }
+  const I s = m.x.div(rest);
+  x = rest - s * m.x.divisor;
+  const I t = m.y.div(s);
+  y = s - t * m.y.divisor;
+  o = m.z.div(t);
+  z = t - o * m.z.divisor;
+}
 
 // Position of element e of a tensor in the Geometry's layout: outer index, channel (within
 // `inner`) and spatial coordinates, on the pooled map (pooled = true) or the full one.
@@ -163,35 +228,44 @@ SK_HD int entry_status(const Geometry& g, int64_t pz, int64_t py, int64_t px, in
 // Max-pooling forward: one pooled element. Matches ATen exactly: taps are scanned in (z, y, x)
 // order, a value replaces the running max when it is strictly greater or NaN (so the first of
 // equal maxima wins, and the last NaN wins), and a window of -inf reports its first valid tap.
-template <typename scalar_t, typename acc_t>
-SK_HD void pool_max_element(const Geometry& g, const scalar_t* input, int64_t outer, int64_t pz, int64_t py,
-                            int64_t px, int64_t c, scalar_t& max_value, int64_t& flat_index, int64_t& tap_index) {
-  const Axis& az = g.ax[0];
-  const Axis& ay = g.ax[1];
-  const Axis& ax = g.ax[2];
-  // First in-bounds tap on each axis (the window may start in the padding).
-  const int64_t tz0 = az.padding > pz * az.stride ? ceil_div(az.padding - pz * az.stride, az.dilation) : 0;
-  const int64_t ty0 = ay.padding > py * ay.stride ? ceil_div(ay.padding - py * ay.stride, ay.dilation) : 0;
-  const int64_t tx0 = ax.padding > px * ax.stride ? ceil_div(ax.padding - px * ax.stride, ax.dilation) : 0;
+// The CPU kernels run their own row-wise version of this (max_unpool_cpu.cpp); the CUDA kernel
+// runs this one, in I = int32 when pool_fits_int32 allows, and the CPU tests reach it through
+// the test-only op _max_pool_logic.
+template <typename I>
+SK_HD I first_valid_tap(const AxisOf<I>& a, I pc) {
+  // The window may start in the padding; the numerator is positive, so the division rounds up.
+  const I before = a.padding - pc * a.stride;
+  return before > 0 ? (before + a.dilation - 1) / a.dilation : I(0);
+}
+
+template <typename scalar_t, typename acc_t, typename I>
+SK_HD void pool_max_element(const GeometryOf<I>& g, const scalar_t* input, I outer, I pz, I py, I px, I c,
+                            scalar_t& max_value, I& flat_index, I& tap_index) {
+  const AxisOf<I>& az = g.ax[0];
+  const AxisOf<I>& ay = g.ax[1];
+  const AxisOf<I>& ax = g.ax[2];
+  const I tz0 = first_valid_tap(az, pz), ty0 = first_valid_tap(ay, py), tx0 = first_valid_tap(ax, px);
+  const I z0 = pz * az.stride - az.padding, y0 = py * ay.stride - ay.padding, x0 = px * ax.stride - ax.padding;
   const scalar_t* base = input + outer * g.full_plane() * g.inner + c;
   acc_t best = -static_cast<acc_t>(INFINITY);
-  int64_t best_flat = (tap_coord(az, pz, tz0) * ay.full + tap_coord(ay, py, ty0)) * ax.full + tap_coord(ax, px, tx0);
-  int64_t best_tap = (tz0 * ay.kernel + ty0) * ax.kernel + tx0;
-  for (int64_t tz = tz0; tz < az.kernel; ++tz) {
-    const int64_t z = tap_coord(az, pz, tz);
+  I best_flat = ((z0 + tz0 * az.dilation) * ay.full + y0 + ty0 * ay.dilation) * ax.full + x0 + tx0 * ax.dilation;
+  I best_tap = (tz0 * ay.kernel + ty0) * ax.kernel + tx0;
+  for (I tz = tz0; tz < az.kernel; ++tz) {
+    const I z = z0 + tz * az.dilation;
     if (z >= az.full) break;
-    for (int64_t ty = ty0; ty < ay.kernel; ++ty) {
-      const int64_t y = tap_coord(ay, py, ty);
+    for (I ty = ty0; ty < ay.kernel; ++ty) {
+      const I y = y0 + ty * ay.dilation;
       if (y >= ay.full) break;
-      for (int64_t tx = tx0; tx < ax.kernel; ++tx) {
-        const int64_t x = tap_coord(ax, px, tx);
+      const I row = (z * ay.full + y) * ax.full;
+      const I tap_row = (tz * ay.kernel + ty) * ax.kernel;
+      for (I tx = tx0; tx < ax.kernel; ++tx) {
+        const I x = x0 + tx * ax.dilation;
         if (x >= ax.full) break;
-        const int64_t flat = (z * ay.full + y) * ax.full + x;
-        const acc_t v = static_cast<acc_t>(base[flat * g.inner]);
+        const acc_t v = static_cast<acc_t>(base[(row + x) * g.inner]);
         if (v > best || v != v) {
           best = v;
-          best_flat = flat;
-          best_tap = (tz * ay.kernel + ty) * ax.kernel + tx;
+          best_flat = row + x;
+          best_tap = tap_row + tx;
         }
       }
     }
@@ -348,72 +422,33 @@ SK_HD scalar_t unpool_backward_element(const Geometry& g, const scalar_t* grad_o
 // ---------------------------------------------------------------------------------------------
 // Tiling windows (kernel == stride and dilation 1 on every axis; SegNet's 2x2/2): every full
 // coordinate lies in at most one window, found by one division, so an element's entry needs no
-// candidate search. I is the index arithmetic type: int32 when every flat offset fits (integer
-// division is a long instruction sequence on GPUs, and half as long in 32 bits), else int64.
+// candidate search. The element functions take the index type I (see AxisOf).
 SK_HD bool axis_tiling(const Axis& a) { return a.kernel == a.stride && a.dilation == 1; }
 
-template <typename I>
-struct TiledAxis {
-  I full, pooled, kernel, padding;
-};
-
-template <typename I>
-struct TiledGeometry {
-  TiledAxis<I> ax[3];  // z, y, x
-  I inner;
-};
-
-template <typename I>
-inline TiledGeometry<I> tiled_geometry(const Geometry& g) {
-  TiledGeometry<I> t;
-  for (int i = 0; i < 3; ++i)
-    t.ax[i] = TiledAxis<I>{static_cast<I>(g.ax[i].full), static_cast<I>(g.ax[i].pooled),
-                           static_cast<I>(g.ax[i].kernel), static_cast<I>(g.ax[i].padding)};
-  t.inner = static_cast<I>(g.inner);
-  return t;
-}
-
 // Window pc and tap of full coordinate q on a tiling axis; false past the last window.
-template <typename I>
-SK_HD bool tiled_window(const TiledAxis<I>& a, I q, I& pc, I& tap) {
+template <typename I, typename Div>
+SK_HD bool tiled_window(const AxisOf<I>& a, const Div& kernel, I q, I& pc, I& tap) {
   const I shifted = q + a.padding;
-  pc = shifted / a.kernel;
+  pc = kernel.div(shifted);
   tap = shifted - pc * a.kernel;
   return pc < a.pooled;
-}
-
-// Element e of a map with extents (D, H, W) and `inner` channels-last channels, as
-// (outer, z, y, x, channel).
-template <typename I>
-SK_HD void tiled_decode(I e, I D, I H, I W, I inner, I& o, I& z, I& y, I& x, I& c) {
-  I rest = e;
-  c = 0;
-  if (inner != 1) {
-    rest = e / inner;
-    c = e - rest * inner;
-  }
-  I s = rest / W;
-  x = rest - s * W;
-  I t = s / H;
-  y = s - t * H;
-  o = t / D;
-  z = t - o * D;
 }
 
 // Unpool forward for full-map element e: the value of the entry whose index names e, else 0.
 // Adds 1 to matches when an entry names e (summed over the map: the count of valid entries).
 template <typename scalar_t, typename index_t, typename I>
-SK_HD scalar_t unpool_tiled_element(const TiledGeometry<I>& g, const scalar_t* values, const index_t* indices, I e,
+SK_HD scalar_t unpool_tiled_element(const IndexPlan<I>& p, const scalar_t* values, const index_t* indices, I e,
                                     int64_t& matches) {
-  const TiledAxis<I>& az = g.ax[0];
-  const TiledAxis<I>& ay = g.ax[1];
-  const TiledAxis<I>& ax = g.ax[2];
+  const AxisOf<I>& az = p.g.ax[0];
+  const AxisOf<I>& ay = p.g.ax[1];
+  const AxisOf<I>& ax = p.g.ax[2];
   I o, z, y, x, c;
-  tiled_decode(e, az.full, ay.full, ax.full, g.inner, o, z, y, x, c);
+  decode_element(e, p.full, o, z, y, x, c);
   I pz, tz, py, ty, px, tx;
-  if (!tiled_window(az, z, pz, tz) || !tiled_window(ay, y, py, ty) || !tiled_window(ax, x, px, tx))
+  if (!tiled_window(az, p.kernel[0], z, pz, tz) || !tiled_window(ay, p.kernel[1], y, py, ty) ||
+      !tiled_window(ax, p.kernel[2], x, px, tx))
     return scalar_t(0);
-  const I entry = (((o * az.pooled + pz) * ay.pooled + py) * ax.pooled + px) * g.inner + c;
+  const I entry = (((o * az.pooled + pz) * ay.pooled + py) * ax.pooled + px) * p.g.inner + c;
   const int64_t id = static_cast<int64_t>(indices[entry]);
   const int64_t want = IndexKind<index_t>::compact
                            ? static_cast<int64_t>((tz * ay.kernel + ty) * ax.kernel + tx)
@@ -426,22 +461,22 @@ SK_HD scalar_t unpool_tiled_element(const TiledGeometry<I>& g, const scalar_t* v
 // Unpool backward for pooled entry e on tiling windows (no two windows share a target): the
 // output gradient at the entry's target; zero for an invalid index.
 template <typename scalar_t, typename index_t, typename I>
-SK_HD scalar_t unpool_backward_tiled_element(const TiledGeometry<I>& g, const scalar_t* grad_out,
+SK_HD scalar_t unpool_backward_tiled_element(const IndexPlan<I>& p, const scalar_t* grad_out,
                                              const index_t* indices, I e) {
-  const TiledAxis<I>& az = g.ax[0];
-  const TiledAxis<I>& ay = g.ax[1];
-  const TiledAxis<I>& ax = g.ax[2];
+  const AxisOf<I>& az = p.g.ax[0];
+  const AxisOf<I>& ay = p.g.ax[1];
+  const AxisOf<I>& ax = p.g.ax[2];
   I o, pz, py, px, c;
-  tiled_decode(e, az.pooled, ay.pooled, ax.pooled, g.inner, o, pz, py, px, c);
+  decode_element(e, p.pooled, o, pz, py, px, c);
   const I plane = az.full * ay.full * ax.full;
   const int64_t id = static_cast<int64_t>(indices[e]);
   int64_t target;
   if (IndexKind<index_t>::compact) {
-    const I kxy = ay.kernel * ax.kernel;
-    if (id >= static_cast<int64_t>(az.kernel * kxy)) return scalar_t(0);
+    if (id >= static_cast<int64_t>(az.kernel * ay.kernel * ax.kernel)) return scalar_t(0);
+    // off = (tz * kH + ty) * kW + tx
     const I off = static_cast<I>(id);
-    const I tz = off / kxy, rem = off - tz * kxy;
-    const I ty = rem / ax.kernel, tx = rem - ty * ax.kernel;
+    const I zy = p.kernel[2].div(off), tx = off - zy * ax.kernel;
+    const I tz = p.kernel[1].div(zy), ty = zy - tz * ay.kernel;
     const I z = pz * az.kernel - az.padding + tz, y = py * ay.kernel - ay.padding + ty,
             x = px * ax.kernel - ax.padding + tx;
     if (z < 0 || z >= az.full || y < 0 || y >= ay.full || x < 0 || x >= ax.full) return scalar_t(0);
@@ -450,7 +485,7 @@ SK_HD scalar_t unpool_backward_tiled_element(const TiledGeometry<I>& g, const sc
     if (id < 0 || id >= static_cast<int64_t>(plane)) return scalar_t(0);
     target = id;
   }
-  return grad_out[(static_cast<int64_t>(o) * plane + target) * g.inner + c];
+  return grad_out[(static_cast<int64_t>(o) * plane + target) * p.g.inner + c];
 }
 
 }  // namespace max_unpool

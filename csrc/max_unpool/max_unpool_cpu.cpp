@@ -975,8 +975,8 @@ std::tuple<Tensor, Tensor, Tensor> max_unpool_tiled_logic_cpu(const Tensor& inpu
                         tiled_fits_int32(b.geometry, b.grad_output.numel(), b.grad_input.numel()),
                     "segkernels._max_unpool_tiled_logic: the geometry does not fit the 32-bit tiled kernels "
                     "(CUDA runs such maps with 64-bit index math)");
-  const TiledGeometry<int32_t> ga = tiled_geometry<int32_t>(a.geometry);
-  const TiledGeometry<int32_t> gb = tiled_geometry<int32_t>(b.geometry);
+  const IndexPlan<int32_t> pa = index_plan<int32_t>(a.geometry);
+  const IndexPlan<int32_t> pb = index_plan<int32_t>(b.geometry);
   int64_t matches = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.values.scalar_type(), "max_unpool_tiled_logic", [&] {
     auto run = [&](auto* index_tag) {
@@ -986,11 +986,11 @@ std::tuple<Tensor, Tensor, Tensor> max_unpool_tiled_logic_cpu(const Tensor& inpu
       const scalar_t* v = a.values.const_data_ptr<scalar_t>();
       scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
       for (int32_t e = 0; e < static_cast<int32_t>(a.out.numel()); ++e)
-        out[e] = unpool_tiled_element<scalar_t, index_t, int32_t>(ga, v, ia, e, matches);
+        out[e] = unpool_tiled_element<scalar_t, index_t, int32_t>(pa, v, ia, e, matches);
       const scalar_t* go = b.grad_output.const_data_ptr<scalar_t>();
       scalar_t* gi = b.grad_input.mutable_data_ptr<scalar_t>();
       for (int32_t e = 0; e < static_cast<int32_t>(b.grad_input.numel()); ++e)
-        gi[e] = unpool_backward_tiled_element<scalar_t, index_t, int32_t>(gb, go, ib, e);
+        gi[e] = unpool_backward_tiled_element<scalar_t, index_t, int32_t>(pb, go, ib, e);
     };
     if (a.indices.scalar_type() == at::kByte)
       run(static_cast<uint8_t*>(nullptr));
@@ -998,6 +998,61 @@ std::tuple<Tensor, Tensor, Tensor> max_unpool_tiled_logic_cpu(const Tensor& inpu
       run(static_cast<int64_t*>(nullptr));
   });
   return {a.out, b.grad_input, at::full({1}, matches, a.values.options().dtype(at::kLong))};
+}
+
+// Test-only: max-pooling by pool_max_element, the per-element function the CUDA kernel runs
+// (the CPU op runs its own row-wise version), in 32-bit arithmetic (narrow, as CUDA does when
+// pool_fits_int32) or in 64 bits.
+std::tuple<Tensor, Tensor> max_pool_logic_cpu(const Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode,
+                                              bool compact, bool narrow) {
+  PoolArgs a = prepare_pool(input, kernel, stride, padding, dilation, ceil_mode, compact);
+  TORCH_CHECK_VALUE(!narrow || pool_fits_int32(a.geometry, a.input.numel(), a.values.numel()),
+                    "segkernels._max_pool_logic: the geometry does not fit the 32-bit pooling kernel "
+                    "(CUDA runs such maps with 64-bit index math)");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "max_pool_logic", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto* index_tag, auto arithmetic_tag) {
+      using index_t = std::remove_pointer_t<decltype(index_tag)>;
+      using I = decltype(arithmetic_tag);
+      const IndexPlan<I> plan = index_plan<I>(a.geometry);
+      const scalar_t* in = a.input.const_data_ptr<scalar_t>();
+      scalar_t* values = a.values.mutable_data_ptr<scalar_t>();
+      index_t* indices = a.indices.mutable_data_ptr<index_t>();
+      const I total = static_cast<I>(a.values.numel());
+      for (I e = 0; e < total; ++e) {
+        I o, z, y, x, c, flat, tap;
+        decode_element(e, plan.pooled, o, z, y, x, c);
+        pool_max_element<scalar_t, acc_t, I>(plan.g, in, o, z, y, x, c, values[e], flat, tap);
+        indices[e] = IndexKind<index_t>::compact ? static_cast<index_t>(tap) : static_cast<index_t>(flat);
+      }
+    };
+    if (compact && narrow)
+      run(static_cast<uint8_t*>(nullptr), int32_t{});
+    else if (compact)
+      run(static_cast<uint8_t*>(nullptr), int64_t{});
+    else if (narrow)
+      run(static_cast<int64_t*>(nullptr), int32_t{});
+    else
+      run(static_cast<int64_t*>(nullptr), int64_t{});
+  });
+  return {a.values, a.indices};
+}
+
+// Test-only: FastDivider (common.h), which the 32-bit CUDA kernels divide with, on the CPU.
+Tensor fast_divide_cpu(const Tensor& numerators, int64_t divisor) {
+  TORCH_CHECK_VALUE(divisor >= 1 && divisor < (int64_t{1} << 31), "segkernels._fast_divide: divisor must lie in "
+                    "[1, 2**31), got ", divisor);
+  TORCH_CHECK_VALUE(numerators.scalar_type() == at::kLong, "segkernels._fast_divide: numerators must be int64");
+  const Tensor n = numerators.contiguous();
+  TORCH_CHECK_VALUE(n.numel() == 0 || (n.min().item<int64_t>() >= 0 && n.max().item<int64_t>() < (int64_t{1} << 31)),
+                    "segkernels._fast_divide: numerators must lie in [0, 2**31)");
+  const FastDivider d(static_cast<int32_t>(divisor));
+  Tensor out = at::empty_like(n);
+  const int64_t* src = n.const_data_ptr<int64_t>();
+  int64_t* dst = out.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n.numel(); ++i) dst[i] = d.div(static_cast<int32_t>(src[i]));
+  return out;
 }
 
 }  // namespace
@@ -1008,6 +1063,8 @@ TORCH_LIBRARY_IMPL(segkernels, CPU, m) {
   m.impl("max_unpool_backward", &max_unpool_backward_cpu);
   m.impl("max_pool_backward", &max_pool_backward_cpu);
   m.impl("_max_unpool_tiled_logic", &max_unpool_tiled_logic_cpu);
+  m.impl("_max_pool_logic", &max_pool_logic_cpu);
+  m.impl("_fast_divide", &fast_divide_cpu);
 }
 
 }  // namespace max_unpool

@@ -1,12 +1,18 @@
 // CUDA kernels for max-pooling with indices and max-unpooling. The per-element logic is the
 // same host/device code the CPU kernels run (max_unpool.h); this file only maps it onto threads.
 //
-// Unpool forward, disjoint windows (SegNet's 2x2/2): one block per output row, each thread
-// takes pooled entries of that row and writes all their taps, so every output element is
-// written exactly once, with no zero-fill pass and no atomics. Each block also counts how
-// many entries found their target; one host read of that count (check_indices=True) proves
-// every index valid, and only on a mismatch does a classification pass run to raise the
-// error or switch to the general path.
+// Pooling: one thread per pooled element, in 32-bit index math when the map fits.
+//
+// Unpool forward and the max-pool backward (the same gather, with a sum) write every output
+// element exactly once, with no zero-fill pass and no atomics:
+// - tiling windows (kernel == stride, SegNet's 2x2/2): one thread per output element, which
+//   finds its only window by division (32-bit when the map fits);
+// - other disjoint windows: one block per output row; each thread takes pooled entries of the
+//   row and writes all their taps;
+// - overlapping windows: one thread per output element searches the windows that hold it.
+// Each block also counts how many entries found their target; one host read of that count
+// (check_indices=True) proves every index valid, and only on a mismatch does a classification
+// pass run to raise the error or switch to the general path.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -45,16 +51,18 @@ __device__ __forceinline__ void add_block_count(int64_t local, unsigned long lon
   __syncthreads();
 }
 
-template <typename scalar_t, typename index_t>
-__global__ void pool_forward_kernel(Geometry g, const scalar_t* __restrict__ input, scalar_t* __restrict__ values,
-                                    index_t* __restrict__ indices, int64_t total) {
+// One thread per pooled element, in 32-bit index math when pool_fits_int32 allows.
+template <typename scalar_t, typename index_t, typename I>
+__global__ void pool_forward_kernel(IndexPlan<I> p, const scalar_t* __restrict__ input, scalar_t* __restrict__ values,
+                                    index_t* __restrict__ indices, I total) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const Position p = decode_position(g, e, true);
+  const I stride = static_cast<I>(gridDim.x) * blockDim.x;
+  for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    I o, z, y, x, c;
+    decode_element(e, p.pooled, o, z, y, x, c);
     scalar_t best;
-    int64_t flat, tap;
-    pool_max_element<scalar_t, acc_t>(g, input, p.o, p.z, p.y, p.x, p.c, best, flat, tap);
+    I flat, tap;
+    pool_max_element<scalar_t, acc_t, I>(p.g, input, o, z, y, x, c, best, flat, tap);
     values[e] = best;
     indices[e] = IndexKind<index_t>::compact ? static_cast<index_t>(tap) : static_cast<index_t>(flat);
   }
@@ -141,7 +149,7 @@ __global__ void unpool_backward_kernel(Geometry g, const scalar_t* __restrict__ 
 // Tiling windows: one thread per full-map element, flat and coalesced; 32-bit index arithmetic
 // when it fits.
 template <typename scalar_t, typename index_t, typename I>
-__global__ void unpool_tiled_kernel(TiledGeometry<I> g, const scalar_t* __restrict__ vals,
+__global__ void unpool_tiled_kernel(IndexPlan<I> p, const scalar_t* __restrict__ vals,
                                     const index_t* __restrict__ idx, scalar_t* __restrict__ out, I total,
                                     unsigned long long* matches) {
   int64_t local = 0;
@@ -149,18 +157,18 @@ __global__ void unpool_tiled_kernel(TiledGeometry<I> g, const scalar_t* __restri
   // Uniform trip count per block so every thread reaches the block reduction.
   for (I base = static_cast<I>(blockIdx.x) * blockDim.x; base < total; base += stride) {
     const I e = base + threadIdx.x;
-    if (e < total) out[e] = unpool_tiled_element<scalar_t, index_t, I>(g, vals, idx, e, local);
+    if (e < total) out[e] = unpool_tiled_element<scalar_t, index_t, I>(p, vals, idx, e, local);
   }
   add_block_count(local, matches);
 }
 
 template <typename scalar_t, typename index_t, typename I>
-__global__ void unpool_backward_tiled_kernel(TiledGeometry<I> g, const scalar_t* __restrict__ grad_out,
+__global__ void unpool_backward_tiled_kernel(IndexPlan<I> p, const scalar_t* __restrict__ grad_out,
                                              const index_t* __restrict__ idx, scalar_t* __restrict__ grad_in,
                                              I total) {
   const I stride = static_cast<I>(gridDim.x) * blockDim.x;
   for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride)
-    grad_in[e] = unpool_backward_tiled_element<scalar_t, index_t, I>(g, grad_out, idx, e);
+    grad_in[e] = unpool_backward_tiled_element<scalar_t, index_t, I>(p, grad_out, idx, e);
 }
 
 std::tuple<Tensor, Tensor> max_pool_with_indices_cuda(const Tensor& input, at::IntArrayRef kernel,
@@ -175,15 +183,24 @@ std::tuple<Tensor, Tensor> max_pool_with_indices_cuda(const Tensor& input, at::I
   if (total == 0) return {values, indices};
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = grid_for((total + kThreads - 1) / kThreads);
+  const bool narrow = pool_fits_int32(g, in.numel(), total);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "max_pool_with_indices_cuda", [&] {
-    if (compact)
-      pool_forward_kernel<scalar_t, uint8_t><<<blocks, kThreads, 0, stream>>>(
-          g, in.const_data_ptr<scalar_t>(), values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<uint8_t>(),
-          total);
+    const scalar_t* ip = in.const_data_ptr<scalar_t>();
+    scalar_t* vp = values.mutable_data_ptr<scalar_t>();
+    auto launch = [&](auto* index_tag, auto arithmetic_tag) {
+      using index_t = std::remove_pointer_t<decltype(index_tag)>;
+      using I = decltype(arithmetic_tag);
+      pool_forward_kernel<scalar_t, index_t, I><<<blocks, kThreads, 0, stream>>>(
+          index_plan<I>(g), ip, vp, indices.mutable_data_ptr<index_t>(), static_cast<I>(total));
+    };
+    if (compact && narrow)
+      launch(static_cast<uint8_t*>(nullptr), int32_t{});
+    else if (compact)
+      launch(static_cast<uint8_t*>(nullptr), int64_t{});
+    else if (narrow)
+      launch(static_cast<int64_t*>(nullptr), int32_t{});
     else
-      pool_forward_kernel<scalar_t, int64_t><<<blocks, kThreads, 0, stream>>>(
-          g, in.const_data_ptr<scalar_t>(), values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(),
-          total);
+      launch(static_cast<int64_t*>(nullptr), int64_t{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {values, indices};
@@ -202,14 +219,15 @@ Tensor gather_into_full(UnpoolArgs& a) {
     auto run = [&](auto* idx) {
       using index_t = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       const int64_t total = a.out.numel();
-      if (!kSum && all_axes_tiling(g)) {
+      // Tiling windows never share an element, so the sum (kSum) is the one matching entry.
+      if (all_axes_tiling(g)) {
         if (tiled_fits_int32(g, total, a.values.numel()))
           unpool_tiled_kernel<scalar_t, index_t, int32_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0,
-                                                            stream>>>(tiled_geometry<int32_t>(g), vals, idx, out,
+                                                            stream>>>(index_plan<int32_t>(g), vals, idx, out,
                                                                       static_cast<int32_t>(total), counter);
         else
           unpool_tiled_kernel<scalar_t, index_t, int64_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0,
-                                                            stream>>>(tiled_geometry<int64_t>(g), vals, idx, out,
+                                                            stream>>>(index_plan<int64_t>(g), vals, idx, out,
                                                                       total, counter);
       } else if (all_axes_disjoint(g)) {
         const int64_t rows = full_rows(g, a.outer);
@@ -296,11 +314,11 @@ Tensor max_unpool_backward_cuda(const Tensor& grad_output, const Tensor& indices
         using index_t = std::remove_const_t<std::remove_pointer_t<decltype(ip)>>;
         if (small)
           unpool_backward_tiled_kernel<scalar_t, index_t, int32_t><<<blocks, kThreads, 0, stream>>>(
-              tiled_geometry<int32_t>(g), go.const_data_ptr<scalar_t>(), ip, grad_input.mutable_data_ptr<scalar_t>(),
+              index_plan<int32_t>(g), go.const_data_ptr<scalar_t>(), ip, grad_input.mutable_data_ptr<scalar_t>(),
               static_cast<int32_t>(total));
         else
           unpool_backward_tiled_kernel<scalar_t, index_t, int64_t><<<blocks, kThreads, 0, stream>>>(
-              tiled_geometry<int64_t>(g), go.const_data_ptr<scalar_t>(), ip, grad_input.mutable_data_ptr<scalar_t>(),
+              index_plan<int64_t>(g), go.const_data_ptr<scalar_t>(), ip, grad_input.mutable_data_ptr<scalar_t>(),
               total);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -85,7 +86,7 @@ inline bool all_axes_tiling(const Geometry& g) {
 // Whether the 32-bit tiled kernels may run: every flat offset of both maps, and every kernel,
 // padding and window reach (pooled * kernel + |padding|), fits in half the int32 range (the
 // grid-stride loops add up to a grid's worth of threads past the end). A huge kernel or padding
-// would otherwise be truncated by tiled_geometry<int32_t> and send the index math out of bounds.
+// would otherwise be truncated by narrow_geometry<int32_t> and send the index math out of bounds.
 inline bool tiled_fits_int32(const Geometry& g, int64_t full_numel, int64_t pooled_numel) {
   const int64_t limit = int64_t{1} << 30;
   if (full_numel >= limit || pooled_numel >= limit) return false;
@@ -93,6 +94,29 @@ inline bool tiled_fits_int32(const Geometry& g, int64_t full_numel, int64_t pool
     const int64_t pad = a.padding < 0 ? -a.padding : a.padding;
     // (full + pad bounds full and pad alone; kernel is checked apart as pooled may be 0.)
     if (a.kernel >= limit || a.pooled * a.kernel + pad >= limit || a.full + pad >= limit) return false;
+  }
+  return true;
+}
+
+// Whether pool_max_element may run in 32 bits, with the same half-range margin: both maps'
+// offsets, the window's tap numbers, and every coordinate the tap loops compute. A loop runs
+// one tap past the map before it stops, and the first valid tap seeds the index even when the
+// whole window lies in the padding, so a coordinate is bounded by the window's reach
+// (pooled * stride + padding + kernel * dilation), not by the map.
+inline bool pool_fits_int32(const Geometry& g, int64_t input_numel, int64_t pooled_numel) {
+  const int64_t limit = int64_t{1} << 30;
+  if (input_numel >= limit || pooled_numel >= limit || g.inner >= limit) return false;
+  int64_t window = 1, reach_plane = 1;
+  for (const Axis& a : g.ax) {
+    // Each factor is checked below the limit before it multiplies, so no product overflows.
+    if (a.kernel >= limit || a.stride >= limit || a.padding >= limit || a.dilation >= limit || a.pooled >= limit ||
+        a.full >= limit)
+      return false;
+    const int64_t reach = std::max(a.full, a.pooled * a.stride + a.padding + a.kernel * a.dilation);
+    if (reach >= limit) return false;
+    window *= a.kernel;
+    reach_plane *= reach;
+    if (window >= limit || reach_plane * g.inner >= limit) return false;
   }
   return true;
 }
