@@ -31,6 +31,7 @@ struct FastDivider {
   uint32_t shift;
 
   FastDivider() = default;
+  // Host only; d must lie in [1, 2^31) (d = 0 would divide by zero here).
   explicit FastDivider(int32_t d) : divisor(d), magic(0), shift(0) {
     while ((uint64_t{1} << shift) < static_cast<uint64_t>(d)) ++shift;
     magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - static_cast<uint64_t>(d))) /

@@ -857,3 +857,30 @@ def test_fast_divider_matches_integer_division():
             torch.ops.segkernels._fast_divide(torch.tensor([1]), bad_d)
     with pytest.raises(ValueError, match="numerators"):
         torch.ops.segkernels._fast_divide(torch.tensor([2**31]), 3)
+
+
+def test_empty_map_beside_a_non_empty_one_in_the_32_bit_logic():
+    # An empty full or pooled map still gets its dividers built: FastDivider(0) once divided by
+    # zero on the host (SIGFPE). Unpool to a 0 x 0 output (its gradient has one entry), a
+    # pooling of a zero-height map with padding (one row of windows over padding only).
+    ops = torch.ops.segkernels
+    out, grad_in, matches = ops._max_unpool_tiled_logic(
+        torch.randn(1, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.randn(1, 1, 0, 0), [2, 2], [1, 1], [0, 0]
+    )
+    assert out.shape == (1, 1, 0, 0) and int(matches) == 0
+    assert_close(grad_in, torch.zeros(1, 1, 1, 1), exact=True)
+    x = torch.randn(1, 1, 0, 4)
+    wide = ops._max_pool_logic(x, [2, 2], [1, 1], [1, 1], [1, 1], False, False, False)
+    for compact in (False, True):
+        narrow = ops._max_pool_logic(x, [2, 2], [1, 1], [1, 1], [1, 1], False, compact, True)
+        assert_close(narrow[0], wide[0], exact=True)
+        assert narrow[0].shape == (1, 1, 1, 5) and torch.isneginf(narrow[0]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpool_to_an_empty_output_and_back(device):
+    x = torch.randn(1, 1, 1, 1, device=device, requires_grad=True)
+    out = segkernels.max_unpool2d(x, torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device), 2, 2, 1)
+    assert out.shape == (1, 1, 0, 0)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert_close(grad, torch.zeros_like(x), exact=True)

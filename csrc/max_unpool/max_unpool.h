@@ -80,9 +80,13 @@ inline IndexPlan<I> index_plan(const Geometry& geometry) {
   IndexPlan<I> p;
   p.g = narrow_geometry<I>(geometry);
   const AxisOf<I>* a = p.g.ax;
-  p.full = MapDividers<I>{Div(a[0].full), Div(a[1].full), Div(a[2].full), Div(p.g.inner)};
-  p.pooled = MapDividers<I>{Div(a[0].pooled), Div(a[1].pooled), Div(a[2].pooled), Div(p.g.inner)};
-  for (int i = 0; i < 3; ++i) p.kernel[i] = Div(a[i].kernel);
+  // One map may be empty while the other is not (an unpool to a 0 x 0 output, a pooling of a
+  // zero-height map with padding); no element of an empty map is decoded, but its divider is
+  // still built, and a divider needs d >= 1.
+  const auto div = [](I extent) { return Div(extent > 0 ? extent : I(1)); };
+  p.full = MapDividers<I>{div(a[0].full), div(a[1].full), div(a[2].full), div(p.g.inner)};
+  p.pooled = MapDividers<I>{div(a[0].pooled), div(a[1].pooled), div(a[2].pooled), div(p.g.inner)};
+  for (int i = 0; i < 3; ++i) p.kernel[i] = div(a[i].kernel);
   return p;
 }
 
@@ -450,9 +454,9 @@ SK_HD scalar_t unpool_tiled_element(const IndexPlan<I>& p, const scalar_t* value
     return scalar_t(0);
   const I entry = (((o * az.pooled + pz) * ay.pooled + py) * ax.pooled + px) * p.g.inner + c;
   const int64_t id = static_cast<int64_t>(indices[entry]);
-  const int64_t want = IndexKind<index_t>::compact
-                           ? static_cast<int64_t>((tz * ay.kernel + ty) * ax.kernel + tx)
-                           : (static_cast<int64_t>(z) * ay.full + y) * ax.full + x;
+  // Both in I: a tap number and a flat offset of the full plane fit wherever I was chosen.
+  const int64_t want = static_cast<int64_t>(IndexKind<index_t>::compact ? (tz * ay.kernel + ty) * ax.kernel + tx
+                                                                         : (z * ay.full + y) * ax.full + x);
   if (id != want) return scalar_t(0);
   ++matches;
   return values[entry];
