@@ -721,6 +721,7 @@ def test_cuda_matches_cpu(dtype):
 
 
 @requires_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["run4", "run2", "run4-16bit"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize(
@@ -730,11 +731,15 @@ def test_cuda_matches_cpu(dtype):
         ((12, 10), (2, 2), (1, 0), False, (1, 1)),
         ((11, 13), (3, 2), (1, 1), True, (0, 1)),
         ((5, 7, 6), (2, 2, 3), (0, 1, 0), True, (1, 0, 2)),
+        ((3, 1), (1, 1), (0, 0), False, (0, 0)),
+        ((1, 5, 3), (1, 2, 3), (0, 1, 1), True, (0, 0, 1)),
     ],
 )
-def test_tiled_fast_path_logic(spatial, kernel, padding, ceil_mode, extra, compact, layout):
+def test_tiled_fast_path_logic(spatial, kernel, padding, ceil_mode, extra, compact, layout, dtype):
+    # The forward runs in runs of consecutive elements (4, or 2 for 64-bit types) that step
+    # across channels, rows, planes and images; odd extents make runs straddle each of them.
     nd = len(spatial)
-    x = to_layout(torch.randn(2, 3, *spatial), layout)
+    x = to_layout(torch.randn(2, 3, *spatial).to(dtype), layout)
     pool = segkernels.max_pool2d_with_indices if nd == 2 else segkernels.max_pool3d_with_indices
     v, i = pool(x, kernel, kernel, padding, ceil_mode=ceil_mode, compact=True)
     base = [(p - 1) * k - 2 * pd + k for p, k, pd in zip(v.shape[2:], kernel, padding)]
@@ -742,7 +747,7 @@ def test_tiled_fast_path_logic(spatial, kernel, padding, ceil_mode, extra, compa
     ones = [1] * nd
     if not compact:  # plane-flat indices of the same taps on the (possibly larger) output
         i = compact_to_flat_indices(i, out_size, kernel, kernel, padding, ones)
-    grad_out = to_layout(torch.randn(2, 3, *out_size), layout)
+    grad_out = to_layout(torch.randn(2, 3, *out_size).to(dtype), layout)
     out, grad_in, matches = torch.ops.segkernels._max_unpool_tiled_logic(v, i, grad_out, kernel, padding, out_size)
     expected = reference_max_unpool(v, i, kernel, kernel, padding, ones, out_size)
     assert_close(out, expected, exact=True)

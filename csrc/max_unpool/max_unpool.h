@@ -429,37 +429,80 @@ SK_HD scalar_t unpool_backward_element(const Geometry& g, const scalar_t* grad_o
 // candidate search. The element functions take the index type I (see AxisOf).
 SK_HD bool axis_tiling(const Axis& a) { return a.kernel == a.stride && a.dilation == 1; }
 
-// Window pc and tap of full coordinate q on a tiling axis; false past the last window.
-template <typename I, typename Div>
-SK_HD bool tiled_window(const AxisOf<I>& a, const Div& kernel, I q, I& pc, I& tap) {
-  const I shifted = q + a.padding;
-  pc = kernel.div(shifted);
-  tap = shifted - pc * a.kernel;
-  return pc < a.pooled;
+// Unpool forward on tiling windows, one run of consecutive full-map elements per CUDA thread:
+// only the run's first element is decoded (divisions); the others step one channel or one
+// column on, carrying into the next row, plane or image, so their index math is additions.
+// The run is as long as one 16-byte store (8 bytes for 16-bit types).
+template <typename scalar_t>
+constexpr int unpool_run_length() {
+  return sizeof(scalar_t) >= 8 ? 2 : 4;
 }
 
-// Unpool forward for full-map element e: the value of the entry whose index names e, else 0.
-// Adds 1 to matches when an entry names e (summed over the map: the count of valid entries).
-template <typename scalar_t, typename index_t, typename I>
-SK_HD scalar_t unpool_tiled_element(const IndexPlan<I>& p, const scalar_t* values, const index_t* indices, I e,
-                                    int64_t& matches) {
+// A coordinate of the full map on a tiling axis, with its window and tap.
+template <typename I>
+struct TiledCursor {
+  I q, pc, tap;
+};
+
+template <typename I, typename Div>
+SK_HD TiledCursor<I> tiled_cursor(const AxisOf<I>& a, const Div& kernel, I q) {
+  TiledCursor<I> t;
+  t.q = q;
+  const I shifted = q + a.padding;
+  t.pc = kernel.div(shifted);
+  t.tap = shifted - t.pc * a.kernel;
+  return t;
+}
+
+// Moves the cursor one coordinate on; at the end of the axis it restarts at 0 and returns true
+// (the carry into the next axis).
+template <typename I, typename Div>
+SK_HD bool step_cursor(TiledCursor<I>& t, const AxisOf<I>& a, const Div& kernel) {
+  if (++t.q == a.full) {
+    t = tiled_cursor(a, kernel, I(0));
+    return true;
+  }
+  if (++t.tap == a.kernel) {
+    t.tap = 0;
+    ++t.pc;
+  }
+  return false;
+}
+
+// Elements e0 .. e0 + count - 1 (count <= kRun) into out[0 .. count): the value of the entry whose
+// index names the element, else 0. Adds 1 to matches per element an entry names (summed over the
+// map: the count of valid entries).
+template <int kRun, typename scalar_t, typename index_t, typename I>
+SK_HD void unpool_tiled_run(const IndexPlan<I>& p, const scalar_t* values, const index_t* indices, I e0, int count,
+                            scalar_t (&out)[kRun], int64_t& matches) {
   const AxisOf<I>& az = p.g.ax[0];
   const AxisOf<I>& ay = p.g.ax[1];
   const AxisOf<I>& ax = p.g.ax[2];
   I o, z, y, x, c;
-  decode_element(e, p.full, o, z, y, x, c);
-  I pz, tz, py, ty, px, tx;
-  if (!tiled_window(az, p.kernel[0], z, pz, tz) || !tiled_window(ay, p.kernel[1], y, py, ty) ||
-      !tiled_window(ax, p.kernel[2], x, px, tx))
-    return scalar_t(0);
-  const I entry = (((o * az.pooled + pz) * ay.pooled + py) * ax.pooled + px) * p.g.inner + c;
-  const int64_t id = static_cast<int64_t>(indices[entry]);
-  // Both in I: a tap number and a flat offset of the full plane fit wherever I was chosen.
-  const int64_t want = static_cast<int64_t>(IndexKind<index_t>::compact ? (tz * ay.kernel + ty) * ax.kernel + tx
-                                                                         : (z * ay.full + y) * ax.full + x);
-  if (id != want) return scalar_t(0);
-  ++matches;
-  return values[entry];
+  decode_element(e0, p.full, o, z, y, x, c);
+  TiledCursor<I> cz = tiled_cursor(az, p.kernel[0], z), cy = tiled_cursor(ay, p.kernel[1], y),
+                 cx = tiled_cursor(ax, p.kernel[2], x);
+  for (int k = 0; k < kRun; ++k) {
+    if (k > 0 && ++c == p.g.inner) {
+      c = 0;
+      if (step_cursor(cx, ax, p.kernel[2]) && step_cursor(cy, ay, p.kernel[1]) && step_cursor(cz, az, p.kernel[0]))
+        ++o;
+    }
+    scalar_t v = scalar_t(0);
+    if (k < count && cz.pc < az.pooled && cy.pc < ay.pooled && cx.pc < ax.pooled) {
+      const I entry = (((o * az.pooled + cz.pc) * ay.pooled + cy.pc) * ax.pooled + cx.pc) * p.g.inner + c;
+      const int64_t id = static_cast<int64_t>(indices[entry]);
+      // Both in I: a tap number and a flat offset of the full plane fit wherever I was chosen.
+      const int64_t want = static_cast<int64_t>(IndexKind<index_t>::compact
+                                                    ? (cz.tap * ay.kernel + cy.tap) * ax.kernel + cx.tap
+                                                    : (cz.q * ay.full + cy.q) * ax.full + cx.q);
+      if (id == want) {
+        ++matches;
+        v = values[entry];
+      }
+    }
+    out[k] = v;
+  }
 }
 
 // Unpool backward for pooled entry e on tiling windows (no two windows share a target): the

@@ -985,8 +985,15 @@ std::tuple<Tensor, Tensor, Tensor> max_unpool_tiled_logic_cpu(const Tensor& inpu
       const index_t* ib = b.indices.const_data_ptr<index_t>();
       const scalar_t* v = a.values.const_data_ptr<scalar_t>();
       scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
-      for (int32_t e = 0; e < static_cast<int32_t>(a.out.numel()); ++e)
-        out[e] = unpool_tiled_element<scalar_t, index_t, int32_t>(pa, v, ia, e, matches);
+      // Runs as the CUDA threads take them (unpool_tiled_kernel).
+      constexpr int kRun = unpool_run_length<scalar_t>();
+      const int32_t total = static_cast<int32_t>(a.out.numel());
+      for (int32_t e0 = 0; e0 < total; e0 += kRun) {
+        const int count = std::min<int32_t>(kRun, total - e0);
+        scalar_t run[kRun];
+        unpool_tiled_run<kRun, scalar_t, index_t, int32_t>(pa, v, ia, e0, count, run, matches);
+        std::copy(run, run + count, out + e0);
+      }
       const scalar_t* go = b.grad_output.const_data_ptr<scalar_t>();
       scalar_t* gi = b.grad_input.mutable_data_ptr<scalar_t>();
       for (int32_t e = 0; e < static_cast<int32_t>(b.grad_input.numel()); ++e)

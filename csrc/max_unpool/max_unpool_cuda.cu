@@ -5,8 +5,9 @@
 //
 // Unpool forward and the max-pool backward (the same gather, with a sum) write every output
 // element exactly once, with no zero-fill pass and no atomics:
-// - tiling windows (kernel == stride, SegNet's 2x2/2): one thread per output element, which
-//   finds its only window by division (32-bit when the map fits);
+// - tiling windows (kernel == stride, SegNet's 2x2/2): each thread writes a run of consecutive
+//   output elements with one vector store; it decodes the first (32-bit division by multiply
+//   and shift when the map fits) and steps to the others, each element finding its only window;
 // - other disjoint windows: one block per output row; each thread takes pooled entries of the
 //   row and writes all their taps;
 // - overlapping windows: one thread per output element searches the windows that hold it.
@@ -146,18 +147,34 @@ __global__ void unpool_backward_kernel(Geometry g, const scalar_t* __restrict__ 
   }
 }
 
-// Tiling windows: one thread per full-map element, flat and coalesced; 32-bit index arithmetic
-// when it fits.
+// Tiling windows: one run of consecutive full-map elements per thread (unpool_tiled_run), written
+// with one vector store where the output is aligned to it.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) RunPack {
+  T v[N];
+};
+
 template <typename scalar_t, typename index_t, typename I>
 __global__ void unpool_tiled_kernel(IndexPlan<I> p, const scalar_t* __restrict__ vals,
                                     const index_t* __restrict__ idx, scalar_t* __restrict__ out, I total,
-                                    unsigned long long* matches) {
+                                    bool out_aligned, unsigned long long* matches) {
+  constexpr int kRun = unpool_run_length<scalar_t>();
   int64_t local = 0;
+  const I runs = (total + kRun - 1) / kRun;
   const I stride = static_cast<I>(gridDim.x) * blockDim.x;
   // Uniform trip count per block so every thread reaches the block reduction.
-  for (I base = static_cast<I>(blockIdx.x) * blockDim.x; base < total; base += stride) {
-    const I e = base + threadIdx.x;
-    if (e < total) out[e] = unpool_tiled_element<scalar_t, index_t, I>(p, vals, idx, e, local);
+  for (I base = static_cast<I>(blockIdx.x) * blockDim.x; base < runs; base += stride) {
+    const I r = base + threadIdx.x;
+    if (r >= runs) continue;
+    const I e0 = r * kRun;
+    const int count = total - e0 < kRun ? static_cast<int>(total - e0) : kRun;
+    RunPack<scalar_t, kRun> pack;
+    unpool_tiled_run<kRun, scalar_t, index_t, I>(p, vals, idx, e0, count, pack.v, local);
+    if (out_aligned && count == kRun) {
+      *reinterpret_cast<RunPack<scalar_t, kRun>*>(out + e0) = pack;
+    } else {
+      for (int k = 0; k < count; ++k) out[e0 + k] = pack.v[k];
+    }
   }
   add_block_count(local, matches);
 }
@@ -221,14 +238,17 @@ Tensor gather_into_full(UnpoolArgs& a) {
       const int64_t total = a.out.numel();
       // Tiling windows never share an element, so the sum (kSum) is the one matching entry.
       if (all_axes_tiling(g)) {
+        constexpr int kRun = unpool_run_length<scalar_t>();
+        const int64_t runs = (total + kRun - 1) / kRun;
+        const bool aligned = reinterpret_cast<uintptr_t>(out) % (sizeof(scalar_t) * kRun) == 0;
         if (tiled_fits_int32(g, total, a.values.numel()))
-          unpool_tiled_kernel<scalar_t, index_t, int32_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0,
+          unpool_tiled_kernel<scalar_t, index_t, int32_t><<<grid_for((runs + kThreads - 1) / kThreads), kThreads, 0,
                                                             stream>>>(index_plan<int32_t>(g), vals, idx, out,
-                                                                      static_cast<int32_t>(total), counter);
+                                                                      static_cast<int32_t>(total), aligned, counter);
         else
-          unpool_tiled_kernel<scalar_t, index_t, int64_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0,
-                                                            stream>>>(index_plan<int64_t>(g), vals, idx, out,
-                                                                      total, counter);
+          unpool_tiled_kernel<scalar_t, index_t, int64_t><<<grid_for((runs + kThreads - 1) / kThreads), kThreads, 0,
+                                                            stream>>>(index_plan<int64_t>(g), vals, idx, out, total,
+                                                                      aligned, counter);
       } else if (all_axes_disjoint(g)) {
         const int64_t rows = full_rows(g, a.outer);
         unpool_rows_kernel<scalar_t, index_t>
