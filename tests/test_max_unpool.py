@@ -733,6 +733,7 @@ def test_cuda_matches_cpu(dtype):
         ((5, 7, 6), (2, 2, 3), (0, 1, 0), True, (1, 0, 2)),
         ((3, 1), (1, 1), (0, 0), False, (0, 0)),
         ((1, 5, 3), (1, 2, 3), (0, 1, 1), True, (0, 0, 1)),
+        ((5, 7, 5), (2, 2, 2), (0, 0, 0), True, (0, 1, 1)),  # H * W odd: runs cross z-planes
     ],
 )
 def test_tiled_fast_path_logic(spatial, kernel, padding, ceil_mode, extra, compact, layout, dtype):

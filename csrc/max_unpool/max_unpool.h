@@ -434,7 +434,7 @@ SK_HD bool axis_tiling(const Axis& a) { return a.kernel == a.stride && a.dilatio
 // column on, carrying into the next row, plane or image, so their index math is additions.
 // The run is as long as one 16-byte store (8 bytes for 16-bit types).
 template <typename scalar_t>
-constexpr int unpool_run_length() {
+SK_HD constexpr int unpool_run_length() {
   return sizeof(scalar_t) >= 8 ? 2 : 4;
 }
 
