@@ -229,19 +229,20 @@ SK_HD int entry_status(const Geometry& g, int64_t pz, int64_t py, int64_t px, in
 }
 
 // ---------------------------------------------------------------------------------------------
+// First tap of window pc that lies inside the map on this axis (the window may start in the
+// padding; the numerator is then positive, so the division rounds up).
+template <typename I>
+SK_HD I first_valid_tap(const AxisOf<I>& a, I pc) {
+  const I before = a.padding - pc * a.stride;
+  return before > 0 ? (before + a.dilation - 1) / a.dilation : I(0);
+}
+
 // Max-pooling forward: one pooled element. Matches ATen exactly: taps are scanned in (z, y, x)
 // order, a value replaces the running max when it is strictly greater or NaN (so the first of
 // equal maxima wins, and the last NaN wins), and a window of -inf reports its first valid tap.
 // The CPU kernels run their own row-wise version of this (max_unpool_cpu.cpp); the CUDA kernel
 // runs this one, in I = int32 when pool_fits_int32 allows, and the CPU tests reach it through
 // the test-only op _max_pool_logic.
-template <typename I>
-SK_HD I first_valid_tap(const AxisOf<I>& a, I pc) {
-  // The window may start in the padding; the numerator is positive, so the division rounds up.
-  const I before = a.padding - pc * a.stride;
-  return before > 0 ? (before + a.dilation - 1) / a.dilation : I(0);
-}
-
 template <typename scalar_t, typename acc_t, typename I>
 SK_HD void pool_max_element(const GeometryOf<I>& g, const scalar_t* input, I outer, I pz, I py, I px, I c,
                             scalar_t& max_value, I& flat_index, I& tap_index) {

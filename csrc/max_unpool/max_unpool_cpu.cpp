@@ -1034,14 +1034,7 @@ std::tuple<Tensor, Tensor> max_pool_logic_cpu(const Tensor& input, at::IntArrayR
         indices[e] = IndexKind<index_t>::compact ? static_cast<index_t>(tap) : static_cast<index_t>(flat);
       }
     };
-    if (compact && narrow)
-      run(static_cast<uint8_t*>(nullptr), int32_t{});
-    else if (compact)
-      run(static_cast<uint8_t*>(nullptr), int64_t{});
-    else if (narrow)
-      run(static_cast<int64_t*>(nullptr), int32_t{});
-    else
-      run(static_cast<int64_t*>(nullptr), int64_t{});
+    dispatch_pool_types(compact, narrow, run);
   });
   return {a.values, a.indices};
 }

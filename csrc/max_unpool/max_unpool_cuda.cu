@@ -210,14 +210,7 @@ std::tuple<Tensor, Tensor> max_pool_with_indices_cuda(const Tensor& input, at::I
       pool_forward_kernel<scalar_t, index_t, I><<<blocks, kThreads, 0, stream>>>(
           index_plan<I>(g), ip, vp, indices.mutable_data_ptr<index_t>(), static_cast<I>(total));
     };
-    if (compact && narrow)
-      launch(static_cast<uint8_t*>(nullptr), int32_t{});
-    else if (compact)
-      launch(static_cast<uint8_t*>(nullptr), int64_t{});
-    else if (narrow)
-      launch(static_cast<int64_t*>(nullptr), int32_t{});
-    else
-      launch(static_cast<int64_t*>(nullptr), int64_t{});
+    dispatch_pool_types(compact, narrow, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {values, indices};

@@ -121,6 +121,21 @@ inline bool pool_fits_int32(const Geometry& g, int64_t input_numel, int64_t pool
   return true;
 }
 
+// Calls f(index_tag, arithmetic_tag) for the pooling element function's instantiation: a null
+// pointer of the stored index type (uint8_t compact offsets or int64_t flat indices) and a value
+// of the index arithmetic type (int32_t where pool_fits_int32, else int64_t).
+template <typename F>
+inline void dispatch_pool_types(bool compact, bool narrow, F&& f) {
+  if (compact && narrow)
+    f(static_cast<uint8_t*>(nullptr), int32_t{});
+  else if (compact)
+    f(static_cast<uint8_t*>(nullptr), int64_t{});
+  else if (narrow)
+    f(static_cast<int64_t*>(nullptr), int32_t{});
+  else
+    f(static_cast<int64_t*>(nullptr), int64_t{});
+}
+
 // Whether every tap of every window lies inside the full map (no padding reach, no overhang).
 inline bool all_windows_inside(const Geometry& g) {
   for (const Axis& a : g.ax)
