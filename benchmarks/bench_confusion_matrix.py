@@ -8,7 +8,7 @@ import torch
 
 import segkernels
 from common import bench_device, run_benchmark, scaled_batch
-from segkernels.confusion_matrix import reference_confusion_matrix
+from segkernels.ops.confusion_matrix import reference_confusion_matrix
 
 DEVICE = bench_device()
 CLASSES = 19

@@ -10,7 +10,7 @@ import torch
 
 import segkernels
 from common import bench_device, run_benchmark, scaled_batch
-from segkernels.kd_loss import reference_kd_loss, reference_seg_kd_loss
+from segkernels.ops.kd_loss import reference_kd_loss, reference_seg_kd_loss
 
 DEVICE = bench_device()
 IMPLS = ["torch", "segkernels"] + (["torch.compile"] if DEVICE.type == "cuda" else [])

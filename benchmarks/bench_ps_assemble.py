@@ -15,7 +15,7 @@ import torch
 
 import segkernels
 from common import bench_device, run_benchmark, scaled_batch
-from segkernels.ps_assemble import reference_ps_assemble, reference_ps_assemble_dense
+from segkernels.ops.ps_assemble import reference_ps_assemble, reference_ps_assemble_dense
 
 DEVICE = bench_device()
 K, M = 5, 21

@@ -10,16 +10,16 @@ from ._library import (
     kernels_available,
     triton_available,
 )
-from .max_unpool import (
+from .ops.max_unpool import (
     max_pool2d_with_indices,
     max_pool3d_with_indices,
     max_unpool2d,
     max_unpool3d,
 )
-from .confusion_matrix import confusion_matrix
+from .ops.confusion_matrix import confusion_matrix
 from .metrics import median_frequency_weights, segmentation_scores
-from .kd_loss import kd_loss, seg_kd_loss
-from .ps_assemble import ps_assemble, ps_assemble_dense
+from .ops.kd_loss import kd_loss, seg_kd_loss
+from .ops.ps_assemble import ps_assemble, ps_assemble_dense
 from .pruning import channel_gram, lasso_gram
 from . import pruning
 from . import nn  # noqa: E402  (modules over the ops above)

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .ps_assemble import _check_int, ps_assemble
+from ..ops.ps_assemble import _check_int, ps_assemble
 
 __all__ = ["InstanceFCNHead"]
 

@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import _library
+from ... import _library
 
 _call = _library.call_below_autograd
 

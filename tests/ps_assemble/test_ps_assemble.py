@@ -19,7 +19,7 @@ from helpers import (
     run_opcheck,
     to_layout,
 )
-from segkernels.ps_assemble import dense_windows, reference_ps_assemble, reference_ps_assemble_dense
+from segkernels.ops.ps_assemble import dense_windows, reference_ps_assemble, reference_ps_assemble_dense
 
 pytestmark = requires_kernels
 ops = torch.ops.segkernels
@@ -459,7 +459,7 @@ def test_instancefcn_head():
 def test_import_without_kernels_falls_back_to_reference():
     code = (
         "import torch, segkernels\n"
-        "from segkernels.ps_assemble import reference_ps_assemble\n"
+        "from segkernels.ops.ps_assemble import reference_ps_assemble\n"
         "assert not segkernels.kernels_available()\n"
         "s = torch.randn(2, 9, 6, 7)\n"
         "w = torch.tensor([[0, -2, 1], [1, 3, 4], [4, 0, 0]])\n"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _library
-from ._testing import new_output
+from ... import _library
+from ..._testing import new_output
 
 __all__ = ["confusion_matrix", "reference_confusion_matrix"]
 

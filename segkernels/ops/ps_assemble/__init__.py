@@ -34,7 +34,7 @@ import numbers
 
 import torch
 
-from . import _library
+from ... import _library
 
 _call = _library.call_below_autograd
 

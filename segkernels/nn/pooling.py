@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .max_unpool import (
+from ..ops.max_unpool import (
     IntOrSeq,
     max_pool2d_with_indices,
     max_pool3d_with_indices,
@@ -126,17 +126,3 @@ class MaxUnpool3d(_MaxUnpoolNd):
 
     _unpool = staticmethod(max_unpool3d)
     _nd = 3
-
-# SegNet is built from the modules above, so it is imported after them.
-from .segnet import SegNet  # noqa: E402
-
-__all__ += ["SegNet"]
-
-# Distillation losses (segkernels/kd_loss.py, segkernels/self_regulation.py)
-from .self_regulation import ChannelWiseKDLoss, KDLoss, SelfRegulationLoss  # noqa: E402
-
-__all__ += ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss"]
-
-from .instancefcn import InstanceFCNHead  # noqa: E402
-
-__all__ += ["InstanceFCNHead"]

@@ -19,7 +19,7 @@ from helpers import (
     run_opcheck,
     to_layout,
 )
-from segkernels.max_unpool import (
+from segkernels.ops.max_unpool import (
     compact_to_flat_indices,
     reference_max_pool_with_indices,
     reference_max_unpool,

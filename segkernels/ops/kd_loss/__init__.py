@@ -47,8 +47,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import _library
-from ._testing import new_output
+from ... import _library
+from ..._testing import new_output
 
 __all__ = ["kd_loss", "seg_kd_loss", "reference_kd_loss", "reference_seg_kd_loss"]
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _library
-from ._testing import new_output
+from .. import _library
+from .._testing import new_output
 
 __all__ = [
     "LayerStats",
@@ -973,7 +973,7 @@ def prune_sequential(
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat a conv, got {layers}")
     layers = sorted(layers)
-    from .nn import MaxPool2d as _SegkernelsMaxPool2d
+    from ..nn.pooling import MaxPool2d as _SegkernelsMaxPool2d
 
     passthrough = (nn.BatchNorm2d, _SegkernelsMaxPool2d) + _PASSTHROUGH
     for L in layers:

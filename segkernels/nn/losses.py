@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kd_loss import _check_temperature, _cross_entropy_or_zero, kd_loss
+from ..ops.kd_loss import _check_temperature, _cross_entropy_or_zero, kd_loss
 
 __all__ = ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss", "presence_targets"]
 

@@ -8,8 +8,7 @@ from typing import List
 import torch
 from torch import nn
 
-# segkernels.nn imports this module after defining its pooling modules.
-from .nn import MaxPool2d, MaxUnpool2d
+from .pooling import MaxPool2d, MaxUnpool2d
 
 __all__ = ["SegNet"]
 

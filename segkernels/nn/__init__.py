@@ -1,0 +1,19 @@
+"""Modules over the segkernels ops: drop-ins for their torch.nn namesakes, the losses, and the
+networks built from them."""
+
+from .instancefcn import InstanceFCNHead
+from .losses import ChannelWiseKDLoss, KDLoss, SelfRegulationLoss
+from .pooling import MaxPool2d, MaxPool3d, MaxUnpool2d, MaxUnpool3d
+from .segnet import SegNet
+
+__all__ = [
+    "MaxPool2d",
+    "MaxPool3d",
+    "MaxUnpool2d",
+    "MaxUnpool3d",
+    "SegNet",
+    "KDLoss",
+    "ChannelWiseKDLoss",
+    "SelfRegulationLoss",
+    "InstanceFCNHead",
+]
