@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.kd_loss import _check_temperature, _cross_entropy_or_zero, kd_loss
+from ..ops.kd_loss import _check_temperature, kd_loss
+from ..ops.kd_loss.reference import cross_entropy_or_zero
 
 __all__ = ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss", "presence_targets"]
 
@@ -138,13 +139,13 @@ class SelfRegulationLoss(nn.Module):
             raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ii}")
         labels = labels.masked_fill(bad, ii)
         target = presence_targets(labels, c, ii)
-        mea_seg = sum(_cross_entropy_or_zero(m, labels, ii) for m in maps)
+        mea_seg = sum(cross_entropy_or_zero(m, labels, ii) for m in maps)
         mea_cls = sum(_bce(p, target.to(p.dtype)) for p in pres)
         shallow = maps[-1].detach()
         if self.sr_f == "hard":
             pseudo = shallow.argmax(1)
             pseudo = torch.where(labels == ii, labels, pseudo)
-            sr_f = sum(_cross_entropy_or_zero(m, pseudo, ii) for m in maps[:-1])
+            sr_f = sum(cross_entropy_or_zero(m, pseudo, ii) for m in maps[:-1])
         else:
             sr_f = kd_loss(maps[:-1], shallow, temperature=self.temperature, labels=labels, ignore_index=ii,
                            divergence="ce").sum()

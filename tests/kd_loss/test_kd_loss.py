@@ -371,7 +371,7 @@ def test_nan_teacher_gives_nan_where_it_reaches(device, axis):
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("spatial", [False, True])
 def test_triton_nan_teacher_under_interpreter(spatial):
-    from segkernels.ops.kd_loss import _kd_loss_triton
+    from segkernels.ops.kd_loss.triton import _kd_loss_triton
 
     s, teacher = _nan_teacher_case("cpu")
     _triton_or_skip(teacher)
@@ -697,7 +697,7 @@ def _triton_or_skip(t):
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_triton_channel_kernel_under_interpreter(layout):
-    from segkernels.ops.kd_loss import _kd_loss_triton
+    from segkernels.ops.kd_loss.triton import _kd_loss_triton
 
     shape = (2, 5, 7, 11)
     students, teacher = _inputs(shape, torch.float32, "cpu", k=5)
@@ -725,7 +725,7 @@ def test_triton_channel_kernel_under_interpreter(layout):
 @pytest.mark.triton
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_spatial_kernel_under_interpreter():
-    from segkernels.ops.kd_loss import _kd_loss_triton
+    from segkernels.ops.kd_loss.triton import _kd_loss_triton
 
     shape = (2, 3, 17, 31)  # rows of 527 > one block: exercises the online softmax
     students, teacher = _inputs(shape, torch.float32, "cpu", k=2)
@@ -746,7 +746,7 @@ def test_triton_spatial_kernel_under_interpreter():
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("weighted", [False, True])
 def test_triton_seg_kd_kernel_under_interpreter(weighted):
-    from segkernels.ops.kd_loss import _seg_kd_loss_triton
+    from segkernels.ops.kd_loss.triton import _seg_kd_loss_triton
 
     shape = (2, 4, 9, 10)
     students, teacher = _inputs(shape, torch.float32, "cpu")
@@ -777,7 +777,7 @@ def test_triton_extremes_match_the_cpu_kernels():
     # The Triton kernels shift by the raw maximum as the C++ ones do (_shifted, shifted_logit):
     # the maximum's term stays exactly 1 at temperature 1e-10, and rows spanning more than the
     # float range stay finite. Spatial rows of 2000 run in several segments, merged in torch.
-    from segkernels.ops.kd_loss import _kd_loss_triton, _seg_kd_loss_triton
+    from segkernels.ops.kd_loss.triton import _kd_loss_triton, _seg_kd_loss_triton
 
     g = torch.Generator().manual_seed(13)
     teacher = torch.randn(2, 5, 4, 6, generator=g)
@@ -879,11 +879,9 @@ def test_baseline_and_avx2_cpu_builds_agree(axis, monkeypatch):
 def test_triton_launches_turn_fp_fusion_off(monkeypatch):
     # The interpreter computes in numpy and never fuses; on a GPU, Triton fuses x * (1/T) - max
     # into one FMA unless told not to (see the module docstring): every launch must say so.
-    import sys
-
+    import segkernels.ops.kd_loss.triton as mod
     from segkernels._library import triton_runs_on
 
-    mod = sys.modules["segkernels.ops.kd_loss"]
     s = torch.randn(2, 5, 4, 6, requires_grad=True)
     if not triton_runs_on(s):
         pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernels on CPU tensors")
@@ -915,13 +913,12 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     """Ahead-of-time compilation of the GPU kernels (Triton to PTX and cubin) for an H100, so
     that a machine without a GPU still checks what the interpreter cannot (types, constexpr
     branches, code generation)."""
-    import sys
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    mod = sys.modules["segkernels.ops.kd_loss"]
+    import segkernels.ops.kd_loss.triton as mod
+
     if not isinstance(mod._kd_channel_kernel, triton.runtime.JITFunction):
         pytest.skip("kernels are interpreted (TRITON_INTERPRET=1)")
     target = GPUTarget("cuda", 90, 32)

@@ -1,0 +1,380 @@
+"""Triton kernels of the distillation losses (the CUDA back end; on CPU tensors under
+TRITON_INTERPRET=1 for the tests), their launchers, and their registration as the ops' CUDA
+kernels.
+
+- Pixel-wise (axis="channel"): one program per tile of positions of one image; the teacher's
+  softmax statistics are computed once per tile and shared by up to 4 students per launch.
+- axis="spatial": rows are split into segments (about 1024 programs in all) so that a few long
+  rows (N * C = 152 rows of 10^6) still fill the device; per-segment (max, sum) pairs are merged
+  with small torch ops between the two launches.
+- The arithmetic is the C++ kernels' (csrc/kd_loss/kd_loss.h): the shift by the raw maximum is
+  exactly 0 at the maximum. The launches keep enable_fp_fusion=False, which the kernels needed
+  when they computed x / T - max(x / T); whether fusion would now be faster is unmeasured.
+- float32 arithmetic: CUDA float64 runs the reference (see the public API).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _library
+from ..._testing import new_output
+from .registration import _acc_dtype, _layout, _map_sizes, _new_grad
+
+_TRITON_MAX_STUDENTS = 4  # students per launch (pointer arguments); more are done in groups
+
+@triton.jit
+def _shifted(x, m, inv_t):
+    # (x - m) / T as the C++ kernels' shifted_logit (csrc/kd_loss/kd_loss.h): m is the
+    # maximum of the raw logits, so this is exactly 0 at the maximum, and halving first keeps
+    # x - m in range for rows spanning more than the float range.
+    return ((x * 0.5 - m * 0.5) * inv_t) * 2.0
+
+@triton.jit
+def _online_sum(z, m, m_new, x, inv_t):
+    # The sum z of exp((x - m) / T) rescaled from the running max m of the raw logits to
+    # m_new = max(m, x), plus x's own term; -inf safe (an all -inf prefix keeps z = 0).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return z * tl.exp(_shifted(m, m_safe, inv_t)) + tl.exp(_shifted(x, m_safe, inv_t))
+
+@triton.jit
+def _online_update(m, z, x, inv_t):
+    m_new = tl.maximum(m, x)
+    return m_new, _online_sum(z, m, m_new, x, inv_t)
+
+@triton.jit
+def _term(pt, lpt, lps, KL: tl.constexpr):
+    # 0 where pt == 0 (p log p = 0); the inputs are zeroed there first so that no
+    # -inf - (-inf) or 0 * -inf is ever formed.
+    has = pt != 0  # NaN (a NaN teacher) passes, as in F.kl_div
+    lpt = tl.where(has, lpt, 0.0)
+    lps = tl.where(has, lps, 0.0)
+    if KL:
+        v = pt * (lpt - lps)
+    else:
+        v = -pt * lps
+    return v
+
+@triton.jit
+def _channel_student(s_ptr, g_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                     lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL: tl.constexpr, HARD: tl.constexpr,
+                     HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    ms = tl.full([BLOCK], float("-inf"), tl.float32)
+    zs = tl.zeros([BLOCK], tl.float32)
+    z1 = tl.zeros([BLOCK], tl.float32)
+    for c in range(0, C):
+        x = tl.load(s_ptr + base + (base * 0 + c) * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+        m_new = tl.maximum(ms, x)
+        zs = _online_sum(zs, ms, m_new, x, inv_t)
+        if HARD:  # the softmax at T = 1 shares the maximum (it does not depend on T)
+            z1 = _online_sum(z1, ms, m_new, x, 1.0)
+        ms = m_new
+    lzs = tl.log(zs)
+    acc = tl.zeros([BLOCK], tl.float32)
+    wy = tl.zeros([BLOCK], tl.float32)
+    hard_loss = tl.zeros([BLOCK], tl.float32)
+    if HARD:
+        lz1 = tl.log(z1)
+        if HAS_WEIGHT:
+            wy = tl.load(w_ptr + lab, mask=mask & valid, other=0.0).to(tl.float32)
+        else:
+            wy = tl.where(valid, 1.0, 0.0)
+        sy = tl.load(s_ptr + base + lab * stride_c + offs, mask=mask & valid, other=0.0).to(tl.float32)
+        # Halved, as in _shifted (doubled with the coefficient below): the logit at the label
+        # minus the maximum may pass the float range where the mean cross-entropy does not.
+        hard_loss = tl.where(valid, -((sy * 0.5 - ms * 0.5) - lz1 * 0.5) * wy, 0.0)
+        wy = wy * hard_coef
+    for c in range(0, C):
+        c_off = (base * 0 + c) * stride_c  # int64, as in the teacher's loop
+        x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
+        lps = _shifted(x, ms, inv_t) - lzs
+        lpt = _shifted(y, mt, inv_t) - lzt
+        pt = tl.exp(lpt)
+        ps = tl.exp(lps)
+        acc += _term(pt, lpt, lps, KL)
+        gv = gscale * (ps - pt)
+        if HARD:
+            p1 = tl.exp(x - ms - lz1)
+            gv += wy * (p1 - tl.where(lab == c, 1.0, 0.0))
+        gv = tl.where(valid, gv, 0.0)
+        tl.store(g_ptr + base + c_off + offs, gv.to(g_ptr.dtype.element_ty), mask=mask)
+    acc = tl.where(valid, acc, 0.0)
+    if HARD:
+        # one partial loss per program, summed afterwards (deterministic, no float atomics)
+        # Each term scaled before the sum: a block of soft terms may pass the float range
+        # on its own (logits near +-max) where the scaled mean does not, or soft_weight is 0.
+        total = tl.sum(hard_loss * (2.0 * hard_coef), axis=0) + tl.sum(acc * lscale, axis=0)
+        tl.store(loss_ptr + loss_off, total)
+    else:
+        tl.store(loss_ptr + loss_off + tl.arange(0, BLOCK), acc * lscale, mask=mask)
+
+@triton.jit
+def _kd_channel_kernel(
+    t_ptr, s0, s1, s2, s3, g0, g1, g2, g3, loss_ptr, lab_ptr, w_ptr, coef_ptr,
+    C, P, stride_n, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
+    K: tl.constexpr, KL: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One flat grid axis: a second axis would cap the batch at 65535 (CUDA's grid y limit).
+    pid = tl.program_id(0).to(tl.int64)
+    tiles = tl.cdiv(P, BLOCK)
+    n = pid // tiles
+    pid_p = pid % tiles
+    pos = pid_p * BLOCK + tl.arange(0, BLOCK)
+    mask = pos < P
+    offs = pos * stride_p
+    base = n * stride_n
+    if HAS_LABELS:
+        lab = tl.load(lab_ptr + n * P + pos, mask=mask, other=ignore_index)
+        valid = mask & (lab != ignore_index)
+        if HARD:
+            # The hard term reads the class weight and the logit at the label: an
+            # out-of-range label (the wrapper turns the result NaN) must never be read through.
+            valid = valid & (lab >= 0) & (lab < C)
+        lab = tl.where(valid, lab, 0)
+    else:
+        lab = tl.zeros([BLOCK], tl.int64)
+        valid = mask
+    # Teacher statistics once, for every student of the launch.
+    mt = tl.full([BLOCK], float("-inf"), tl.float32)
+    zt = tl.zeros([BLOCK], tl.float32)
+    for c in range(0, C):
+        # (base * 0 + c): c as int64 (the loop index is int32, a plain int when interpreted),
+        # since (C - 1) * H * W may pass 2**31.
+        y = tl.load(t_ptr + base + (base * 0 + c) * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+        mt, zt = _online_update(mt, zt, y, inv_t)
+    lzt = tl.log(zt)
+    lscale = scale
+    hard_coef = 0.0
+    if HARD:
+        # hard_weight / sum of valid weights and soft_weight / valid count, computed on the
+        # device beforehand (0 when every position is ignored): no host synchronisation.
+        hard_coef = tl.load(coef_ptr)
+        soft_coef = tl.load(coef_ptr + 1)
+        gscale = gscale * soft_coef
+        lscale = scale * soft_coef
+        loss_off = pid
+    else:
+        loss_off = n * P + pid_p * BLOCK
+    # As int64 (pid * 0 + ...): 3 * loss_stride_k (= 3 * N * P) may pass 2**31.
+    koff = pid * 0 + loss_stride_k
+    _channel_student(s0, g0, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                     lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL, HARD, HAS_WEIGHT, BLOCK)
+    if K > 1:
+        _channel_student(s1, g1, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                         lscale, hard_coef, w_ptr, loss_ptr, loss_off + koff, KL, HARD, HAS_WEIGHT, BLOCK)
+    if K > 2:
+        _channel_student(s2, g2, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                         lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * koff, KL, HARD,
+                         HAS_WEIGHT, BLOCK)
+    if K > 3:
+        _channel_student(s3, g3, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                         lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * koff, KL, HARD,
+                         HAS_WEIGHT, BLOCK)
+
+@triton.jit
+def _segment_stats(x_ptr, row, start, end, inv_t, BLOCK: tl.constexpr):
+    # Online softmax over row[start:end]: per-lane running max and sum, merged at the end.
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    z = tl.zeros([BLOCK], tl.float32)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row + idx, mask=idx < end, other=float("-inf")).to(tl.float32)
+        m, z = _online_update(m, z, x, inv_t)
+    mm = tl.max(m, axis=0)
+    mm_safe = tl.where(mm == float("-inf"), 0.0, mm)
+    return mm, tl.sum(z * tl.exp(_shifted(m, mm_safe, inv_t)), axis=0)
+
+@triton.jit
+def _kd_spatial_stats_kernel(
+    t_ptr, s0, s1, s2, s3, stats_ptr, L, SEG, S, inv_t, K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Pass 1 of axis="spatial": each program takes one segment of one (n, c) row and stores
+    # the (max, sum) of the teacher and of every student; rows are split into segments so
+    # that a few long rows still fill the GPU.
+    r = tl.program_id(0).to(tl.int64)
+    sg = tl.program_id(1).to(tl.int64)
+    row = r * L
+    start = sg * SEG
+    end = tl.minimum(start + SEG, L)
+    out = stats_ptr + (r * S + sg) * (2 * (K + 1))
+    m, z = _segment_stats(t_ptr, row, start, end, inv_t, BLOCK)
+    tl.store(out, m)
+    tl.store(out + 1, z)
+    m, z = _segment_stats(s0, row, start, end, inv_t, BLOCK)
+    tl.store(out + 2, m)
+    tl.store(out + 3, z)
+    if K > 1:
+        m, z = _segment_stats(s1, row, start, end, inv_t, BLOCK)
+        tl.store(out + 4, m)
+        tl.store(out + 5, z)
+    if K > 2:
+        m, z = _segment_stats(s2, row, start, end, inv_t, BLOCK)
+        tl.store(out + 6, m)
+        tl.store(out + 7, z)
+    if K > 3:
+        m, z = _segment_stats(s3, row, start, end, inv_t, BLOCK)
+        tl.store(out + 8, m)
+        tl.store(out + 9, z)
+
+@triton.jit
+def _spatial_apply(s_ptr, g_ptr, t_ptr, row, start, end, mt, lzt, ms, lzs, inv_t, gscale,
+                   KL: tl.constexpr, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], tl.float32)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < end
+        x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+        lps = _shifted(x, ms, inv_t) - lzs
+        lpt = _shifted(y, mt, inv_t) - lzt
+        pt = tl.exp(lpt)
+        ps = tl.exp(lps)
+        acc += tl.where(m, _term(pt, lpt, lps, KL), 0.0)
+        tl.store(g_ptr + row + idx, (gscale * (ps - pt)).to(g_ptr.dtype.element_ty), mask=m)
+    return tl.sum(acc, axis=0)
+
+@triton.jit
+def _kd_spatial_apply_kernel(
+    t_ptr, s0, s1, s2, s3, g0, g1, g2, g3, fin_ptr, part_ptr, L, SEG, S, rows, inv_t, gscale,
+    K: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Pass 2 of axis="spatial": with every row's (max, log-sum) known, one segment's terms and
+    # gradient; one partial loss per (student, row, segment), summed afterwards.
+    r = tl.program_id(0).to(tl.int64)
+    sg = tl.program_id(1).to(tl.int64)
+    row = r * L
+    start = sg * SEG
+    end = tl.minimum(start + SEG, L)
+    fin = fin_ptr + r * (2 * (K + 1))
+    mt = tl.load(fin)
+    lzt = tl.load(fin + 1)
+    v = _spatial_apply(s0, g0, t_ptr, row, start, end, mt, lzt, tl.load(fin + 2), tl.load(fin + 3), inv_t,
+                       gscale, KL, BLOCK)
+    tl.store(part_ptr + r * S + sg, v)
+    if K > 1:
+        v = _spatial_apply(s1, g1, t_ptr, row, start, end, mt, lzt, tl.load(fin + 4), tl.load(fin + 5), inv_t,
+                           gscale, KL, BLOCK)
+        tl.store(part_ptr + (rows + r) * S + sg, v)
+    if K > 2:
+        v = _spatial_apply(s2, g2, t_ptr, row, start, end, mt, lzt, tl.load(fin + 6), tl.load(fin + 7), inv_t,
+                           gscale, KL, BLOCK)
+        tl.store(part_ptr + (2 * rows + r) * S + sg, v)
+    if K > 3:
+        v = _spatial_apply(s3, g3, t_ptr, row, start, end, mt, lzt, tl.load(fin + 8), tl.load(fin + 9), inv_t,
+                           gscale, KL, BLOCK)
+        tl.store(part_ptr + (3 * rows + r) * S + sg, v)
+
+_SPATIAL_PROGRAMS = 1024  # rows are split into segments until about this many programs run
+
+def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index):
+    K = len(students)
+    cl, tensors = _layout(list(students) + [teacher], spatial)
+    students, teacher = tensors[:-1], tensors[-1]
+    N, C = teacher.shape[0], teacher.shape[1]
+    P = teacher[0, 0].numel() if N > 0 and C > 0 else 0
+    loss = new_output(_map_sizes(K, teacher, spatial), dtype=_acc_dtype(teacher.dtype), device=teacher.device)
+    grads = [_new_grad(s, cl) for s in students]
+    if N * C * P == 0:
+        loss.zero_()
+        for g in grads:
+            g.zero_()
+        return loss, grads
+    inv_t = 1.0 / temperature
+    scale = temperature * temperature if scale_by_t2 else 1.0
+    gscale = scale * inv_t
+    lab = labels.contiguous() if labels is not None else teacher  # dummy pointer when absent
+    loss_stride_k = loss[0].numel()
+    for k0 in range(0, K, _TRITON_MAX_STUDENTS):
+        group = list(range(k0, min(K, k0 + _TRITON_MAX_STUDENTS)))
+        sp = [students[k] for k in group] + [students[group[0]]] * (_TRITON_MAX_STUDENTS - len(group))
+        gp = [grads[k] for k in group] + [grads[group[0]]] * (_TRITON_MAX_STUDENTS - len(group))
+        lk = loss[k0]
+        if spatial:
+            kg, rows = len(group), N * C
+            block = 1024 if teacher.is_cuda else 64
+            segments = max(1, min(triton.cdiv(P, 4 * block), triton.cdiv(_SPATIAL_PROGRAMS, rows)))
+            seg = triton.cdiv(triton.cdiv(P, segments), block) * block
+            segments = triton.cdiv(P, seg)
+            stats = torch.empty(rows * segments * 2 * (kg + 1), dtype=torch.float32, device=teacher.device)
+            _kd_spatial_stats_kernel[(rows, segments)](
+                teacher, *sp, stats, P, seg, segments, inv_t, K=kg, BLOCK=block, num_warps=4,
+                enable_fp_fusion=False,
+            )
+            # Merge the segments' (raw max, sum) into each row's (max, log-sum): small torch ops
+            # on the device, no synchronisation. The rescale is _shifted's arithmetic.
+            st = stats.view(rows, segments, kg + 1, 2)
+            m, z = st[..., 0], st[..., 1]
+            top = m.amax(1)
+            top_safe = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+            lz = torch.log((z * torch.exp(((m * 0.5 - top_safe.unsqueeze(1) * 0.5) * inv_t) * 2.0)).sum(1))
+            fin = torch.stack([top, lz], dim=-1).contiguous()
+            part = torch.empty(kg * rows * segments, dtype=torch.float32, device=teacher.device)
+            _kd_spatial_apply_kernel[(rows, segments)](
+                teacher, *sp, *gp, fin, part, P, seg, segments, rows, inv_t, gscale,
+                K=kg, KL=kl, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+            )
+            loss[k0:k0 + kg].copy_(part.view(kg, rows, segments).sum(-1).mul_(scale).view(kg, N, C))
+        else:
+            block = 256 if teacher.is_cuda else 64
+            stride_p = C if cl else 1
+            stride_c = 1 if cl else P
+            _kd_channel_kernel[(triton.cdiv(P, block) * N,)](
+                teacher, *sp, *gp, lk, lab, teacher, teacher,
+                C, P, C * P, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
+                K=len(group), KL=kl, HAS_LABELS=labels is not None, HARD=False, HAS_WEIGHT=False, BLOCK=block,
+                enable_fp_fusion=False,
+            )
+    return loss, grads
+
+
+def _denominators(labels, class_weight, ignore_index, acc):
+    valid = labels != ignore_index
+    count = valid.sum().to(acc)
+    if class_weight is None:
+        wsum = count
+    else:
+        wsum = torch.where(valid, class_weight.to(acc)[labels.clamp(0, class_weight.numel() - 1)], 0).sum()
+    return count, wsum
+
+
+def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index):
+    cl, (student, teacher) = _layout([student, teacher], False)
+    N, C = teacher.shape[0], teacher.shape[1]
+    P = teacher[0, 0].numel() if N > 0 and C > 0 else 0
+    acc = _acc_dtype(teacher.dtype)
+    grad = _new_grad(student, cl)
+    if N * C * P == 0:
+        grad.zero_()
+        return torch.zeros((), dtype=acc, device=teacher.device), grad
+    labels = labels.contiguous()
+    count, wsum = _denominators(labels, class_weight, ignore_index, torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=teacher.device)
+    coef = torch.stack([
+        torch.where(wsum != 0, hard_weight / torch.where(wsum != 0, wsum, 1.0), zero),
+        torch.where(count != 0, soft_weight / count.clamp_min(1), zero),
+    ])
+    # An out-of-range label cannot raise without a host synchronisation (the issue rules them
+    # out here): the kernel never reads through one, and NaN coefficients make the loss and
+    # the whole gradient NaN, on the device, with no extra pass over the gradient.
+    bad = (((labels < 0) | (labels >= C)) & (labels != ignore_index)).any()
+    coef = torch.where(bad, float("nan"), coef).contiguous()
+    weight = class_weight.to(torch.float32).contiguous() if class_weight is not None else coef
+    block = 256 if teacher.is_cuda else 64
+    tiles = triton.cdiv(P, block)
+    partials = torch.empty(N * tiles, dtype=torch.float32, device=teacher.device)
+    _kd_channel_kernel[(tiles * N,)](
+        teacher, student, student, student, student, grad, grad, grad, grad, partials, labels, weight, coef,
+        C, P, C * P, 1 if cl else P, C if cl else 1, 0, ignore_index, 1.0 / temperature,
+        temperature * temperature, temperature, K=1, KL=True, HAS_LABELS=True, HARD=True,
+        HAS_WEIGHT=class_weight is not None, BLOCK=block, enable_fp_fusion=False,
+    )
+    return partials.sum().to(acc), grad
+
+
+if _library.kernels_available():  # the ops' schemas come from the compiled extension
+    torch.library.register_kernel("segkernels::kd_loss", "cuda", _kd_loss_triton)
+    torch.library.register_kernel("segkernels::seg_kd_loss", "cuda", _seg_kd_loss_triton)
