@@ -150,7 +150,7 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_kernel_under_interpreter():
     from segkernels._library import triton_runs_on
-    from segkernels.ops.confusion_matrix import _confusion_matrix_triton
+    from segkernels.ops.confusion_matrix.triton import _confusion_matrix_triton
 
     logits, labels = _case((2, 13, 17), 5, torch.float32, "cpu")
     if not triton_runs_on(logits):
@@ -185,11 +185,8 @@ class _GridRecorder:
 def test_triton_grid_is_one_flat_axis_and_rows_are_one_image(monkeypatch):
     # CUDA caps grid axes 1 and 2 at 65535: flattened maps and (N, C) rows of 70000 positions
     # must not put one program per position on a second axis.
-    import sys
-
+    import segkernels.ops.confusion_matrix.triton as mod
     from segkernels._library import triton_runs_on
-
-    mod = sys.modules["segkernels.ops.confusion_matrix"]  # the package's function shadows the module name
 
     logits = torch.randn(70000, 6)
     if not triton_runs_on(logits):
@@ -213,7 +210,7 @@ def test_triton_grid_is_one_flat_axis_and_rows_are_one_image(monkeypatch):
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_float64_logits_compare_in_float64():
     from segkernels._library import triton_runs_on
-    from segkernels.ops.confusion_matrix import _confusion_matrix_triton
+    from segkernels.ops.confusion_matrix.triton import _confusion_matrix_triton
 
     logits = torch.tensor([[[1.0, 1e300], [1.0 + 1e-12, 2e300]]], dtype=torch.float64)  # (1, 2, 2)
     if not triton_runs_on(logits):
@@ -231,7 +228,7 @@ def test_triton_kernel_several_tiles_per_program(classes):
     # Several full tiles per program (histogram accumulated across them), with the unrolled
     # class loop (7) and the runtime one with an in-register histogram (40).
     from segkernels._library import triton_runs_on
-    from segkernels.ops.confusion_matrix import _confusion_matrix_triton
+    from segkernels.ops.confusion_matrix.triton import _confusion_matrix_triton
 
     logits, labels = _case((2, 41, 57), classes, torch.float32, "cpu")
     if not triton_runs_on(logits):
@@ -244,14 +241,13 @@ def test_triton_kernel_several_tiles_per_program(classes):
 def test_triton_kernel_compiles_for_sm90_without_a_gpu():
     """Ahead-of-time compilation (Triton to cubin) for an H100/H200: checks the types and
     constexpr branches that the interpreter does not (int64 channel offsets, float64 compare)."""
-    import sys
-
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    mod = sys.modules["segkernels.ops.confusion_matrix"]
+    import segkernels.ops.confusion_matrix.triton as mod
+
     if not isinstance(mod._confusion_kernel, triton.runtime.JITFunction):
         pytest.skip("kernels are interpreted (TRITON_INTERPRET=1)")
     names = ["x_ptr", "lab_ptr", "cm_ptr", "bad_ptr", "spatial", "classes", "ignore_index", "stride_n", "stride_c",
