@@ -35,6 +35,8 @@ import numbers
 import torch
 
 from ... import _library
+from . import registration as _registration  # noqa: F401  (fake kernels and autograd)
+from .reference import dense_windows, reference_ps_assemble, reference_ps_assemble_dense
 
 _call = _library.call_below_autograd
 
@@ -47,126 +49,6 @@ __all__ = [
     "reference_ps_assemble_dense",
     "dense_windows",
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Plain-PyTorch references (tests and benchmarks import these; they are also the fallback)
-
-
-def dense_windows(n: int, h: int, w: int, m: int, stride: int = 1, device=None) -> torch.Tensor:
-    """Windows (n * ceil(h / stride) * ceil(w / stride), 3) of the dense op, image-major then
-    row-major: the window centred at (y, x) of the stride grid has top-left (y - m // 2, x - m // 2)."""
-    b = torch.arange(n, device=device)
-    ys = torch.arange(0, h, stride, device=device) - m // 2
-    xs = torch.arange(0, w, stride, device=device) - m // 2
-    bb, yy, xx = torch.meshgrid(b, ys, xs, indexing="ij")
-    return torch.stack([bb, yy, xx], dim=-1).reshape(-1, 3)
-
-
-def reference_ps_assemble(
-    scores: torch.Tensor, windows: torch.Tensor, k: int, m: int, pad_value: float = 0.0
-) -> torch.Tensor:
-    """Plain advanced indexing: (R, G, m, m). Raises IndexError for a batch index out of range."""
-    n, c, h, w = scores.shape
-    g = c // (k * k)
-    b = windows[:, 0]
-    if bool(((b < 0) | (b >= n)).any()):
-        raise IndexError("reference_ps_assemble: windows hold a batch index outside the batch")
-    off = torch.arange(m, device=scores.device)
-    cell = off * k // m
-    yy = windows[:, 1:2] + off  # (R, m)
-    xx = windows[:, 2:3] + off
-    ch = torch.arange(g, device=scores.device).view(g, 1, 1) * (k * k) + cell.view(1, m, 1) * k + cell.view(1, 1, m)
-    valid = ((yy >= 0) & (yy < h))[:, None, :, None] & ((xx >= 0) & (xx < w))[:, None, None, :]
-    if h == 0 or w == 0:  # every cell lies outside an empty map: nothing to index
-        return torch.full((windows.shape[0], g, m, m), pad_value, dtype=scores.dtype, device=scores.device)
-    yc = yy.clamp(0, h - 1)
-    xc = xx.clamp(0, w - 1)
-    picked = scores[b.view(-1, 1, 1, 1), ch.unsqueeze(0), yc[:, None, :, None], xc[:, None, None, :]]
-    return torch.where(valid, picked, torch.full((), pad_value, dtype=scores.dtype, device=scores.device))
-
-
-def reference_ps_assemble_dense(
-    scores: torch.Tensor, k: int, m: int, stride: int = 1, pad_value: float = 0.0
-) -> torch.Tensor:
-    """The sparse reference on every window of the stride grid: (N, G, Ho, Wo, m, m)."""
-    n, c, h, w = scores.shape
-    ho, wo = -(-h // stride), -(-w // stride)
-    out = reference_ps_assemble(scores, dense_windows(n, h, w, m, stride, scores.device), k, m, pad_value)
-    return out.view(n, ho, wo, c // (k * k), m, m).permute(0, 3, 1, 2, 4, 5).contiguous()
-
-
-# ----------------------------------------------------------------------------------------------
-# Op registration: fake kernels and autograd (the C++ side registers schemas and kernels)
-
-
-if _library.kernels_available():
-    _ops = torch.ops.segkernels
-
-    @torch.library.register_fake("segkernels::ps_assemble")
-    def _(scores, windows, k, m, pad_value):
-        return scores.new_empty((windows.shape[0], scores.shape[1] // (k * k), m, m))
-
-    @torch.library.register_fake("segkernels::ps_assemble_backward")
-    def _(grad_output, windows, scores_size, k, m):
-        return grad_output.new_empty(scores_size)
-
-    @torch.library.register_fake("segkernels::ps_assemble_dense")
-    def _(scores, k, m, stride, pad_value):
-        n, c, h, w = scores.shape
-        return scores.new_empty((n, c // (k * k), (h + stride - 1) // stride, (w + stride - 1) // stride, m, m))
-
-    @torch.library.register_fake("segkernels::ps_assemble_dense_backward")
-    def _(grad_output, scores_size, k, m, stride):
-        return grad_output.new_empty(scores_size)
-
-    def _sparse_setup(ctx, inputs, output):
-        scores, windows, k, m, _pad = inputs
-        ctx.params = (list(scores.shape), k, m)
-        ctx.save_for_backward(windows)
-
-    def _sparse_backward(ctx, grad):
-        (windows,) = ctx.saved_tensors
-        size, k, m = ctx.params
-        return _call(_ops.ps_assemble_backward.default, grad, windows, size, k, m), None, None, None, None
-
-    torch.library.register_autograd("segkernels::ps_assemble", _sparse_backward, setup_context=_sparse_setup)
-
-    # The backward ops are linear; their adjoints are the forward ops with pad 0 (double backward).
-    def _sparse_bwd_setup(ctx, inputs, output):
-        _grad, windows, _size, k, m = inputs
-        ctx.params = (k, m)
-        ctx.save_for_backward(windows)
-
-    def _sparse_bwd_backward(ctx, gg):
-        (windows,) = ctx.saved_tensors
-        k, m = ctx.params
-        return _call(_ops.ps_assemble.default, gg, windows, k, m, 0.0), None, None, None, None
-
-    torch.library.register_autograd(
-        "segkernels::ps_assemble_backward", _sparse_bwd_backward, setup_context=_sparse_bwd_setup
-    )
-
-    def _dense_setup(ctx, inputs, output):
-        scores, k, m, stride, _pad = inputs
-        ctx.params = (list(scores.shape), k, m, stride)
-
-    def _dense_backward(ctx, grad):
-        return _call(_ops.ps_assemble_dense_backward.default, grad, *ctx.params), None, None, None, None
-
-    torch.library.register_autograd("segkernels::ps_assemble_dense", _dense_backward, setup_context=_dense_setup)
-
-    def _dense_bwd_setup(ctx, inputs, output):
-        _grad, _size, k, m, stride = inputs
-        ctx.params = (k, m, stride)
-
-    def _dense_bwd_backward(ctx, gg):
-        k, m, stride = ctx.params
-        return _call(_ops.ps_assemble_dense.default, gg, k, m, stride, 0.0), None, None, None, None
-
-    torch.library.register_autograd(
-        "segkernels::ps_assemble_dense_backward", _dense_bwd_backward, setup_context=_dense_bwd_setup
-    )
 
 
 # ----------------------------------------------------------------------------------------------
