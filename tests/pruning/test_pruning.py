@@ -183,7 +183,7 @@ def test_lasso_gram_stops_no_earlier_than_sklearns_gap_test(device, seed, fracti
 
 
 def test_lasso_gap_bound_bounds_the_true_gap():
-    from segkernels.pruning import lasso_gap_bound
+    from segkernels.ops.pruning.reference import lasso_gap_bound
 
     Z, y = _lasso_problem(80, 6, 4)
     G, q, y2 = Z.t() @ Z, Z.t() @ y, float(y @ y)
@@ -652,13 +652,15 @@ def test_bad_inputs():
 def test_triton_kernels_interpreted():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1")
+    import segkernels.ops.pruning.triton as pruning_triton
+
     for dtype, (n, c, kh, kw) in [(torch.float64, (5, 3, 2, 2)), (torch.float32, (5, 3, 2, 2)),
                                   (torch.float64, (40, 2, 3, 3))]:  # several output chunks
         X = torch.randn(60, c * kh * kw, dtype=torch.float64)
         A = (X.t() @ X).to(dtype)
         B = (X.t() @ torch.randn(60, n, dtype=torch.float64)).to(dtype)
         w = torch.randn(n, c, kh, kw, dtype=dtype)
-        G, q = pruning._channel_gram_triton(A, B, w)
+        G, q = pruning_triton._channel_gram_triton(A, B, w)
         Gr, qr = reference_channel_gram(A.double(), B.double(), w.double())
         tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-9)
         torch.testing.assert_close(G.double(), Gr, **tol)
@@ -666,11 +668,11 @@ def test_triton_kernels_interpreted():
     Z, y = _lasso_problem(60, 5, 11)
     G, q = Z.t() @ Z, Z.t() @ y
     alphas = torch.tensor([2.0, 0.3, 0.01], dtype=torch.float64) * float(q.abs().max()) / 60
-    got = pruning._lasso_gram_triton(G, q, alphas, 60.0, 1e-8, 10000, None)
+    got = pruning_triton._lasso_gram_triton(G, q, alphas, 60.0, 1e-8, 10000, None)
     ref = segkernels.lasso_gram(G, q, alphas, n_samples=60, tol=1e-8)
     torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)
     init = torch.randn(3, 5, dtype=torch.float64)
-    got = pruning._lasso_gram_triton(G, q, alphas, 60.0, 1e-8, 0, init)
+    got = pruning_triton._lasso_gram_triton(G, q, alphas, 60.0, 1e-8, 0, init)
     torch.testing.assert_close(got, init)
 
 
@@ -684,17 +686,19 @@ def test_triton_kernels_compile_for_sm90():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    import segkernels.ops.pruning.triton as pruning_triton
+
     target = GPUTarget("cuda", 90, 32)
     try:
         for dt in ("fp64", "fp32"):
             sig = {k: f"*{dt}" for k in ("g_ptr", "q_ptr", "init_ptr", "out_ptr")}
             sig.update(thr_ptr="*fp64", tol_ptr="*fp64", c="i32", max_iter="i32", HAS_INIT="constexpr",
                        BLOCK_C="constexpr")
-            src = ASTSource(fn=pruning._lasso_gram_kernel, signature=sig, constexprs={"HAS_INIT": True, "BLOCK_C": 512})
+            src = ASTSource(fn=pruning_triton._lasso_gram_kernel, signature=sig, constexprs={"HAS_INIT": True, "BLOCK_C": 512})
             assert triton.compile(src, target=target, options={"num_warps": 8}).asm["ptx"]
             sig = {k: f"*{dt}" for k in ("a_ptr", "b_ptr", "wt_ptr", "g_ptr", "q_ptr")}
             sig.update(c="i32", n="i32", K="i32", BLOCK_K="constexpr", BLOCK_N="constexpr")
-            src = ASTSource(fn=pruning._channel_gram_kernel, signature=sig, constexprs={"BLOCK_K": 16, "BLOCK_N": 32})
+            src = ASTSource(fn=pruning_triton._channel_gram_kernel, signature=sig, constexprs={"BLOCK_K": 16, "BLOCK_N": 32})
             assert triton.compile(src, target=target, options={"num_warps": 4}).asm["ptx"]
     except (RuntimeError, FileNotFoundError) as exc:  # no ptxas / CUDA backend in this triton
         if "ptxas" in str(exc) or "backend" in str(exc).lower():

@@ -25,7 +25,7 @@ import torch
 
 from ... import _library
 from .reference import reference_kd_loss, reference_seg_kd_loss
-from .registration import _acc_dtype, _is_channels_last
+from .registration import _acc_dtype
 
 if _library.triton_available():
     from . import triton as _triton  # noqa: F401  (registers the CUDA kernels)

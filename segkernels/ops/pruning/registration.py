@@ -1,0 +1,20 @@
+"""Registration of channel_gram and lasso_gram: their fake kernels (they are not
+differentiable: no autograd). The C++ side declares the schemas and the CPU kernels; the Triton
+module registers the CUDA kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _library
+
+if _library.kernels_available():
+
+    @torch.library.register_fake("segkernels::channel_gram")
+    def _(A, B, weight):
+        c = weight.shape[1]
+        return A.new_empty((c, c)), A.new_empty((c,))
+
+    @torch.library.register_fake("segkernels::lasso_gram")
+    def _(G, q, alphas, n_samples, tol, max_iter, init):
+        return G.new_empty((alphas.shape[0], G.shape[0]))

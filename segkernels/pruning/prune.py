@@ -1,0 +1,251 @@
+"""prune_sequential: channel pruning of a VGG-style nn.Sequential, layer by layer, with the
+accumulated-error correction of He et al. 2017."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lasso import select_channels
+from .reconstruct import _check_ridge, _kept_columns, reconstruct, reconstruction_error
+from .stats import LayerStats
+
+__all__ = ["prune_sequential", "PruneReport", "LayerReport"]
+
+
+@dataclasses.dataclass
+class LayerReport:
+    layer: int  # index among the Conv2d modules
+    module: int  # position in the Sequential
+    channels_before: int
+    channels_after: int
+    rel_error: float  # relative reconstruction error of the layer's output on the calibration rows
+    seconds: float
+
+
+@dataclasses.dataclass
+class PruneReport:
+    layers: List[LayerReport]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __str__(self) -> str:
+        lines = ["| conv | module | channels before | after | rel. error | seconds |", "|---|---|---|---|---|---|"]
+        for r in self.layers:
+            lines.append(
+                f"| {r.layer} | {r.module} | {r.channels_before} | {r.channels_after} | {r.rel_error:.4g} | {r.seconds:.3f} |"
+            )
+        return "\n".join(lines)
+
+
+_PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)
+
+
+def _progress(iterable, desc: str, total: int):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+    except Exception:  # tqdm is optional
+        return iterable
+
+
+def _run_to(model: nn.Sequential, upto: int, x: torch.Tensor) -> torch.Tensor:
+    for m in list(model)[:upto]:
+        x = m(x)
+    return x
+
+
+@torch.no_grad()
+def prune_sequential(
+    model: nn.Sequential,
+    calibration_batches: Iterable[torch.Tensor],
+    *,
+    ratio: Optional[float] = 0.5,
+    n_keep: Union[int, Dict[int, int], None] = None,
+    layers: Optional[Sequence[int]] = None,
+    positions_per_image: Optional[int] = 10,
+    generator: Optional[torch.Generator] = None,
+    ridge: float = 1e-6,
+    progress: bool = True,
+) -> Tuple[nn.Sequential, PruneReport]:
+    """Prunes the input channels of the convs of a VGG-style nn.Sequential, layer by layer.
+
+    The sequence holds Conv2d (groups=1), optional BatchNorm2d and pass-through modules (ReLU,
+    MaxPool2d, AvgPool2d, Dropout, Identity), as a flattened SegNet encoder. For each chosen conv L
+    (in order): statistics with inputs from the pruned network so far and targets from the original
+    (its output without bias: the accumulated-error correction), select_channels, reconstruct (the
+    new bias adds the original one back), and the removed input channels of L become removed output
+    channels of the previous conv and of the BatchNorm between them.
+
+    Args:
+        model: the nn.Sequential (left untouched; a pruned deep copy is returned).
+        calibration_batches: input tensors (N, C, H, W) on the model's device (iterated once per
+            pruned layer, so a list).
+        ratio: share of input channels kept, n_keep = max(1, round(ratio * c)); ignored when
+            n_keep is given.
+        n_keep: an int for every layer, or {conv_index: n_keep}.
+        layers: 0-based indices among the Conv2d modules whose inputs are pruned; default every
+            conv except the first.
+        positions_per_image: output positions sampled per image for the statistics (None: all).
+        ridge: ridge of the least-squares refit, relative to the mean of the kept patch
+            variances (diagonal of A_SS): keeps the refit stable when ReLU leaves channels dead
+            or the sampled rows barely outnumber the unknowns. 0 for plain least squares.
+        progress: a tqdm progress bar per layer (when tqdm is installed).
+    Returns:
+        (pruned nn.Sequential with the same module positions, PruneReport).
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
+    _check_ridge(ridge)
+    batches = list(calibration_batches)
+    if not batches or not all(isinstance(b, torch.Tensor) and b.dim() == 4 for b in batches):
+        raise ValueError("calibration_batches must be a non-empty list of (N, C, H, W) tensors")
+    mods = list(model)
+    for i, mod in enumerate(mods):
+        # The model is run layer by layer: a pooling that returns (values, indices) would hand a
+        # tuple to the next layer.
+        if getattr(mod, "return_indices", False):
+            raise ValueError(f"module {i} ({type(mod).__name__}) returns indices; prune_sequential needs each "
+                             "module to map a tensor to a tensor")
+    conv_pos = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
+    if not conv_pos:
+        raise ValueError("model holds no nn.Conv2d")
+    for i in conv_pos:
+        if mods[i].groups != 1:
+            raise ValueError(f"module {i} is a grouped conv (groups={mods[i].groups}); only groups=1 can be pruned")
+    if layers is None:
+        layers = list(range(1, len(conv_pos)))
+    layers = list(layers)
+    for L in layers:
+        if isinstance(L, bool) or not isinstance(L, int) or not 1 <= L < len(conv_pos):
+            raise IndexError(f"layers must hold conv indices in [1, {len(conv_pos)}) (conv 0 sees the image), got {L!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must not repeat a conv, got {layers}")
+    layers = sorted(layers)
+    from ..nn.pooling import MaxPool2d as _SegkernelsMaxPool2d
+
+    passthrough = (nn.BatchNorm2d, _SegkernelsMaxPool2d) + _PASSTHROUGH
+    for L in layers:
+        between = mods[conv_pos[L - 1] + 1 : conv_pos[L]]
+        bns = [m for m in between if isinstance(m, nn.BatchNorm2d)]
+        others = [m for m in between if not isinstance(m, passthrough)]
+        if others or len(bns) > 1:
+            raise ValueError(
+                f"between conv {L - 1} and conv {L} only one BatchNorm2d and pass-through modules "
+                f"(ReLU, MaxPool2d, ...) may appear, got {[type(m).__name__ for m in between]}"
+            )
+
+    def target_keep(L: int, c: int) -> int:
+        if n_keep is not None:
+            k = n_keep.get(L) if isinstance(n_keep, dict) else n_keep
+            if k is None:
+                k = max(1, round(ratio * c)) if ratio is not None else c
+        else:
+            if ratio is None or not 0 < ratio <= 1:
+                raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+            k = max(1, int(round(ratio * c)))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= c:
+            raise ValueError(f"n_keep for conv {L} must be an int in [1, {c}], got {k!r}")
+        return k
+
+    for L in layers:  # validate before any work
+        target_keep(L, mods[conv_pos[L]].in_channels)
+
+    original = model
+    pruned = copy.deepcopy(model)
+    was_training = original.training
+    original.eval()  # BatchNorm must use (and not update) its running statistics
+    pruned.eval()
+    try:
+        report = _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep,
+                               positions_per_image, generator, progress, ridge)
+    finally:
+        original.train(was_training)
+    pruned.train(was_training)
+    return pruned, PruneReport(report)
+
+
+def _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep, positions_per_image, generator,
+                  progress, ridge) -> List[LayerReport]:
+    pmods = list(pruned)
+    report: List[LayerReport] = []
+    for L in layers:
+        start = time.perf_counter()
+        pos = conv_pos[L]
+        conv_o = mods[pos]
+        conv_p = pmods[pos]
+        c = conv_p.in_channels
+        k = target_keep(L, c)
+        stats = LayerStats(conv_p)
+        w_o = conv_o.weight.detach()
+        it = _progress(batches, f"conv {L} statistics", len(batches)) if progress else batches
+        for xb in it:
+            x_p = _run_to(pruned, pos, xb)
+            x_o = _run_to(original, pos, xb)
+            y = F.conv2d(x_o, w_o, None, conv_o.stride, conv_o.padding, conv_o.dilation)
+            stats.update(x_p, y, positions_per_image=positions_per_image, generator=generator)
+        keep, _ = select_channels(stats, conv_p.weight.detach(), k)
+        ridge_abs = 0.0
+        if ridge:
+            cols = _kept_columns(stats, keep)
+            ridge_abs = ridge * float(stats.A.diagonal()[cols].mean())
+        weight, bias = reconstruct(stats, keep, ridge=ridge_abs)
+        err = reconstruction_error(stats, keep, weight, bias)
+        if conv_o.bias is not None:
+            bias = bias + conv_o.bias.detach().double()
+        # This conv: only the kept inputs, refitted weights and bias.
+        new_conv = nn.Conv2d(
+            k, conv_p.out_channels, conv_p.kernel_size, conv_p.stride, conv_p.padding, conv_p.dilation, bias=True
+        ).to(device=conv_p.weight.device, dtype=conv_p.weight.dtype)
+        new_conv.train(conv_p.training)
+        new_conv.weight.copy_(weight)
+        new_conv.bias.copy_(bias)
+        pruned[pos] = new_conv
+        # Previous conv's outputs and the BatchNorm between.
+        prev_pos = conv_pos[L - 1]
+        prev = pmods[prev_pos]
+        kd = keep.to(prev.weight.device)
+        new_prev = nn.Conv2d(
+            prev.in_channels, k, prev.kernel_size, prev.stride, prev.padding, prev.dilation, bias=prev.bias is not None
+        ).to(device=prev.weight.device, dtype=prev.weight.dtype)
+        new_prev.weight.copy_(prev.weight[kd])
+        if prev.bias is not None:
+            new_prev.bias.copy_(prev.bias[kd])
+        pruned[prev_pos] = new_prev
+        for i in range(prev_pos + 1, pos):
+            m = pmods[i]
+            if isinstance(m, nn.BatchNorm2d):
+                bn = nn.BatchNorm2d(k, m.eps, m.momentum, m.affine, m.track_running_stats).to(
+                    device=kd.device, dtype=m.weight.dtype if m.weight is not None else torch.float32
+                )
+                if m.affine:
+                    bn.weight.copy_(m.weight[kd])
+                    bn.bias.copy_(m.bias[kd])
+                if m.track_running_stats:
+                    bn.running_mean.copy_(m.running_mean[kd])
+                    bn.running_var.copy_(m.running_var[kd])
+                    bn.num_batches_tracked.copy_(m.num_batches_tracked)
+                bn.train(m.training)
+                pruned[i] = bn
+        pmods = list(pruned)
+        report.append(
+            LayerReport(
+                layer=L, module=pos, channels_before=c, channels_after=k, rel_error=err,
+                seconds=time.perf_counter() - start,
+            )
+        )
+    return report
