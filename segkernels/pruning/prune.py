@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.pooling import MaxPool2d as SegkernelsMaxPool2d
 from .lasso import select_channels
 from .reconstruct import _check_ridge, _kept_columns, reconstruct, reconstruction_error
 from .stats import LayerStats
@@ -136,9 +137,7 @@ def prune_sequential(
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat a conv, got {layers}")
     layers = sorted(layers)
-    from ..nn.pooling import MaxPool2d as _SegkernelsMaxPool2d
-
-    passthrough = (nn.BatchNorm2d, _SegkernelsMaxPool2d) + _PASSTHROUGH
+    passthrough = (nn.BatchNorm2d, SegkernelsMaxPool2d) + _PASSTHROUGH
     for L in layers:
         between = mods[conv_pos[L - 1] + 1 : conv_pos[L]]
         bns = [m for m in between if isinstance(m, nn.BatchNorm2d)]
