@@ -1,0 +1,17 @@
+// Schemas of the tempered-softmax distillation ops in the `segkernels` library. The kernels register next to
+// their code (TORCH_LIBRARY_IMPL in kd_loss_cpu.cpp; the CUDA kernels are Triton); fake kernels and autograd are registered from
+// Python (segkernels/ops/kd_loss/registration.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(segkernels, m) {
+  // kd_loss: K students against one teacher read once; returns the loss map (K, N, *spatial)
+  // (spatial=False: softmax over channels, positions whose label is ignore_index give 0) or
+  // (K, N, C) (spatial=True: softmax over each (n, c) row), in float32 (float64 for float64
+  // inputs), and each student's gradient of the sum of its map, in the input dtype.
+  // seg_kd_loss: hard CE + soft KD in one pass; returns the 0-d loss and the student's gradient
+  // of it.
+  m.def("kd_loss(Tensor[] students, Tensor teacher, Tensor? labels, float temperature, bool spatial, bool kl, "
+        "bool scale_by_t2, int ignore_index) -> (Tensor, Tensor[])");
+  m.def("seg_kd_loss(Tensor student, Tensor teacher, Tensor labels, Tensor? class_weight, float temperature, "
+        "float hard_weight, float soft_weight, int ignore_index) -> (Tensor, Tensor)");
+}
