@@ -21,8 +21,10 @@ $(DEPS_STAMP): requirements-dev.txt | $(PY)
 	touch $@
 
 # Rebuilds only when a C++/CUDA source or setup.py changed; ninja reuses objects under build/.
+# The test-only ops (segkernels_testing) are built in: the tests need them, the benchmarks
+# ignore them, and one build serves both.
 $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
+	SEGKERNELS_BUILD_TESTING=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
 	mkdir -p build && touch $@
 
 install: $(EXT_STAMP)

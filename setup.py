@@ -7,6 +7,9 @@ Environment switches:
   SEGKERNELS_FORCE_CUDA=1   build the CUDA kernels even without a visible GPU
                             (CI uses this to compile every .cu on a GPU-less box)
   SEGKERNELS_SKIP_CUDA=1    never build the CUDA kernels
+  SEGKERNELS_BUILD_TESTING=1  also build the test-only ops (the segkernels_testing library,
+                            csrc/testing.cpp and csrc/<op>/<op>_testing.cpp) and output
+                            poisoning; `make test` and CI set it, releases do not
   TORCH_CUDA_ARCH_LIST      honoured; defaults to "8.0;9.0+PTX"
   CUDA_HOME                 honoured; otherwise found from the real nvcc
 """
@@ -88,21 +91,33 @@ def _want_cuda() -> bool:
     return _flag("SEGKERNELS_FORCE_CUDA") or torch.cuda.is_available()
 
 
+def _is_testing_source(path: str) -> bool:
+    name = os.path.basename(path)
+    return name == "testing.cpp" or name.endswith("_testing.cpp")
+
+
 def _extensions():
     with_cuda = _want_cuda()
+    with_testing = _flag("SEGKERNELS_BUILD_TESTING")
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    if not with_testing:
+        cpp_sources = [s for s in cpp_sources if not _is_testing_source(s)]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     # FMA contraction stays on (GCC's default): the kd_loss kernels subtract the row maximum
     # before scaling by 1 / T, which is exact at the maximum fused or not. -ffp-contract=off
     # had cost the bfloat16 distillation kernels about 20%.
     cxx_flags = ["-O3", "-fopenmp", "-DSEGKERNELS_BUILD"]
+    # Every translation unit sees the same flag: new_output (common_host.h) is inline in all.
+    testing_flags = ["-DSEGKERNELS_BUILD_TESTING"] if with_testing else []
+    cxx_flags += testing_flags
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSEGKERNELS_WITH_CUDA"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSEGKERNELS_WITH_CUDA"] + testing_flags
         print(
             f"segkernels: building CPU + CUDA kernels ({len(cpp_sources)} C++ and {len(cuda_sources)} CUDA "
-            f"sources; CUDA_HOME={_cuda_home}; TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})"
+            f"sources; CUDA_HOME={_cuda_home}; TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+            f"{'; with the test-only ops' if with_testing else ''})"
         )
         ext = CUDAExtension(
             "segkernels._C",
@@ -112,7 +127,10 @@ def _extensions():
             extra_link_args=["-fopenmp"],
         )
     else:
-        print(f"segkernels: building CPU kernels only ({len(cpp_sources)} C++ sources)")
+        print(
+            f"segkernels: building CPU kernels only ({len(cpp_sources)} C++ sources"
+            f"{'; with the test-only ops' if with_testing else ''})"
+        )
         ext = CppExtension(
             "segkernels._C",
             cpp_sources,

@@ -23,10 +23,12 @@
 
 namespace segkernels {
 
-// Debug switch (tests turn it on): fill every freshly allocated op output with NaN (floating)
-// or all-ones bits (integer) so that an element a kernel forgets to write cannot pass for a
-// plausible value such as 0.
+#ifdef SEGKERNELS_BUILD_TESTING
+// Testing builds only (csrc/testing.cpp): the test suite turns this on to fill every freshly
+// allocated op output with NaN (floating) or all-ones bits (integer), so that an element a
+// kernel forgets to write cannot pass for a plausible value such as 0.
 std::atomic<bool>& poison_outputs_flag();
+#endif
 
 // Large CPU outputs are written once, right after allocation, so first-touch page faults on
 // 4 KiB pages can cost as much as the kernel itself (a fresh 40 MB gradient takes ~10k
@@ -63,6 +65,7 @@ inline bool cpu_has_avx2() {
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
   advise_huge_pages(t);
+#ifdef SEGKERNELS_BUILD_TESTING
   if (poison_outputs_flag().load(std::memory_order_relaxed) && t.numel() > 0) {
     if (at::isFloatingType(t.scalar_type()))
       t.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -71,6 +74,7 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
     else
       t.fill_(-1);
   }
+#endif
   return t;
 }
 

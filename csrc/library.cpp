@@ -8,15 +8,6 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "common_host.h"
-
-namespace segkernels {
-std::atomic<bool>& poison_outputs_flag() {
-  static std::atomic<bool> flag{false};
-  return flag;
-}
-}  // namespace segkernels
-
 TORCH_LIBRARY(segkernels, m) {
   // Lets Python ask whether CUDA kernels were compiled in.
   m.def("built_with_cuda() -> bool", []() -> bool {
@@ -25,9 +16,6 @@ TORCH_LIBRARY(segkernels, m) {
 #else
     return false;
 #endif
-  });
-  m.def("_set_poison_outputs(bool enabled) -> bool", [](bool enabled) -> bool {
-    return segkernels::poison_outputs_flag().exchange(enabled);
   });
 }
 

@@ -1,4 +1,4 @@
-"""Loading of the compiled extension and detection of the optional GPU back ends.
+"""The compiled extension and the rule that decides which back end an op runs.
 
 ``import segkernels`` must never fail because ``segkernels._C`` is missing or broken: the ops
 then run their plain-PyTorch references, and a warning says so once.
@@ -49,27 +49,6 @@ def kernel_load_error() -> Exception | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_fallback(reason: str) -> None:
-    warnings.warn(
-        f"segkernels: compiled kernels unavailable ({reason}); falling back to the plain-PyTorch "
-        "reference implementations, which are correct but slower.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def use_compiled(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled op can run on these tensors; warns once when it cannot."""
-    if not _loaded:
-        _warn_fallback(str(_load_error))
-        return False
-    if any(t.device.type == "cuda" for t in tensors) and not cuda_kernels_available():
-        _warn_fallback("the extension was built without CUDA kernels")
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when Triton can be imported (GPU kernels, or CPU tensors under TRITON_INTERPRET=1)."""
     if importlib.util.find_spec("triton") is None:
@@ -91,6 +70,88 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     if not triton_available():
         return False
     return t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpreting())
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatch rule
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(op: str, device_type: str, reason: str) -> None:
+    warnings.warn(
+        f"segkernels.{op}: no compiled kernel for {device_type} tensors ({reason}); running the "
+        "plain-PyTorch reference, which is correct but slower.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def use_kernel(op: str, device: torch.device, gpu_kernel: str) -> bool:
+    """Whether op's compiled kernel runs for tensors on `device`, where gpu_kernel says what the
+    op's GPU kernel is: "cuda" (built into the extension) or "triton" (registered from Python).
+
+    Every op asks this one question, so a build without its CUDA part still runs the Triton ops
+    on a GPU, and an op that cannot run warns once, with one text, and runs its reference.
+    """
+    if not _loaded:
+        reason = str(_load_error)
+    elif device.type in ("cpu", "meta"):
+        return True
+    elif device.type != "cuda":
+        reason = "segkernels has CPU and CUDA kernels only"
+    elif gpu_kernel == "cuda":
+        if _cuda_built:
+            return True
+        reason = "the extension was built without its CUDA kernels"
+    elif gpu_kernel == "triton":
+        if triton_available():
+            return True
+        reason = "Triton is not installed"
+    else:
+        raise ValueError(f"gpu_kernel must be 'cuda' or 'triton', got {gpu_kernel!r}")
+    _warn_fallback(op, device.type, reason)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback_old(reason: str) -> None:
+    warnings.warn(
+        f"segkernels: compiled kernels unavailable ({reason}); falling back to the plain-PyTorch "
+        "reference implementations, which are correct but slower.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def use_compiled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled op can run on these tensors; warns once when it cannot."""
+    if not _loaded:
+        _warn_fallback_old(str(_load_error))
+        return False
+    if any(t.device.type == "cuda" for t in tensors) and not cuda_kernels_available():
+        _warn_fallback_old("the extension was built without CUDA kernels")
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs allocated in Python (the Triton launchers)
+
+# The test suite turns this on (with the C++ twin in testing builds) to fill every fresh output
+# with NaN / all-ones bits, so that an element a kernel forgets to write cannot pass for 0.
+_poison_outputs = False
+
+
+def new_output(sizes, *, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """torch.empty for kernel outputs (poisoned while the test suite asks for it)."""
+    t = torch.empty(sizes, dtype=dtype, device=device, memory_format=memory_format)
+    if _poison_outputs and t.numel() > 0:
+        t.fill_(float("nan") if t.is_floating_point() else -1)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd plumbing
 
 
 def register_autograd(op_name: str, backward, *, setup_context):
@@ -124,6 +185,21 @@ def register_autograd(op_name: str, backward, *, setup_context):
     return function.apply
 
 
+# torch's private guard that dispatches below the Autograd key; looked up once, so that a torch
+# without it falls back to the public path (the op's registered autograd kernel) instead of failing.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def _any_requires_grad(args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor) and _any_requires_grad(a):
+            return True
+    return False
+
+
 def call_below_autograd(op, *args):
     """op(*args), skipping the op's registered Python autograd kernel when no graph can be
     recorded: grad mode off (inside autograd.Function's forward and a first-order backward), or
@@ -133,11 +209,16 @@ def call_below_autograd(op, *args):
     25 us on a tiny map and about 100 us on max_unpool2d's backward for a (16, 512, 23, 30)
     map (the call is boxed and leaves and re-enters the dispatcher from Python): 5% of a
     memory-bound kernel that must keep up with PyTorch's own gather. With grad mode on (double
-    backward) or under torch.compile, the op is called normally.
+    backward), under torch.compile, or on a torch without the private guard, the op is called
+    normally.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+    if (
+        _below_autograd is None
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and _any_requires_grad(args))
+    ):
         return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
+    with _below_autograd():
         return op(*args)
 
 

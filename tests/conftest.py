@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import helpers`
 
-from segkernels._testing import poison_outputs  # noqa: E402
+from helpers import poison_outputs  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,11 +1,16 @@
-"""Helpers every op's tests share: comparison with references, opcheck, gradcheck, devices."""
+"""Helpers every op's tests share: comparison with references, opcheck, gradcheck, devices,
+output poisoning and the test-only ops."""
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import pytest
 import torch
 
 import segkernels
+from segkernels import _library
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -13,6 +18,35 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 requires_kernels = pytest.mark.skipif(
     not segkernels.kernels_available(), reason=f"compiled kernels not loaded: {segkernels.kernel_load_error()}"
 )
+
+
+@functools.lru_cache(maxsize=None)
+def has_testing_ops() -> bool:
+    """Whether the extension was built with its test-only ops (SEGKERNELS_BUILD_TESTING=1)."""
+    return segkernels.kernels_available() and hasattr(torch.ops.segkernels_testing, "set_poison_outputs")
+
+
+def get_testing_ops():
+    """torch.ops.segkernels_testing: the CUDA kernels' element functions run on the CPU. Skips the
+    test when the extension was built without them (CI checks that it was not)."""
+    if not has_testing_ops():
+        pytest.skip("the extension was built without its test-only ops (SEGKERNELS_BUILD_TESTING=1)")
+    return torch.ops.segkernels_testing
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Fill every output the ops allocate with NaN / all-ones bits while active (C++ kernels in
+    a testing build, and the Triton launchers), so that an unwritten element shows."""
+    previous_python = _library._poison_outputs
+    _library._poison_outputs = enabled
+    previous = torch.ops.segkernels_testing.set_poison_outputs(enabled) if has_testing_ops() else None
+    try:
+        yield
+    finally:
+        _library._poison_outputs = previous_python
+        if previous is not None:
+            torch.ops.segkernels_testing.set_poison_outputs(previous)
 
 # (rtol, atol) for results that are computed, not copied.
 _TOLERANCES = {

@@ -16,12 +16,4 @@ TORCH_LIBRARY_FRAGMENT(segkernels, m) {
         "int[] padding, int[] dilation, bool only_winners) -> Tensor");
   m.def("max_pool_backward(Tensor grad_output, Tensor indices, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation, int[] input_size) -> Tensor");
-  // Test-only (CPU): runs the CUDA fast path's tiled-window element functions on the CPU.
-  m.def("_max_unpool_tiled_logic(Tensor input, Tensor indices, Tensor grad_output, int[] kernel_size, "
-        "int[] padding, int[] output_size) -> (Tensor, Tensor, Tensor)");
-  // Test-only (CPU): max-pooling by the CUDA kernel's element function, in 32 (narrow) or 64 bits.
-  m.def("_max_pool_logic(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-        "bool ceil_mode, bool compact, bool narrow) -> (Tensor, Tensor)");
-  // Test-only (CPU): FastDivider (csrc/common.h), the 32-bit CUDA kernels' division.
-  m.def("_fast_divide(Tensor numerators, int divisor) -> Tensor");
 }

@@ -1,5 +1,5 @@
-// Test-only ops: the CUDA kernels' per-element functions run on the CPU, so that CPU-only CI
-// checks the index math only CUDA runs.
+// Test-only ops (segkernels_testing, testing builds only): the CUDA kernels' per-element
+// functions run on the CPU, so that CPU-only CI checks the index math only CUDA runs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -118,10 +118,21 @@ Tensor fast_divide_cpu(const Tensor& numerators, int64_t divisor) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segkernels, CPU, m) {
-  m.impl("_max_unpool_tiled_logic", &max_unpool_tiled_logic_cpu);
-  m.impl("_max_pool_logic", &max_pool_logic_cpu);
-  m.impl("_fast_divide", &fast_divide_cpu);
+TORCH_LIBRARY_FRAGMENT(segkernels_testing, m) {
+  // The CUDA fast path's tiled-window element functions: (unpooled map, unpool gradient, match count).
+  m.def("max_unpool_tiled_logic(Tensor input, Tensor indices, Tensor grad_output, int[] kernel_size, "
+        "int[] padding, int[] output_size) -> (Tensor, Tensor, Tensor)");
+  // Max-pooling by the CUDA kernel's element function, in 32 (narrow) or 64 bits.
+  m.def("max_pool_logic(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+        "bool ceil_mode, bool compact, bool narrow) -> (Tensor, Tensor)");
+  // FastDivider (csrc/common.h), the 32-bit CUDA kernels' division.
+  m.def("fast_divide(Tensor numerators, int divisor) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(segkernels_testing, CPU, m) {
+  m.impl("max_unpool_tiled_logic", &max_unpool_tiled_logic_cpu);
+  m.impl("max_pool_logic", &max_pool_logic_cpu);
+  m.impl("fast_divide", &fast_divide_cpu);
 }
 
 }  // namespace max_unpool

@@ -14,7 +14,7 @@
 // windows ahead prefetched. That is the order the CUDA gather sums in, so both devices give
 // the same bits whatever the bands, and nothing is shared between tasks: deterministic, no
 // atomics. The per-element functions the CUDA kernels run are exposed on the CPU as test-only
-// ops (ps_assemble_testing.cpp).
+// ops in testing builds (ps_assemble_testing.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

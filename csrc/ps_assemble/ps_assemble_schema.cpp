@@ -6,14 +6,9 @@
 TORCH_LIBRARY_FRAGMENT(segkernels, m) {
   // scores (N, G * k * k, H, W); windows (R, 3) int64 rows (batch_index, y0, x0). Sparse output
   // (R, G, m, m), dense output (N, G, ceil(H / stride), ceil(W / stride), m, m). Backward ops
-  // return contiguous (N, C, H, W) gradients; the underscored ops are test-only CPU runs of the
-  // CUDA kernels' element functions.
+  // return contiguous (N, C, H, W) gradients.
   m.def("ps_assemble(Tensor scores, Tensor windows, int k, int m, float pad_value) -> Tensor");
   m.def("ps_assemble_backward(Tensor grad_output, Tensor windows, int[] scores_size, int k, int m) -> Tensor");
   m.def("ps_assemble_dense(Tensor scores, int k, int m, int stride, float pad_value) -> Tensor");
   m.def("ps_assemble_dense_backward(Tensor grad_output, int[] scores_size, int k, int m, int stride) -> Tensor");
-  m.def("_ps_assemble_backward_gather(Tensor grad_output, Tensor windows, int[] scores_size, int k, int m) -> Tensor");
-  m.def("_ps_assemble_dense_backward_gather(Tensor grad_output, int[] scores_size, int k, int m, int stride) -> Tensor");
-  m.def("_ps_assemble_elementwise(Tensor scores, Tensor windows, int k, int m, int stride, float pad_value, "
-        "bool dense) -> Tensor");
 }

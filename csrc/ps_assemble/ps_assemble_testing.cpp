@@ -1,5 +1,6 @@
-// Test-only ops: the CUDA kernels' per-element functions (forward elements and backward
-// gathers) run on the CPU, so that CPU-only CI checks the index math only CUDA runs.
+// Test-only ops (segkernels_testing, testing builds only): the CUDA kernels' per-element
+// functions (forward elements and backward gathers) run on the CPU, so that CPU-only CI checks
+// the index math only CUDA runs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -95,10 +96,17 @@ Tensor ps_assemble_elementwise_cpu(const Tensor& scores, const Tensor& windows_i
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segkernels, CPU, m) {
-  m.impl("_ps_assemble_backward_gather", &ps_assemble_backward_gather_cpu);
-  m.impl("_ps_assemble_dense_backward_gather", &ps_assemble_dense_backward_gather_cpu);
-  m.impl("_ps_assemble_elementwise", &ps_assemble_elementwise_cpu);
+TORCH_LIBRARY_FRAGMENT(segkernels_testing, m) {
+  m.def("ps_assemble_backward_gather(Tensor grad_output, Tensor windows, int[] scores_size, int k, int m) -> Tensor");
+  m.def("ps_assemble_dense_backward_gather(Tensor grad_output, int[] scores_size, int k, int m, int stride) -> Tensor");
+  m.def("ps_assemble_elementwise(Tensor scores, Tensor windows, int k, int m, int stride, float pad_value, "
+        "bool dense) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(segkernels_testing, CPU, m) {
+  m.impl("ps_assemble_backward_gather", &ps_assemble_backward_gather_cpu);
+  m.impl("ps_assemble_dense_backward_gather", &ps_assemble_dense_backward_gather_cpu);
+  m.impl("ps_assemble_elementwise", &ps_assemble_elementwise_cpu);
 }
 
 }  // namespace ps_assemble

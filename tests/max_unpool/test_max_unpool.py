@@ -17,6 +17,7 @@ from helpers import (
     gradcheck,
     requires_kernels,
     run_opcheck,
+    get_testing_ops,
     to_layout,
 )
 from segkernels.ops.max_unpool import (
@@ -749,7 +750,7 @@ def test_tiled_fast_path_logic(spatial, kernel, padding, ceil_mode, extra, compa
     if not compact:  # plane-flat indices of the same taps on the (possibly larger) output
         i = compact_to_flat_indices(i, out_size, kernel, kernel, padding, ones)
     grad_out = to_layout(torch.randn(2, 3, *out_size).to(dtype), layout)
-    out, grad_in, matches = torch.ops.segkernels._max_unpool_tiled_logic(v, i, grad_out, kernel, padding, out_size)
+    out, grad_in, matches = get_testing_ops().max_unpool_tiled_logic(v, i, grad_out, kernel, padding, out_size)
     expected = reference_max_unpool(v, i, kernel, kernel, padding, ones, out_size)
     assert_close(out, expected, exact=True)
     flat = compact_to_flat_indices(i, out_size, kernel, kernel, padding, ones) if compact else i
@@ -762,7 +763,7 @@ def test_tiled_fast_path_logic(spatial, kernel, padding, ceil_mode, extra, compa
         bad = i.clone()
         bad[1, 2].view(-1)[0] = bad[1, 2].view(-1)[-1]
         if bad[1, 2].view(-1)[0] != i[1, 2].view(-1)[0]:
-            _, _, m = torch.ops.segkernels._max_unpool_tiled_logic(v, bad, grad_out, kernel, padding, out_size)
+            _, _, m = get_testing_ops().max_unpool_tiled_logic(v, bad, grad_out, kernel, padding, out_size)
             assert int(m) == i.numel() - 1
 
 
@@ -777,7 +778,7 @@ def test_huge_kernel_or_padding_never_reaches_the_32_bit_tiled_math(width, kerne
     v = torch.randn(1, 1, 2, width)
     i = torch.randint(0, 16, (1, 1, 2, width))
     with pytest.raises(ValueError, match="32-bit tiled"):
-        torch.ops.segkernels._max_unpool_tiled_logic(v, i, torch.randn(1, 1, 4, 4), kernel, padding, (4, 4))
+        get_testing_ops().max_unpool_tiled_logic(v, i, torch.randn(1, 1, 4, 4), kernel, padding, (4, 4))
     if public:  # output_size (4, 4) is a legal size for this geometry: the op must still be exact
         out = segkernels.max_unpool2d(v, i, kernel, padding=padding, output_size=(4, 4))
         expected = reference_max_unpool(v, i, kernel, kernel, padding, (1, 1), (4, 4))
@@ -805,7 +806,7 @@ def test_pool_element_logic_matches_aten(geometry, dtype, layout, narrow):
             ref_values, ref_indices = _aten_pool(x.contiguous(), geometry)
             _, ref_compact = reference_max_pool_with_indices(x.contiguous(), k, s, p, d, c, compact=True)
             for compact in (False, True):
-                values, indices = torch.ops.segkernels._max_pool_logic(x, k, s, p, d, c, compact, narrow)
+                values, indices = get_testing_ops().max_pool_logic(x, k, s, p, d, c, compact, narrow)
                 assert indices.dtype == (torch.uint8 if compact else torch.int64)
                 assert_close(values, ref_values, exact=True)
                 assert_close(indices, ref_compact if compact else ref_indices, exact=True)
@@ -818,11 +819,11 @@ def test_pool_geometry_past_the_32_bit_range_takes_64_bit_math():
     x = torch.randn(1, 2, 3, 4)
     k, s, p, d, c = (1, 2), (1, 2**31), (0, 1), (1, 1), True
     with pytest.raises(ValueError, match="32-bit pooling"):
-        torch.ops.segkernels._max_pool_logic(x, k, s, p, d, c, False, True)
+        get_testing_ops().max_pool_logic(x, k, s, p, d, c, False, True)
     expected_values = x[..., :1]
     expected_indices = (torch.arange(3) * 4).view(1, 1, 3, 1).expand(1, 2, 3, 1)
     for compact in (False, True):
-        values, indices = torch.ops.segkernels._max_pool_logic(x, k, s, p, d, c, compact, False)
+        values, indices = get_testing_ops().max_pool_logic(x, k, s, p, d, c, compact, False)
         assert_close(values, expected_values, exact=True)
         assert_close(indices, torch.ones_like(indices) if compact else expected_indices, exact=True)
     values, indices = _pool(x, (k, s, p, d, c))
@@ -857,28 +858,28 @@ def test_fast_divider_matches_integer_division():
         multiples = torch.tensor([d * q for q in (1, 2, 3, top // d)])
         n = torch.cat([multiples - 1, multiples, torch.tensor([0, 1, top, top - 1, top - d]), random_n])
         n = n[(n >= 0) & (n <= top)]
-        assert torch.equal(torch.ops.segkernels._fast_divide(n, d), n // d), d
+        assert torch.equal(get_testing_ops().fast_divide(n, d), n // d), d
     for bad_d in (0, 2**31):
         with pytest.raises(ValueError, match="divisor"):
-            torch.ops.segkernels._fast_divide(torch.tensor([1]), bad_d)
+            get_testing_ops().fast_divide(torch.tensor([1]), bad_d)
     with pytest.raises(ValueError, match="numerators"):
-        torch.ops.segkernels._fast_divide(torch.tensor([2**31]), 3)
+        get_testing_ops().fast_divide(torch.tensor([2**31]), 3)
 
 
 def test_empty_map_beside_a_non_empty_one_in_the_32_bit_logic():
     # An empty full or pooled map still gets its dividers built: FastDivider(0) once divided by
     # zero on the host (SIGFPE). Unpool to a 0 x 0 output (its gradient has one entry), a
     # pooling of a zero-height map with padding (one row of windows over padding only).
-    ops = torch.ops.segkernels
-    out, grad_in, matches = ops._max_unpool_tiled_logic(
+    ops = get_testing_ops()
+    out, grad_in, matches = ops.max_unpool_tiled_logic(
         torch.randn(1, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.randn(1, 1, 0, 0), [2, 2], [1, 1], [0, 0]
     )
     assert out.shape == (1, 1, 0, 0) and int(matches) == 0
     assert_close(grad_in, torch.zeros(1, 1, 1, 1), exact=True)
     x = torch.randn(1, 1, 0, 4)
-    wide = ops._max_pool_logic(x, [2, 2], [1, 1], [1, 1], [1, 1], False, False, False)
+    wide = ops.max_pool_logic(x, [2, 2], [1, 1], [1, 1], [1, 1], False, False, False)
     for compact in (False, True):
-        narrow = ops._max_pool_logic(x, [2, 2], [1, 1], [1, 1], [1, 1], False, compact, True)
+        narrow = ops.max_pool_logic(x, [2, 2], [1, 1], [1, 1], [1, 1], False, compact, True)
         assert_close(narrow[0], wide[0], exact=True)
         assert narrow[0].shape == (1, 1, 1, 5) and torch.isneginf(narrow[0]).all()
 

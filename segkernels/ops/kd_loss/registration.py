@@ -9,7 +9,7 @@ from typing import List, Sequence
 import torch
 
 from ... import _library
-from ..._testing import new_output
+from ..._library import new_output
 
 def _is_channels_last(x: torch.Tensor) -> bool:
     if x.dim() not in (4, 5) or x.is_contiguous():

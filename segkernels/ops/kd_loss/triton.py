@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ... import _library
-from ..._testing import new_output
+from ..._library import new_output
 from .registration import _acc_dtype, _layout, _map_sizes, _new_grad
 
 _TRITON_MAX_STUDENTS = 4  # students per launch (pointer arguments); more are done in groups

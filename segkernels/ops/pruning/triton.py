@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ... import _library
-from ..._testing import new_output
+from ..._library import new_output
 
 @triton.jit
 def _channel_gram_kernel(
