@@ -113,27 +113,6 @@ def use_kernel(op: str, device: torch.device, gpu_kernel: str) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_fallback_old(reason: str) -> None:
-    warnings.warn(
-        f"segkernels: compiled kernels unavailable ({reason}); falling back to the plain-PyTorch "
-        "reference implementations, which are correct but slower.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def use_compiled(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled op can run on these tensors; warns once when it cannot."""
-    if not _loaded:
-        _warn_fallback_old(str(_load_error))
-        return False
-    if any(t.device.type == "cuda" for t in tensors) and not cuda_kernels_available():
-        _warn_fallback_old("the extension was built without CUDA kernels")
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------------------------
 # Outputs allocated in Python (the Triton launchers)
 

@@ -18,6 +18,8 @@ if _library.triton_available():
 
 __all__ = ["confusion_matrix", "reference_confusion_matrix"]
 
+GPU_KERNEL = "triton"  # what runs CUDA tensors (see _library.use_kernel)
+
 
 def confusion_matrix(
     input: torch.Tensor, labels: torch.Tensor, num_classes: int, *, ignore_index: int = 255
@@ -65,7 +67,7 @@ def confusion_matrix(
             )
         input = input.long()
     labels = labels.long()
-    if not _library.use_compiled(input):
+    if not _library.use_kernel("confusion_matrix", input.device, GPU_KERNEL):
         return reference_confusion_matrix(input, labels, num_classes, ignore_index)
     matrix, invalid = torch.ops.segkernels.confusion_matrix.default(input, labels, num_classes, ignore_index)
     if not torch.compiler.is_compiling() and int(invalid.item()) > 0:

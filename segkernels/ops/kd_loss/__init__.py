@@ -32,6 +32,8 @@ if _library.triton_available():
 
 __all__ = ["kd_loss", "seg_kd_loss", "reference_kd_loss", "reference_seg_kd_loss"]
 
+GPU_KERNEL = "triton"  # what runs CUDA tensors (see _library.use_kernel)
+
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -126,12 +128,11 @@ def _loss_dtypes(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> tuple
     return common, (torch.float32 if common in (torch.float16, torch.bfloat16) else common)
 
 
-def _use_kernels(teacher: torch.Tensor) -> bool:
-    if teacher.device.type == "cpu":
-        return _library.use_compiled(teacher)
-    if teacher.device.type == "cuda":  # Triton kernels (float32 arithmetic; float64 runs the reference)
-        return _library.kernels_available() and _library.triton_available() and teacher.dtype != torch.float64
-    return False
+def _use_kernels(op: str, teacher: torch.Tensor) -> bool:
+    # The Triton kernels compute in float32: float64 on CUDA runs the reference.
+    if teacher.is_cuda and teacher.dtype == torch.float64:
+        return False
+    return _library.use_kernel(op, teacher.device, GPU_KERNEL)
 
 
 def kd_loss(
@@ -206,7 +207,7 @@ def kd_loss(
         labels = _check_labels(labels, teacher)
     spatial = axis == "spatial"
 
-    if not _use_kernels(teacher):
+    if not _use_kernels("kd_loss", teacher):
         return reference_kd_loss(students if multi else students[0], teacher, temperature=temperature, axis=axis,
                                  labels=labels, ignore_index=ignore_index, divergence=divergence,
                                  reduction=reduction, scale_by_t2=scale_by_t2).to(out_dtype)
@@ -282,7 +283,7 @@ def seg_kd_loss(
             raise ValueError(f"class_weight must be on {teacher.device}, got {class_weight.device}")
         if class_weight.requires_grad and torch.is_grad_enabled():
             raise ValueError("class_weight must not require grad: seg_kd_loss gives it none (as F.cross_entropy)")
-    if not _use_kernels(teacher):
+    if not _use_kernels("seg_kd_loss", teacher):
         return reference_seg_kd_loss(student, teacher, labels, temperature=temperature, hard_weight=hard_weight,
                                      soft_weight=soft_weight, class_weight=class_weight,
                                      ignore_index=ignore_index).to(out_dtype)

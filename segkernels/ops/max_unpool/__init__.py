@@ -55,6 +55,8 @@ __all__ = [
     "compact_to_flat_indices",
 ]
 
+GPU_KERNEL = "cuda"  # what runs CUDA tensors (see _library.use_kernel)
+
 
 # ----------------------------------------------------------------------------------------------
 # Argument handling
@@ -106,7 +108,7 @@ def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, c
                 f"input spatial size {tuple(x.shape[2:])} is too small for kernel_size={kernel}, "
                 f"dilation={dil}, padding={pad}: the pooled size would be {out}"
             )
-    if _library.use_compiled(x):
+    if _library.use_kernel(f"max_pool{nd}d_with_indices", x.device, GPU_KERNEL):
         args = (x, list(kernel), list(stride_t), list(pad), list(dil), ceil_mode, compact)
         if _library.records_grad(x):
             values, indices = _pool_with_grad(*args)
@@ -151,7 +153,7 @@ def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size
         # Then padding only sets the default size: the kernels get none, and check every index,
         # since the windows they would assume are not the ones the indices came from.
         pad, check_indices = (0,) * nd, True
-    if _library.use_compiled(x):
+    if _library.use_kernel(f"max_unpool{nd}d", x.device, GPU_KERNEL):
         args = (x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, bool(check_indices))
         if _library.records_grad(x):
             out = _unpool_with_grad(*args)

@@ -20,6 +20,8 @@ if _library.triton_available():
 
 __all__ = ["channel_gram", "lasso_gram", "reference_channel_gram", "reference_lasso_gram"]
 
+GPU_KERNEL = "triton"  # what runs CUDA tensors (see _library.use_kernel)
+
 
 def _check_float(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
@@ -55,7 +57,7 @@ def channel_gram(A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor) -> Tupl
         raise ValueError(f"A must be ({c * K}, {c * K}) for weight {tuple(weight.shape)}, got {tuple(A.shape)}")
     if tuple(B.shape) != (c * K, n):
         raise ValueError(f"B must be ({c * K}, {n}) for weight {tuple(weight.shape)}, got {tuple(B.shape)}")
-    if not _library.use_compiled(A) or (A.is_cuda and not _library.triton_available()):
+    if not _library.use_kernel("channel_gram", A.device, GPU_KERNEL):
         return reference_channel_gram(A, B, weight)
     return torch.ops.segkernels.channel_gram(A, B, weight)
 
@@ -138,7 +140,7 @@ def lasso_gram(
             )
         if not bool(torch.isfinite(init).all()):
             raise ValueError("init must be finite")
-    if not _library.use_compiled(G) or (G.is_cuda and not _library.triton_available()):
+    if not _library.use_kernel("lasso_gram", G.device, GPU_KERNEL):
         return reference_lasso_gram(G, q, alphas, n_samples=n_samples, tol=tol, max_iter=max_iter, init=init)
     return torch.ops.segkernels.lasso_gram(G, q, alphas, float(n_samples), float(tol), int(max_iter), init)
 

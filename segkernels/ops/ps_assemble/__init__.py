@@ -50,6 +50,8 @@ __all__ = [
     "dense_windows",
 ]
 
+GPU_KERNEL = "cuda"  # what runs CUDA tensors (see _library.use_kernel)
+
 
 # ----------------------------------------------------------------------------------------------
 # Public API
@@ -132,7 +134,7 @@ def ps_assemble(
             raise IndexError(
                 f"windows[{row}, 0] = {int(b[row])} is not a batch index of scores (batch size {scores.shape[0]})"
             )
-    if _library.use_compiled(scores):
+    if _library.use_kernel("ps_assemble", scores.device, GPU_KERNEL):
         return _call(torch.ops.segkernels.ps_assemble.default, scores, windows, k, m, pad)
     if not check_windows:  # the reference raises on invalid rows; give them the kernels' rule
         valid = (windows[:, 0] >= 0) & (windows[:, 0] < scores.shape[0])
@@ -159,6 +161,6 @@ def ps_assemble_dense(
     k, m = _check_scores(scores, k, m)
     stride = _check_int(stride, "stride", 1)
     pad = _check_pad(pad_value)
-    if _library.use_compiled(scores):
+    if _library.use_kernel("ps_assemble_dense", scores.device, GPU_KERNEL):
         return _call(torch.ops.segkernels.ps_assemble_dense.default, scores, k, m, stride, pad)
     return reference_ps_assemble_dense(scores, k, m, stride, pad)
