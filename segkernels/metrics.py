@@ -8,6 +8,15 @@ from typing import Dict, Union
 
 import torch
 
+from ._checks import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_ignore_index,
+    check_int,
+    is_integer_tensor,
+    labels_out_of_range,
+)
+
 __all__ = ["segmentation_scores", "median_frequency_weights"]
 
 
@@ -24,13 +33,15 @@ def segmentation_scores(cm: torch.Tensor) -> Dict[str, torch.Tensor]:
     Classes left out are left out of the means, so the means are never NaN (0 for an empty matrix).
     """
     if not isinstance(cm, torch.Tensor) or cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"cm must be a square (num_classes, num_classes) tensor, got {getattr(cm, 'shape', cm)}")
+        raise ArgumentValueError(
+            f"cm must be a square (num_classes, num_classes) tensor, got {getattr(cm, 'shape', cm)}"
+        )
     if cm.dtype == torch.bool or cm.is_complex():
-        raise TypeError(f"cm must hold integer or float counts, got {cm.dtype}")
+        raise ArgumentTypeError(f"cm must hold integer or float counts, got {cm.dtype}")
     cm = cm.to(torch.float64)
     # Counts: anything else would give scores outside [0, 1] or NaN means without a word.
     if cm.numel() and not bool(((cm >= 0) & (cm == cm.floor()) & cm.isfinite()).all()):
-        raise ValueError("cm must hold counts: finite, non-negative whole numbers")
+        raise ArgumentValueError("cm must hold counts: finite, non-negative whole numbers")
     tp = cm.diagonal()
     in_labels = cm.sum(dim=1)
     in_preds = cm.sum(dim=0)
@@ -72,36 +83,28 @@ def median_frequency_weights(
     Returns:
         (num_classes,) float32 weights, on the device of the labels.
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    num_classes = check_int(num_classes, "num_classes", 1)
+    ignore_index = check_ignore_index(ignore_index)
     if isinstance(label_batches, torch.Tensor):
         batches = [label_batches]
     elif isinstance(label_batches, Iterable) and not isinstance(label_batches, (str, bytes)):
         batches = label_batches
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"label_batches must be a label tensor or an iterable of them, got {type(label_batches).__name__}"
         )
     class_pixels = None
     image_pixels = None
     for labels in batches:
-        if (
-            not isinstance(labels, torch.Tensor)
-            or labels.is_floating_point()
-            or labels.is_complex()
-            or labels.dtype == torch.bool
-            or labels.dim() < 2
-        ):
+        if not isinstance(labels, torch.Tensor) or not is_integer_tensor(labels) or labels.dim() < 2:
             got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise TypeError(f"label_batches must hold integer label tensors of shape (N, *spatial), got {got}")
+            raise ArgumentTypeError(f"label_batches must hold integer label tensors of shape (N, *spatial), got {got}")
         if labels.shape[0] == 0:
             continue
         flat = labels.reshape(labels.shape[0], -1).long()
         valid = flat != ignore_index
         if bool(((flat < 0) | (flat >= num_classes))[valid].any()):
-            raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
+            raise labels_out_of_range(num_classes, ignore_index, name="label_batches")
         safe = torch.where(valid, flat, torch.zeros_like(flat))
         counts = torch.zeros(flat.shape[0], num_classes, dtype=torch.float64, device=flat.device)
         counts.scatter_add_(1, safe, valid.to(torch.float64))  # per-image pixel counts per class
@@ -112,7 +115,7 @@ def median_frequency_weights(
         class_pixels += counts.sum(0)
         image_pixels += (present * valid.sum(1, keepdim=True)).sum(0)
     if class_pixels is None:
-        raise ValueError("label_batches holds no images")
+        raise ArgumentValueError("label_batches holds no images")
     seen = class_pixels > 0
     if not bool(seen.all()):
         missing = torch.nonzero(~seen).flatten().tolist()

@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.ps_assemble import _check_int, ps_assemble
+from .._checks import ArgumentValueError, check_int
+from ..ops.ps_assemble import ps_assemble
 
 __all__ = ["InstanceFCNHead"]
 
@@ -30,9 +31,9 @@ class InstanceFCNHead(nn.Module):
     def __init__(self, in_channels: int, k: int = 5, m: int = 21, hidden: int = 512) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("k", k), ("m", m), ("hidden", hidden)):
-            _check_int(value, name, 1)
+            check_int(value, name, 1)
         if not k <= m:
-            raise ValueError(f"need 1 <= k <= m, got k={k}, m={m}")
+            raise ArgumentValueError(f"need 1 <= k <= m, got k={k}, m={m}")
         self.k, self.m = k, m
         self.instance = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, k * k, 3, padding=1)
@@ -64,8 +65,8 @@ class InstanceFCNHead(nn.Module):
             :func:`segkernels.ps_assemble` (top-left = centre - m // 2).
         """
         if objectness.dim() != 4 or objectness.shape[1] != 1:
-            raise ValueError(f"objectness must have shape (N, 1, H, W), got {tuple(objectness.shape)}")
-        n = _check_int(n, "n", 0)
+            raise ArgumentValueError(f"objectness must have shape (N, 1, H, W), got {tuple(objectness.shape)}")
+        n = check_int(n, "n", 0)
         batch, _, h, w = objectness.shape
         device = objectness.device
         centres = torch.randint(h * w, (batch, n), generator=generator, device=device)
@@ -89,14 +90,14 @@ class InstanceFCNHead(nn.Module):
             t = min(top_n, H * W). No host synchronisation.
         """
         if objectness.dim() != 4 or objectness.shape[1] != 1:
-            raise ValueError(f"objectness must have shape (N, 1, H, W), got {tuple(objectness.shape)}")
+            raise ArgumentValueError(f"objectness must have shape (N, 1, H, W), got {tuple(objectness.shape)}")
         if scores.dim() != 4 or scores.shape[0] != objectness.shape[0] or scores.shape[2:] != objectness.shape[2:]:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"scores must have shape (N, k * k, H, W) matching objectness {tuple(objectness.shape)}, "
                 f"got {tuple(scores.shape)}"
             )
         batch, _, h, w = objectness.shape
-        t = min(_check_int(top_n, "top_n", 0), h * w)
+        t = min(check_int(top_n, "top_n", 0), h * w)
         values, centres = objectness.flatten(1).topk(t, dim=1)
         y0, x0 = self._top_left(centres, w)
         b = torch.arange(batch, device=objectness.device).view(-1, 1).expand(batch, t)

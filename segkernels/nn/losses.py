@@ -9,7 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.kd_loss import _check_temperature, kd_loss
+from .._checks import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_choice,
+    check_ignore_index,
+    check_int,
+    check_real,
+    check_tensor,
+    check_temperature,
+    is_integer_tensor,
+    labels_out_of_range,
+)
+from ..ops.kd_loss import kd_loss
 from ..ops.kd_loss.reference import cross_entropy_or_zero
 
 __all__ = ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss", "presence_targets"]
@@ -25,7 +37,7 @@ class KDLoss(nn.Module):
     def __init__(self, temperature: float = 1.0, *, ignore_index: int = 255, divergence: str = "kl",
                  reduction: str = "mean", scale_by_t2: bool = True) -> None:
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         self.ignore_index = ignore_index
         self.divergence = divergence
         self.reduction = reduction
@@ -47,7 +59,7 @@ class ChannelWiseKDLoss(nn.Module):
     def __init__(self, temperature: float = 4.0, *, divergence: str = "kl", reduction: str = "mean",
                  scale_by_t2: bool = True) -> None:
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         self.divergence = divergence
         self.reduction = reduction
         self.scale_by_t2 = scale_by_t2
@@ -83,7 +95,7 @@ class SelfRegulationLoss(nn.Module):
         class_maps: E >= 2 exits' logits (N, C, H, W) at label resolution, deepest first.
         presence_logits: E image-level presence logits (N, C), same order.
         labels: (N, H, W) integer, in [0, C) or ignore_index where unlabelled. Out of range:
-            ValueError on the CPU; on CUDA (no host synchronisation) NaN total and parts.
+            IndexError on the CPU; on CUDA (no host synchronisation) NaN total and parts.
         parts: dict with "mea_cls", "mea_seg", "sr_l", "sr_f" (each summed over exits).
 
     - MEA-seg: per-exit pixel cross-entropy with the labels.
@@ -99,36 +111,38 @@ class SelfRegulationLoss(nn.Module):
     def __init__(self, num_classes: int, weights: Tuple[float, float, float, float] = (0.2, 0.8, 1.0, 1.0),
                  sr_f: str = "hard", temperature: float = 1.0, ignore_index: int = 255) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = check_int(num_classes, "num_classes", 1)
         if len(tuple(weights)) != 4:
-            raise ValueError(f"weights must be 4 numbers (mea_cls, mea_seg, sr_l, sr_f), got {weights!r}")
-        if sr_f not in ("hard", "soft"):
-            raise ValueError(f"sr_f must be 'hard' or 'soft', got {sr_f!r}")
-        self.num_classes = num_classes
-        self.weights = tuple(float(w) for w in weights)
-        self.sr_f = sr_f
+            raise ArgumentValueError(f"weights must be 4 numbers (mea_cls, mea_seg, sr_l, sr_f), got {weights!r}")
+        self.weights = tuple(check_real(w, f"weights[{i}]") for i, w in enumerate(weights))
+        self.sr_f = check_choice(sr_f, "sr_f", ("hard", "soft"))
         # Checked in both modes: "hard" does not use it, but a NaN or negative value is a mistake.
-        self.temperature = _check_temperature(temperature)
-        self.ignore_index = ignore_index
+        self.temperature = check_temperature(temperature)
+        self.ignore_index = check_ignore_index(ignore_index)
 
     def forward(self, class_maps: Sequence[torch.Tensor], presence_logits: Sequence[torch.Tensor],
                 labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
-                or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor (N, H, W), got {getattr(labels, 'dtype', labels)!r}")
+        check_tensor(labels, "labels")
+        if not is_integer_tensor(labels):
+            raise ArgumentTypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.dim() != 3:
+            raise ArgumentValueError(f"labels must be (N, H, W), got {tuple(labels.shape)}")
         labels = labels.long()
         maps, pres = list(class_maps), list(presence_logits)
         if len(maps) < 2 or len(pres) != len(maps):
-            raise ValueError(f"need E >= 2 class maps and as many presence logits, got {len(maps)} and {len(pres)}")
+            raise ArgumentValueError(
+                f"need E >= 2 class maps and as many presence logits, got {len(maps)} and {len(pres)}"
+            )
         n, c = labels.shape[0], self.num_classes
         for i, m in enumerate(maps):
+            check_tensor(m, f"class_maps[{i}]")
             if m.dim() != 4 or m.shape[1] != c or m.shape[0] != n or tuple(m.shape[2:]) != tuple(labels.shape[1:]):
-                raise ValueError(f"class_maps[{i}] must be (N, C, H, W) = ({n}, {c}, {tuple(labels.shape[1:])}), "
-                                 f"got {tuple(m.shape)}")
+                raise ArgumentValueError(f"class_maps[{i}] must be (N, C, H, W) = ({n}, {c}, "
+                                         f"{tuple(labels.shape[1:])}), got {tuple(m.shape)}")
         for i, p in enumerate(pres):
+            check_tensor(p, f"presence_logits[{i}]")
             if tuple(p.shape) != (n, c):
-                raise ValueError(f"presence_logits[{i}] must be (N, C) = ({n}, {c}), got {tuple(p.shape)}")
+                raise ArgumentValueError(f"presence_logits[{i}] must be (N, C) = ({n}, {c}), got {tuple(p.shape)}")
         ii = self.ignore_index
         # Out-of-range labels are not left to F.cross_entropy (a device-side assert on CUDA).
         # The CPU raises; elsewhere raising would need a host synchronisation, so they are
@@ -136,7 +150,7 @@ class SelfRegulationLoss(nn.Module):
         bad = ((labels < 0) | (labels >= c)) & (labels != ii)
         poisoned = bad.any()
         if labels.device.type == "cpu" and bool(poisoned):
-            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ii}")
+            raise labels_out_of_range(c, ii)
         labels = labels.masked_fill(bad, ii)
         target = presence_targets(labels, c, ii)
         mea_seg = sum(cross_entropy_or_zero(m, labels, ii) for m in maps)

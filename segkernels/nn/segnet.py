@@ -8,6 +8,7 @@ from typing import List
 import torch
 from torch import nn
 
+from .._checks import check_int
 from .pooling import MaxPool2d, MaxUnpool2d
 
 __all__ = ["SegNet"]
@@ -35,8 +36,7 @@ class SegNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(value, name, 1)
         chans = [max(1, c * width // 64) for _, c in _STAGES]
         self.encoder = nn.ModuleList()
         cin = in_channels

@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .._checks import ArgumentTypeError, check_int
 from ..ops.pruning import lasso_gram
 from .stats import LayerStats
 
@@ -129,11 +130,10 @@ def select_channels(
         coefficients at the chosen alpha (on the statistics' device).
     """
     if not isinstance(stats, LayerStats):
-        raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
+        raise ArgumentTypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
     stats._check_weight(weight)
     c = stats.in_channels
-    if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 1 <= n_keep <= c:
-        raise ValueError(f"n_keep must be an int in [1, {c}], got {n_keep!r}")
+    n_keep = check_int(n_keep, "n_keep", 1, c)
     stats._check_usable()
     device = stats.A.device
     if n_keep == c:
@@ -143,8 +143,7 @@ def select_channels(
     alpha_max = float(q.abs().max()) / n_samples
     if points is None:
         points = 64 if device.type == "cuda" else 4
-    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
-        raise ValueError(f"points must be a positive int, got {points!r}")
+    points = check_int(points, "points", 1)
     if alpha_max == 0.0:  # no channel correlates with the targets
         beta = torch.zeros(c, dtype=torch.float64, device=device)
         return _keep_from_beta(beta.cpu(), n_keep, torch.diagonal(G).cpu()), beta

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import ArgumentIndexError, ArgumentTypeError, ArgumentValueError, check_int
 from ..nn.pooling import MaxPool2d as SegkernelsMaxPool2d
 from .lasso import select_channels
 from .reconstruct import _check_ridge, _kept_columns, reconstruct, reconstruction_error
@@ -110,32 +111,32 @@ def prune_sequential(
         (pruned nn.Sequential with the same module positions, PruneReport).
     """
     if not isinstance(model, nn.Sequential):
-        raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
+        raise ArgumentTypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
     _check_ridge(ridge)
     batches = list(calibration_batches)
     if not batches or not all(isinstance(b, torch.Tensor) and b.dim() == 4 for b in batches):
-        raise ValueError("calibration_batches must be a non-empty list of (N, C, H, W) tensors")
+        raise ArgumentValueError("calibration_batches must be a non-empty list of (N, C, H, W) tensors")
     mods = list(model)
     for i, mod in enumerate(mods):
         # The model is run layer by layer: a pooling that returns (values, indices) would hand a
         # tuple to the next layer.
         if getattr(mod, "return_indices", False):
-            raise ValueError(f"module {i} ({type(mod).__name__}) returns indices; prune_sequential needs each "
+            raise ArgumentValueError(f"module {i} ({type(mod).__name__}) returns indices; prune_sequential needs each "
                              "module to map a tensor to a tensor")
     conv_pos = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
     if not conv_pos:
-        raise ValueError("model holds no nn.Conv2d")
+        raise ArgumentValueError("model holds no nn.Conv2d")
     for i in conv_pos:
         if mods[i].groups != 1:
-            raise ValueError(f"module {i} is a grouped conv (groups={mods[i].groups}); only groups=1 can be pruned")
+            raise ArgumentValueError(f"module {i} is a grouped conv (groups={mods[i].groups}); only groups=1 can be pruned")
     if layers is None:
         layers = list(range(1, len(conv_pos)))
     layers = list(layers)
     for L in layers:
-        if isinstance(L, bool) or not isinstance(L, int) or not 1 <= L < len(conv_pos):
-            raise IndexError(f"layers must hold conv indices in [1, {len(conv_pos)}) (conv 0 sees the image), got {L!r}")
+        if not 1 <= check_int(L, "layers") < len(conv_pos):
+            raise ArgumentIndexError(f"layers must hold conv indices in [1, {len(conv_pos)}) (conv 0 sees the image), got {L!r}")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"layers must not repeat a conv, got {layers}")
+        raise ArgumentValueError(f"layers must not repeat a conv, got {layers}")
     layers = sorted(layers)
     passthrough = (nn.BatchNorm2d, SegkernelsMaxPool2d) + _PASSTHROUGH
     for L in layers:
@@ -143,7 +144,7 @@ def prune_sequential(
         bns = [m for m in between if isinstance(m, nn.BatchNorm2d)]
         others = [m for m in between if not isinstance(m, passthrough)]
         if others or len(bns) > 1:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"between conv {L - 1} and conv {L} only one BatchNorm2d and pass-through modules "
                 f"(ReLU, MaxPool2d, ...) may appear, got {[type(m).__name__ for m in between]}"
             )
@@ -155,11 +156,9 @@ def prune_sequential(
                 k = max(1, round(ratio * c)) if ratio is not None else c
         else:
             if ratio is None or not 0 < ratio <= 1:
-                raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+                raise ArgumentValueError(f"ratio must be in (0, 1], got {ratio!r}")
             k = max(1, int(round(ratio * c)))
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= c:
-            raise ValueError(f"n_keep for conv {L} must be an int in [1, {c}], got {k!r}")
-        return k
+        return check_int(k, f"n_keep for conv {L}", 1, c)
 
     for L in layers:  # validate before any work
         target_keep(L, mods[conv_pos[L]].in_channels)

@@ -3,11 +3,11 @@ normal equations), and its relative error."""
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
 
+from .._checks import ArgumentIndexError, ArgumentTypeError, ArgumentValueError, check_real
 from .stats import LayerStats
 
 __all__ = ["reconstruct", "reconstruction_error"]
@@ -18,9 +18,8 @@ def _kept_columns(stats: LayerStats, keep: torch.Tensor) -> torch.Tensor:
     return (keep[:, None] * K + torch.arange(K)[None, :]).reshape(-1).to(stats.A.device)
 
 
-def _check_ridge(ridge) -> None:
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+def _check_ridge(ridge) -> float:
+    return check_real(ridge, "ridge", minimum=0.0)
 
 
 @torch.no_grad()
@@ -36,7 +35,7 @@ def reconstruct(stats: LayerStats, keep: torch.Tensor, *, ridge: float = 0.0) ->
     Returns weight (n, n_keep, kh, kw) and bias (n,), float64 on the statistics' device.
     """
     if not isinstance(stats, LayerStats):
-        raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
+        raise ArgumentTypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
     keep = _check_keep(keep, stats.in_channels)
     _check_ridge(ridge)
     stats._check_usable()
@@ -50,12 +49,12 @@ def _check_keep(keep, c: int) -> torch.Tensor:
     if not isinstance(keep, torch.Tensor):
         keep = torch.as_tensor(keep)
     if keep.dtype not in (torch.int64, torch.int32) or keep.dim() != 1:
-        raise TypeError(f"keep must be a 1-D int64 tensor of channel indices, got {keep.dtype} {tuple(keep.shape)}")
+        raise ArgumentTypeError(f"keep must be a 1-D int64 tensor of channel indices, got {keep.dtype} {tuple(keep.shape)}")
     keep = keep.long().cpu()
     if keep.numel() == 0 or bool((keep < 0).any()) or bool((keep >= c).any()):
-        raise IndexError(f"keep must hold 1 to {c} channel indices in [0, {c}), got {keep.tolist()}")
+        raise ArgumentIndexError(f"keep must hold 1 to {c} channel indices in [0, {c}), got {keep.tolist()}")
     if keep.unique().numel() != keep.numel():
-        raise ValueError("keep must not repeat a channel")
+        raise ArgumentValueError("keep must not repeat a channel")
     return keep
 
 

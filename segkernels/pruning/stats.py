@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import ArgumentTypeError, ArgumentValueError, check_int
 from ..ops.pruning import channel_gram
 
 __all__ = ["LayerStats"]
@@ -29,13 +30,13 @@ class LayerStats:
 
     def __init__(self, conv: nn.Conv2d):
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+            raise ArgumentTypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
-            raise ValueError(f"conv must have groups=1 (channel pruning of grouped convs is not supported), got {conv.groups}")
+            raise ArgumentValueError(f"conv must have groups=1 (channel pruning of grouped convs is not supported), got {conv.groups}")
         if isinstance(conv.padding, str):
-            raise ValueError(f"conv.padding must be explicit integers, got {conv.padding!r}")
+            raise ArgumentValueError(f"conv.padding must be explicit integers, got {conv.padding!r}")
         if conv.padding_mode != "zeros":
-            raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+            raise ArgumentValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
         self.in_channels = conv.in_channels
         self.out_channels = conv.out_channels
         self.kernel_size = _pair(conv.kernel_size)
@@ -102,21 +103,19 @@ class LayerStats:
             generator: for the sampling (on y's device).
         """
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError("x and y must be torch.Tensor")
+            raise ArgumentTypeError("x and y must be torch.Tensor")
         if not x.is_floating_point() or not y.is_floating_point():
-            raise TypeError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
+            raise ArgumentTypeError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ArgumentValueError(f"x must be (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         ho, wo = self.output_size(x.shape[2], x.shape[3])
         expected = (x.shape[0], self.out_channels, ho, wo)
         if tuple(y.shape) != expected:
-            raise ValueError(f"y must be {expected} (the conv's output for x), got {tuple(y.shape)}")
+            raise ArgumentValueError(f"y must be {expected} (the conv's output for x), got {tuple(y.shape)}")
         if x.device != self.A.device or y.device != self.A.device:
-            raise ValueError(f"x and y must be on {self.A.device}, got {x.device} and {y.device}")
-        if positions_per_image is not None and (
-            isinstance(positions_per_image, bool) or not isinstance(positions_per_image, int) or positions_per_image <= 0
-        ):
-            raise ValueError(f"positions_per_image must be a positive int or None, got {positions_per_image!r}")
+            raise ArgumentValueError(f"x and y must be on {self.A.device}, got {x.device} and {y.device}")
+        if positions_per_image is not None:
+            positions_per_image = check_int(positions_per_image, "positions_per_image", 1)
         N = x.shape[0]
         if N == 0 or ho * wo == 0:
             return self
@@ -137,16 +136,16 @@ class LayerStats:
         """Adds explicit rows: patches (rows, c*K) ordered (channel, tap) as F.unfold, and
         targets (rows, n) without bias (for rows sampled elsewhere)."""
         if not isinstance(patches, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise TypeError("patches and targets must be torch.Tensor")
+            raise ArgumentTypeError("patches and targets must be torch.Tensor")
         cK, n = self.A.shape[0], self.out_channels
         if patches.dim() != 2 or patches.shape[1] != cK:
-            raise ValueError(f"patches must be (rows, {cK}), got {tuple(patches.shape)}")
+            raise ArgumentValueError(f"patches must be (rows, {cK}), got {tuple(patches.shape)}")
         if tuple(targets.shape) != (patches.shape[0], n):
-            raise ValueError(f"targets must be ({patches.shape[0]}, {n}), got {tuple(targets.shape)}")
+            raise ArgumentValueError(f"targets must be ({patches.shape[0]}, {n}), got {tuple(targets.shape)}")
         if not patches.is_floating_point() or not targets.is_floating_point():
-            raise TypeError(f"patches and targets must be floating point, got {patches.dtype} and {targets.dtype}")
+            raise ArgumentTypeError(f"patches and targets must be floating point, got {patches.dtype} and {targets.dtype}")
         if patches.device != self.A.device or targets.device != self.A.device:
-            raise ValueError(f"patches and targets must be on {self.A.device}")
+            raise ArgumentValueError(f"patches and targets must be on {self.A.device}")
         xf = patches.double()
         yf = targets.double()
         self.A.addmm_(xf.t(), xf)
@@ -174,14 +173,14 @@ class LayerStats:
 
     def _check_usable(self) -> None:
         if self.rows == 0:
-            raise ValueError("stats holds no rows: call update() with calibration data first")
+            raise ArgumentValueError("stats holds no rows: call update() with calibration data first")
         if not all(bool(torch.isfinite(t).all()) for t in (self.A, self.B, self.x_sum, self.y_sum, self.y_sq)):
-            raise ValueError("stats hold a NaN or inf: the calibration inputs or outputs were not finite")
+            raise ArgumentValueError("stats hold a NaN or inf: the calibration inputs or outputs were not finite")
 
     def _check_weight(self, weight: torch.Tensor) -> None:
         if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+            raise ArgumentTypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         expected = (self.out_channels, self.in_channels, *self.kernel_size)
         if tuple(weight.shape) != expected:
-            raise ValueError(f"weight must be {expected} for these statistics, got {tuple(weight.shape)}")
+            raise ArgumentValueError(f"weight must be {expected} for these statistics, got {tuple(weight.shape)}")
 

@@ -93,10 +93,10 @@ def test_errors(device):
     logits, labels = _case((1, 4, 4), 3, torch.float32, device, ignore_fraction=0.0)
     bad = labels.clone()
     bad[0, 0, 0] = 3
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(IndexError, match="outside"):
         segkernels.confusion_matrix(logits, bad, 3)
     bad[0, 0, 0] = -1
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(IndexError, match="outside"):
         segkernels.confusion_matrix(logits, bad, 3)
     with pytest.raises(ValueError, match="channels"):
         segkernels.confusion_matrix(logits, labels, 4)
@@ -110,12 +110,14 @@ def test_errors(device):
         segkernels.confusion_matrix(labels, labels[:, :2], 3)
     preds = labels.clone()
     preds[0, 1, 1] = 9
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(IndexError, match="outside"):
         segkernels.confusion_matrix(preds, labels, 3)
     # num_classes**2 overflowed int64 in the kernel's buffer size once (a crash): a clear error now.
     for classes in (46341, 2**32, 2**62):
         with pytest.raises(ValueError, match="num_classes"):
             segkernels.confusion_matrix(preds, labels, classes)
+    with pytest.raises(TypeError, match="num_classes"):
+        segkernels.confusion_matrix(logits, labels, 3.0)
     for ignore in (None, 2.5, True):
         with pytest.raises(TypeError, match="ignore_index"):
             segkernels.confusion_matrix(logits, labels, 3, ignore_index=ignore)

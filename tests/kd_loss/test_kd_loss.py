@@ -505,8 +505,18 @@ def test_seg_kd_loss_bad_label_raises():
     students, teacher = _inputs((2, 5, 4, 6), torch.float32, "cpu")
     labels = _labels((2, 5, 4, 6), "cpu")
     labels[0, 0, 0] = 5
-    with pytest.raises(IndexError, match="label 5"):
+    with pytest.raises(IndexError, match="label 5") as caught:
         segkernels.seg_kd_loss(students[0], teacher, labels)
+    assert isinstance(caught.value, RuntimeError)
+
+    # The reference path (float64 on CUDA, or no compiled kernels) raises the same class.
+    import segkernels.ops.kd_loss as api
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "_use_kernels", lambda op, teacher: False)
+        with pytest.raises(IndexError, match="labels") as caught:
+            segkernels.seg_kd_loss(students[0], teacher, labels)
+    assert isinstance(caught.value, RuntimeError)
 
 
 def test_numpy_scalars_are_taken():
@@ -530,7 +540,7 @@ def test_argument_errors():
         (ValueError, "ignore_index must fit in int64", lambda: segkernels.kd_loss(s, t, ignore_index=2**63)),
         (ValueError, "ignore_index must fit", lambda: segkernels.seg_kd_loss(s, t, lab, ignore_index=-(2**64))),
         (TypeError, "ignore_index must be an int", lambda: segkernels.kd_loss(s, t, labels=lab, ignore_index=1.5)),
-        (TypeError, "teacher must be float32", lambda: segkernels.kd_loss(s, t.long())),
+        (TypeError, "teacher must be a floating tensor", lambda: segkernels.kd_loss(s, t.long())),
         (TypeError, "must have the same dtype", lambda: segkernels.kd_loss(s, t.double())),
         (ValueError, "same shape", lambda: segkernels.kd_loss(s, t[:, :2])),
         (ValueError, "teacher must be \\(N, C", lambda: segkernels.kd_loss(s[0, 0, 0], t[0, 0, 0])),
@@ -551,12 +561,15 @@ def test_argument_errors():
          lambda: segkernels.seg_kd_loss(s, t, lab, class_weight=torch.ones(4))),
         (TypeError, "class_weight must be a floating",
          lambda: segkernels.seg_kd_loss(s, t, lab, class_weight=torch.ones(3, dtype=torch.long))),
-        (TypeError, "hard_weight must be a finite", lambda: segkernels.seg_kd_loss(s, t, lab, hard_weight=math.nan)),
+        (ValueError, "hard_weight must be finite", lambda: segkernels.seg_kd_loss(s, t, lab, hard_weight=math.nan)),
+        (TypeError, "soft_weight must be a real number", lambda: segkernels.seg_kd_loss(s, t, lab, soft_weight="1")),
         (ValueError, "labels must be \\(N, \\*spatial\\)", lambda: segkernels.seg_kd_loss(s, t, lab[0])),
     ]
     for exc, match, fn in cases:
-        with pytest.raises(exc, match=match):
+        with pytest.raises(exc, match=match) as caught:
             fn()
+        # The error policy: catchable as RuntimeError too, as PyTorch's own errors are.
+        assert isinstance(caught.value, RuntimeError), caught.value
 
 
 def test_double_backward_raises():
@@ -633,7 +646,7 @@ def test_self_regulation_edge_cases(sr_f):
     int32 = torch.randint(0, 4, (2, 5, 6), dtype=torch.int32)
     assert_close(loss(maps, pres, int32)[0], loss(maps, pres, int32.long())[0])
     for bad in (4, -1):
-        with pytest.raises(ValueError, match="labels must lie in"):
+        with pytest.raises(IndexError, match=r"labels holds a value outside \[0, 4\)"):
             loss(maps, pres, torch.full((2, 5, 6), bad))
     with pytest.raises(TypeError, match="labels must be an integer"):
         loss(maps, pres, torch.zeros(2, 5, 6))

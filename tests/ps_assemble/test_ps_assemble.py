@@ -346,7 +346,7 @@ def test_error_channels_not_multiple_of_k_squared():
 
 
 def test_error_scores_dtype():
-    with pytest.raises(TypeError, match="scores must be float16"):
+    with pytest.raises(TypeError, match="scores must be a floating tensor"):
         segkernels.ps_assemble(torch.ones(1, 9, 5, 5, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int64), k=3, m=5)
     with pytest.raises(TypeError, match="scores must be a torch.Tensor"):
         segkernels.ps_assemble_dense([[1.0]], k=1, m=1)

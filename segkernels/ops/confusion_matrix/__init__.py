@@ -10,6 +10,16 @@ from __future__ import annotations
 import torch
 
 from ... import _library
+from ..._checks import (
+    ArgumentIndexError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_device,
+    check_ignore_index,
+    check_int,
+    check_tensor,
+    is_integer_tensor,
+)
 from .reference import reference_confusion_matrix
 from .registration import MAX_CLASSES
 
@@ -34,35 +44,30 @@ def confusion_matrix(
         num_classes: C.
 
     Raises:
-        ValueError for a label (or prediction) outside [0, num_classes) other than ignore_index.
+        IndexError for a label (or prediction) outside [0, num_classes) other than ignore_index.
         On CUDA that check reads one number back from the device (a synchronisation); under
         torch.compile it is skipped.
     """
-    if not isinstance(input, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError("input and labels must be torch.Tensor")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 0 < num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be an int in [1, {MAX_CLASSES}], got {num_classes!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.device != input.device:
-        raise ValueError(f"labels must be on the device of input ({input.device}), got {labels.device}")
+    check_tensor(input, "input")
+    check_tensor(labels, "labels")
+    num_classes = check_int(num_classes, "num_classes", 1, MAX_CLASSES)
+    ignore_index = check_ignore_index(ignore_index)
+    if not is_integer_tensor(labels):
+        raise ArgumentTypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    check_device(labels, input.device, "labels")
     if input.is_floating_point():
         if input.dim() < 2 or tuple(labels.shape) != (input.shape[0], *input.shape[2:]):
-            raise ValueError(
+            raise ArgumentValueError(
                 f"logits (N, C, *spatial) need labels (N, *spatial): got input {tuple(input.shape)} "
                 f"and labels {tuple(labels.shape)}"
             )
         if input.shape[1] != num_classes:
-            raise ValueError(f"logits have {input.shape[1]} channels but num_classes={num_classes}")
+            raise ArgumentValueError(f"logits have {input.shape[1]} channels but num_classes={num_classes}")
     else:
-        if input.is_complex() or input.dtype == torch.bool:
-            raise TypeError(f"input must be float logits or an integer prediction map, got {input.dtype}")
+        if not is_integer_tensor(input):
+            raise ArgumentTypeError(f"input must be float logits or an integer prediction map, got {input.dtype}")
         if input.shape != labels.shape:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"a prediction map must have the shape of labels: got {tuple(input.shape)} and {tuple(labels.shape)}"
             )
         input = input.long()
@@ -71,7 +76,7 @@ def confusion_matrix(
         return reference_confusion_matrix(input, labels, num_classes, ignore_index)
     matrix, invalid = torch.ops.segkernels.confusion_matrix.default(input, labels, num_classes, ignore_index)
     if not torch.compiler.is_compiling() and int(invalid.item()) > 0:
-        raise ValueError(
+        raise ArgumentIndexError(
             f"{int(invalid.item())} positions have a label or prediction outside [0, {num_classes}) "
             f"that is not ignore_index={ignore_index}"
         )

@@ -17,6 +17,6 @@ def reference_confusion_matrix(
     keep = lab != ignore_index
     pred, lab = pred[keep], lab[keep]
     if bool(((lab < 0) | (lab >= num_classes) | (pred < 0) | (pred >= num_classes)).any()):
-        raise ValueError(f"labels and predictions must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
+        raise IndexError(f"labels and predictions must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
     return torch.bincount(lab * num_classes + pred, minlength=num_classes * num_classes).view(num_classes, num_classes)
 

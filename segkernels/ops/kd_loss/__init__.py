@@ -18,12 +18,23 @@ Design:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ... import _library
+from ..._checks import (
+    ArgumentIndexError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_bool,
+    check_choice,
+    check_float_tensor,
+    check_ignore_index,
+    check_labels,
+    check_real,
+    check_temperature,
+)
 from .reference import reference_kd_loss, reference_seg_kd_loss
 from .registration import _acc_dtype
 
@@ -34,37 +45,24 @@ __all__ = ["kd_loss", "seg_kd_loss", "reference_kd_loss", "reference_seg_kd_loss
 
 GPU_KERNEL = "triton"  # what runs CUDA tensors (see _library.use_kernel)
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 # ----------------------------------------------------------------------------------------------
 # Public API
 
 
 def _check_logits(x, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64 logits, got {x.dtype}")
+    check_float_tensor(x, name)
     if not 2 <= x.dim() <= 5:
-        raise ValueError(f"{name} must be (N, C, *spatial) with 0 to 3 spatial dims, got shape {tuple(x.shape)}")
+        raise ArgumentValueError(
+            f"{name} must be (N, C, *spatial) with 0 to 3 spatial dims, got shape {tuple(x.shape)}"
+        )
 
 
-def _check_ignore_index(ignore_index) -> int:
-    # numbers.Integral: numpy integers too; the op takes an int64.
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not -(2**63) <= int(ignore_index) < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    return int(ignore_index)
-
-
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a positive number, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
-    return float(temperature)
+def _check_like_teacher(x, name: str, teacher: torch.Tensor) -> None:
+    _check_logits(x, name)
+    if x.shape != teacher.shape:
+        raise ArgumentValueError(f"{name} {tuple(x.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
+    if x.device != teacher.device:
+        raise ArgumentValueError(f"{name} ({x.device}) and teacher ({teacher.device}) must be on the same device")
 
 
 def _check_temperature_range(temperature: float, dtype: torch.dtype, squared: bool) -> None:
@@ -73,23 +71,14 @@ def _check_temperature_range(temperature: float, dtype: torch.dtype, squared: bo
     fmax = torch.finfo(_acc_dtype(dtype)).max
     if temperature < 1.0 / fmax or (squared and temperature > math.sqrt(fmax)):
         what = "1 / T" if temperature < 1.0 else "T^2 (the T^2 scale)"
-        raise ValueError(
+        raise ArgumentValueError(
             f"temperature={temperature!r} is out of range for {dtype} logits: {what} overflows their "
             f"{_acc_dtype(dtype)} arithmetic (pass float64 logits{'' if temperature < 1.0 else ' or scale_by_t2=False'})"
         )
 
 
 def _check_labels(labels, teacher: torch.Tensor) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer (int64) tensor, got {labels.dtype}")
-    expected = (teacher.shape[0], *teacher.shape[2:])
-    if tuple(labels.shape) != expected:
-        raise ValueError(f"labels must be (N, *spatial) = {expected}, got {tuple(labels.shape)}")
-    if labels.device != teacher.device:
-        raise ValueError(f"labels must be on {teacher.device}, got {labels.device}")
-    return labels.long()
+    return check_labels(labels, (teacher.shape[0], *teacher.shape[2:]), teacher.device).long()
 
 
 def _rows_as_map(x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +108,7 @@ def _loss_dtypes(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> tuple
     if not _autocast_on(tensors[0].device):
         for name, d in zip(names[1:], dtypes[1:]):
             if d != dtypes[0]:
-                raise TypeError(f"{name} ({d}) and {names[0]} ({dtypes[0]}) must have the same dtype "
+                raise ArgumentTypeError(f"{name} ({d}) and {names[0]} ({dtypes[0]}) must have the same dtype "
                                 "(mixed dtypes are promoted under torch.autocast only)")
         return dtypes[0], dtypes[0]
     common = dtypes[0]
@@ -178,32 +167,24 @@ def kd_loss(
     multi = isinstance(student, (list, tuple))
     students = list(student) if multi else [student]
     if multi and not students:
-        raise ValueError("student must be a tensor or a non-empty list of tensors")
+        raise ArgumentValueError("student must be a tensor or a non-empty list of tensors")
     _check_logits(teacher, "teacher")
     names = [f"student[{i}]" if multi else "student" for i in range(len(students))]
     for name, s in zip(names, students):
-        _check_logits(s, name)
-        if s.shape != teacher.shape:
-            raise ValueError(f"{name} {tuple(s.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
-        if s.device != teacher.device:
-            raise ValueError(f"{name} ({s.device}) and teacher ({teacher.device}) must be on the same device")
+        _check_like_teacher(s, name, teacher)
     dtype, out_dtype = _loss_dtypes([teacher, *students], ["teacher", *names])
     teacher = teacher.to(dtype)
     students = [s.to(dtype) for s in students]
-    temperature = _check_temperature(temperature)
-    if not isinstance(scale_by_t2, bool):
-        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+    temperature = check_temperature(temperature)
+    scale_by_t2 = check_bool(scale_by_t2, "scale_by_t2")
     _check_temperature_range(temperature, dtype, scale_by_t2)
-    if axis not in ("channel", "spatial"):
-        raise ValueError(f"axis must be 'channel' or 'spatial', got {axis!r}")
-    if divergence not in ("kl", "ce"):
-        raise ValueError(f"divergence must be 'kl' or 'ce', got {divergence!r}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    ignore_index = _check_ignore_index(ignore_index)
+    check_choice(axis, "axis", ("channel", "spatial"))
+    check_choice(divergence, "divergence", ("kl", "ce"))
+    check_choice(reduction, "reduction", ("mean", "sum", "none"))
+    ignore_index = check_ignore_index(ignore_index)
     if labels is not None:
         if axis != "channel":
-            raise ValueError("labels (an ignore mask) are only supported with axis='channel'")
+            raise ArgumentValueError("labels (an ignore mask) are only supported with axis='channel'")
         labels = _check_labels(labels, teacher)
     spatial = axis == "spatial"
 
@@ -259,39 +240,39 @@ def seg_kd_loss(
     scalar in the input dtype (float32 under torch.autocast, with mixed dtypes promoted, as
     F.cross_entropy and F.kl_div are).
     """
-    _check_logits(student, "student")
     _check_logits(teacher, "teacher")
-    if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
-    if student.device != teacher.device:
-        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must be on the same device")
+    _check_like_teacher(student, "student", teacher)
     dtype, out_dtype = _loss_dtypes([teacher, student], ["teacher", "student"])
     student, teacher = student.to(dtype), teacher.to(dtype)
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     _check_temperature_range(temperature, dtype, True)
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     labels = _check_labels(labels, teacher)
-    for name, v in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise TypeError(f"{name} must be a finite number, got {v!r}")
+    hard_weight = check_real(hard_weight, "hard_weight")
+    soft_weight = check_real(soft_weight, "soft_weight")
     if class_weight is not None:
-        if not isinstance(class_weight, torch.Tensor) or not class_weight.is_floating_point():
-            raise TypeError("class_weight must be a floating-point tensor of shape (C,)")
+        check_float_tensor(class_weight, "class_weight")
         if tuple(class_weight.shape) != (teacher.shape[1],):
-            raise ValueError(f"class_weight must be (C,) = ({teacher.shape[1]},), got {tuple(class_weight.shape)}")
+            raise ArgumentValueError(
+                f"class_weight must be (C,) = ({teacher.shape[1]},), got {tuple(class_weight.shape)}"
+            )
         if class_weight.device != teacher.device:
-            raise ValueError(f"class_weight must be on {teacher.device}, got {class_weight.device}")
+            raise ArgumentValueError(f"class_weight must be on {teacher.device}, got {class_weight.device}")
         if class_weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("class_weight must not require grad: seg_kd_loss gives it none (as F.cross_entropy)")
-    if not _use_kernels("seg_kd_loss", teacher):
-        return reference_seg_kd_loss(student, teacher, labels, temperature=temperature, hard_weight=hard_weight,
-                                     soft_weight=soft_weight, class_weight=class_weight,
-                                     ignore_index=ignore_index).to(out_dtype)
-    if teacher.dim() == 2:
-        student, teacher, labels = _rows_as_map(student), _rows_as_map(teacher), labels.view(1, -1, 1)
-    loss, _grad = _library.call_below_autograd(
-        torch.ops.segkernels.seg_kd_loss.default,
-        student, teacher.detach(), labels, class_weight, temperature, float(hard_weight), float(soft_weight),
-        ignore_index,
-    )
+            raise ArgumentValueError(
+                "class_weight must not require grad: seg_kd_loss gives it none (as F.cross_entropy)"
+            )
+    try:
+        if not _use_kernels("seg_kd_loss", teacher):
+            return reference_seg_kd_loss(student, teacher, labels, temperature=temperature, hard_weight=hard_weight,
+                                         soft_weight=soft_weight, class_weight=class_weight,
+                                         ignore_index=ignore_index).to(out_dtype)
+        if teacher.dim() == 2:
+            student, teacher, labels = _rows_as_map(student), _rows_as_map(teacher), labels.view(1, -1, 1)
+        loss, _grad = _library.call_below_autograd(
+            torch.ops.segkernels.seg_kd_loss.default,
+            student, teacher.detach(), labels, class_weight, temperature, hard_weight, soft_weight, ignore_index,
+        )
+    except IndexError as exc:  # a label outside [0, C): the CPU kernel's and F.cross_entropy's check
+        raise ArgumentIndexError(f"labels: {exc}") from None
     return loss.to(out_dtype)

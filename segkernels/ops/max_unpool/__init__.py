@@ -29,6 +29,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ... import _library
+from ..._checks import (
+    ArgumentIndexError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_bool,
+    check_float_tensor,
+    check_tensor,
+)
 from .geometry import (
     IntOrSeq,
     check_output_size as _check_output_size,
@@ -42,8 +50,6 @@ if _library.kernels_available():
     from .registration import _pool_with_grad, _unpool_with_grad
 
 _call = _library.call_below_autograd
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = [
     "max_pool2d_with_indices",
@@ -63,18 +69,10 @@ GPU_KERNEL = "cuda"  # what runs CUDA tensors (see _library.use_kernel)
 
 
 def _check_input(input: torch.Tensor, nd: int, name: str = "input") -> None:
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    check_float_tensor(input, name)
     if input.dim() not in (nd + 1, nd + 2):
         shape = "(N, C, D, H, W) or (C, D, H, W)" if nd == 3 else "(N, C, H, W) or (C, H, W)"
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(input.shape)}")
-
-
-def _check_bool(value, name: str) -> None:
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":  # numpy.bool_ too
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        raise ArgumentValueError(f"{name} must have shape {shape}, got {tuple(input.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,24 +85,24 @@ def _unbatched(input: torch.Tensor, nd: int) -> bool:
 
 def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, compact):
     _check_input(input, nd)
-    _check_bool(ceil_mode, "ceil_mode")
-    _check_bool(compact, "compact")
+    check_bool(ceil_mode, "ceil_mode")
+    check_bool(compact, "compact")
     kernel, stride_t, pad, dil = _pool_params(nd, kernel_size, stride, padding, dilation)
     unbatched = _unbatched(input, nd)
     if 0 in (input.shape if unbatched else input.shape[1:]):
-        raise ValueError(
+        raise ArgumentValueError(
             f"input must have a non-zero size in every dimension but the batch, got {tuple(input.shape)}"
         )
     x = input.unsqueeze(0) if unbatched else input
     if compact and math.prod(kernel) > 256:
-        raise ValueError(
+        raise ArgumentValueError(
             f"compact=True stores uint8 in-window offsets, so the window may have at most 256 elements; "
             f"kernel_size={kernel} has {math.prod(kernel)}"
         )
     for i in range(nd):
         out = pooled_extent(x.shape[2 + i], kernel[i], stride_t[i], pad[i], dil[i], ceil_mode)
         if out <= 0:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"input spatial size {tuple(x.shape[2:])} is too small for kernel_size={kernel}, "
                 f"dilation={dil}, padding={pad}: the pooled size would be {out}"
             )
@@ -123,25 +121,25 @@ def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, c
 
 def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size, dilation, check_indices):
     _check_input(input, nd)
-    if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    check_indices = check_bool(check_indices, "check_indices")
+    check_tensor(indices, "indices")
     if indices.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"indices must be int64 (flat, as from F.max_pool{nd}d) or uint8 (compact=True), got {indices.dtype}"
         )
     if indices.shape != input.shape:
-        raise ValueError(f"indices must have the shape of input {tuple(input.shape)}, got {tuple(indices.shape)}")
+        raise ArgumentValueError(f"indices must have the shape of input {tuple(input.shape)}, got {tuple(indices.shape)}")
     if indices.device != input.device:
-        raise ValueError(f"indices must be on the device of input ({input.device}), got {indices.device}")
+        raise ArgumentValueError(f"indices must be on the device of input ({input.device}), got {indices.device}")
     # As F.max_unpool*d: every dimension after the first must be non-empty (for an unbatched
     # (C, *spatial) input too).
     if 0 in input.shape[1:]:
-        raise ValueError(
+        raise ArgumentValueError(
             f"input must have a non-zero size in every dimension after the first, got {tuple(input.shape)}"
         )
     kernel, stride_t, pad, dil = _pool_params(nd, kernel_size, stride, padding, dilation, pooling=False)
     if indices.dtype == torch.uint8 and math.prod(kernel) > 256:
-        raise ValueError(f"compact uint8 indices need a window of at most 256 elements; kernel_size={kernel}")
+        raise ArgumentValueError(f"compact uint8 indices need a window of at most 256 elements; kernel_size={kernel}")
     unbatched = _unbatched(input, nd)
     x = input.unsqueeze(0) if unbatched else input
     idx = indices.unsqueeze(0) if unbatched else indices
@@ -149,18 +147,21 @@ def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size
     _check_output_size(size, input)
     if any(p < 0 for p in pad):
         if indices.dtype == torch.uint8:
-            raise ValueError(f"compact indices need the pooling's padding, which is non-negative; got padding={pad}")
+            raise ArgumentValueError(f"compact indices need the pooling's padding, which is non-negative; got padding={pad}")
         # Then padding only sets the default size: the kernels get none, and check every index,
         # since the windows they would assume are not the ones the indices came from.
         pad, check_indices = (0,) * nd, True
-    if _library.use_kernel(f"max_unpool{nd}d", x.device, GPU_KERNEL):
-        args = (x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, bool(check_indices))
-        if _library.records_grad(x):
-            out = _unpool_with_grad(*args)
+    try:
+        if _library.use_kernel(f"max_unpool{nd}d", x.device, GPU_KERNEL):
+            args = (x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, check_indices)
+            if _library.records_grad(x):
+                out = _unpool_with_grad(*args)
+            else:
+                out = _call(torch.ops.segkernels.max_unpool.default, *args)
         else:
-            out = _call(torch.ops.segkernels.max_unpool.default, *args)
-    else:
-        out = reference_max_unpool(x, idx, kernel, stride_t, pad, dil, size)
+            out = reference_max_unpool(x, idx, kernel, stride_t, pad, dil, size)
+    except IndexError as exc:  # an index outside the output, found by the kernel (or the reference)
+        raise ArgumentIndexError(f"indices: {exc}") from None
     return out.squeeze(0) if unbatched else out
 
 

@@ -9,6 +9,8 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 
+from ..._checks import ArgumentTypeError, ArgumentValueError
+
 IntOrSeq = Union[int, Sequence[int]]
 
 
@@ -22,13 +24,15 @@ def _tuple(value: IntOrSeq, nd: int, name: str, allow_single: bool = True) -> Tu
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value),) * nd
     try:
-        seq = tuple(value)  # type: ignore[arg-type]
+        seq = tuple(value) if not isinstance(value, str) else None  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}") from None
+        seq = None
+    if seq is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in seq):
+        raise ArgumentTypeError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}")
     if len(seq) == 1 and allow_single:  # F.max_pool*d broadcasts (k,); F.max_unpool*d raises
         seq = seq * nd
-    if len(seq) != nd or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in seq):
-        raise ValueError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}")
+    if len(seq) != nd:
+        raise ArgumentValueError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}")
     return tuple(int(v) for v in seq)
 
 
@@ -40,16 +44,16 @@ def pool_params(nd, kernel_size, stride, padding, dilation, pooling=True):
     pad = _tuple(padding, nd, "padding", pooling)
     dil = _tuple(dilation, nd, "dilation", pooling)
     if any(k <= 0 for k in kernel):
-        raise ValueError(f"kernel_size must be positive, got {kernel}")
+        raise ArgumentValueError(f"kernel_size must be positive, got {kernel}")
     if any(s <= 0 for s in stride_t):
-        raise ValueError(f"stride must be positive, got {stride_t}")
+        raise ArgumentValueError(f"stride must be positive, got {stride_t}")
     if any(d <= 0 for d in dil):
-        raise ValueError(f"dilation must be positive, got {dil}")
+        raise ArgumentValueError(f"dilation must be positive, got {dil}")
     # Unpooling takes a negative padding (only the default output size uses it), as F.max_unpool*d.
     if pooling and any(p < 0 for p in pad):
-        raise ValueError(f"padding must be non-negative, got {pad}")
+        raise ArgumentValueError(f"padding must be non-negative, got {pad}")
     if pooling and any(p > k // 2 for p, k in zip(pad, kernel)):
-        raise ValueError(f"padding must be at most half of kernel_size, got padding={pad}, kernel_size={kernel}")
+        raise ArgumentValueError(f"padding must be at most half of kernel_size, got padding={pad}, kernel_size={kernel}")
     return kernel, stride_t, pad, dil
 
 
@@ -74,26 +78,26 @@ def unpool_output_size(in_spatial, kernel, stride, pad, dil, output_size) -> Lis
     try:
         size = list(output_size)
     except TypeError:
-        raise TypeError(f"output_size must be a sequence of ints, got {output_size!r}") from None
+        raise ArgumentTypeError(f"output_size must be a sequence of ints, got {output_size!r}") from None
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size):
-        raise TypeError(f"output_size must be a sequence of ints, got {output_size!r}")
+        raise ArgumentTypeError(f"output_size must be a sequence of ints, got {output_size!r}")
     size = [int(v) for v in size]
     if len(size) == nd + 2:
         size = size[2:]
     if len(size) != nd:
-        raise ValueError(
+        raise ArgumentValueError(
             f"output_size should be a sequence containing {nd} or {nd + 2} elements, but it has a length of {len(size)}"
         )
     for i in range(nd):
         lo, hi = default[i] - stride[i], default[i] + stride[i]
         if not lo < size[i] < hi:
-            raise ValueError(f'invalid output_size "{list(output_size)}" (dim {i} must be between {lo} and {hi})')
+            raise ArgumentValueError(f'invalid output_size "{list(output_size)}" (dim {i} must be between {lo} and {hi})')
     return size
 
 
 def check_output_size(size: Sequence[int], input: torch.Tensor) -> None:
     if any(v < 0 for v in size):
-        raise ValueError(
+        raise ArgumentValueError(
             f"the unpooled size {list(size)} of input {tuple(input.shape)} is negative: check kernel_size, stride "
             "and padding"
         )

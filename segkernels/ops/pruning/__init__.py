@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ... import _library
+from ..._checks import ArgumentTypeError, ArgumentValueError, check_float_tensor, check_int, check_real
 from . import registration as _registration  # noqa: F401  (fake kernels)
 from .reference import reference_channel_gram, reference_lasso_gram
 
@@ -24,10 +25,7 @@ GPU_KERNEL = "triton"  # what runs CUDA tensors (see _library.use_kernel)
 
 
 def _check_float(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    check_float_tensor(t, name, (torch.float32, torch.float64))
 
 
 def channel_gram(A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -46,17 +44,17 @@ def channel_gram(A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor) -> Tupl
     _check_float(B, "B")
     _check_float(weight, "weight")
     if not (A.dtype == B.dtype == weight.dtype):
-        raise TypeError(f"A, B and weight must share a dtype, got {A.dtype}, {B.dtype} and {weight.dtype}")
+        raise ArgumentTypeError(f"A, B and weight must share a dtype, got {A.dtype}, {B.dtype} and {weight.dtype}")
     if not (A.device == B.device == weight.device):
-        raise ValueError(f"A, B and weight must be on one device, got {A.device}, {B.device} and {weight.device}")
+        raise ArgumentValueError(f"A, B and weight must be on one device, got {A.device}, {B.device} and {weight.device}")
     if weight.dim() < 2:
-        raise ValueError(f"weight must be (n, c, *kernel), got shape {tuple(weight.shape)}")
+        raise ArgumentValueError(f"weight must be (n, c, *kernel), got shape {tuple(weight.shape)}")
     n, c = weight.shape[0], weight.shape[1]
     K = math.prod(weight.shape[2:])
     if tuple(A.shape) != (c * K, c * K):
-        raise ValueError(f"A must be ({c * K}, {c * K}) for weight {tuple(weight.shape)}, got {tuple(A.shape)}")
+        raise ArgumentValueError(f"A must be ({c * K}, {c * K}) for weight {tuple(weight.shape)}, got {tuple(A.shape)}")
     if tuple(B.shape) != (c * K, n):
-        raise ValueError(f"B must be ({c * K}, {n}) for weight {tuple(weight.shape)}, got {tuple(B.shape)}")
+        raise ArgumentValueError(f"B must be ({c * K}, {n}) for weight {tuple(weight.shape)}, got {tuple(B.shape)}")
     if not _library.use_kernel("channel_gram", A.device, GPU_KERNEL):
         return reference_channel_gram(A, B, weight)
     return torch.ops.segkernels.channel_gram(A, B, weight)
@@ -94,23 +92,23 @@ def lasso_gram(
         alphas = torch.as_tensor(alphas, dtype=G.dtype, device=G.device)
     _check_float(alphas, "alphas")
     if not (G.dtype == q.dtype == alphas.dtype):
-        raise TypeError(f"G, q and alphas must share a dtype, got {G.dtype}, {q.dtype} and {alphas.dtype}")
+        raise ArgumentTypeError(f"G, q and alphas must share a dtype, got {G.dtype}, {q.dtype} and {alphas.dtype}")
     if not (G.device == q.device == alphas.device):
-        raise ValueError("G, q and alphas must be on one device")
+        raise ArgumentValueError("G, q and alphas must be on one device")
     if G.dim() != 2 or G.shape[0] != G.shape[1]:
-        raise ValueError(f"G must be square (c, c), got {tuple(G.shape)}")
+        raise ArgumentValueError(f"G must be square (c, c), got {tuple(G.shape)}")
     c = G.shape[0]
     if tuple(q.shape) != (c,):
-        raise ValueError(f"q must be ({c},), got {tuple(q.shape)}")
+        raise ArgumentValueError(f"q must be ({c},), got {tuple(q.shape)}")
     if alphas.dim() != 1:
-        raise ValueError(f"alphas must be 1-D (L,), got {tuple(alphas.shape)}")
+        raise ArgumentValueError(f"alphas must be 1-D (L,), got {tuple(alphas.shape)}")
     if bool((alphas < 0).any()) or not bool(torch.isfinite(alphas).all()):
-        raise ValueError("alphas must be finite and >= 0")
+        raise ArgumentValueError("alphas must be finite and >= 0")
     # The solver's soft threshold compares magnitudes: a NaN would pass for zero without a word.
     if not bool(torch.isfinite(G).all()) or not bool(torch.isfinite(q).all()):
-        raise ValueError("G and q must be finite (a NaN or inf in the statistics: check the calibration data)")
+        raise ArgumentValueError("G and q must be finite (a NaN or inf in the statistics: check the calibration data)")
     if bool((G.diagonal() < 0).any()):
-        raise ValueError("G must be positive semi-definite, but its diagonal has a negative entry")
+        raise ArgumentValueError("G must be positive semi-definite, but its diagonal has a negative entry")
     # The descent reads one triangle's worth of G per coordinate: a G that is not a Gram (a
     # transposed or mis-assembled matrix) would solve some other problem without a word. A Gram
     # summed in a different order on each side of the diagonal is asymmetric by its rounding
@@ -120,26 +118,23 @@ def lasso_gram(
     asym = float((G - G.T).abs().max()) if c else 0.0
     scale = float(G.abs().max()) if c else 0.0
     if asym > (0.1 if G.dtype == torch.float32 else 1e-6) * scale:
-        raise ValueError(
+        raise ArgumentValueError(
             f"G must be symmetric (a Gram Z^T Z), but max |G - G^T| = {asym:.3g} against max |G| = {scale:.3g}"
             + (" (a float32 Gram this far from symmetric has lost its precision to cancellation: accumulate "
                "the statistics in float64)" if G.dtype == torch.float32 else "")
         )
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, float)) or not 0 < n_samples < math.inf:
-        raise ValueError(f"n_samples must be a finite positive number, got {n_samples!r}")
-    if not isinstance(tol, (int, float)) or tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    n_samples = check_real(n_samples, "n_samples", positive=True)
+    tol = check_real(tol, "tol", minimum=0.0)
+    max_iter = check_int(max_iter, "max_iter", 0)
     if init is not None:
         _check_float(init, "init")
         if tuple(init.shape) != (alphas.shape[0], c) or init.dtype != G.dtype or init.device != G.device:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"init must be ({alphas.shape[0]}, {c}) {G.dtype} on {G.device}, got {tuple(init.shape)} "
                 f"{init.dtype} on {init.device}"
             )
         if not bool(torch.isfinite(init).all()):
-            raise ValueError("init must be finite")
+            raise ArgumentValueError("init must be finite")
     if not _library.use_kernel("lasso_gram", G.device, GPU_KERNEL):
         return reference_lasso_gram(G, q, alphas, n_samples=n_samples, tol=tol, max_iter=max_iter, init=init)
     return torch.ops.segkernels.lasso_gram(G, q, alphas, float(n_samples), float(tol), int(max_iter), init)

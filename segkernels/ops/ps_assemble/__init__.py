@@ -30,17 +30,22 @@ gradient (never an out-of-bounds read). Under ``torch.compile(fullgraph=True)`` 
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from ... import _library
+from ..._checks import (
+    ArgumentIndexError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_float_tensor,
+    check_int,
+    check_real,
+    check_tensor,
+)
 from . import registration as _registration  # noqa: F401  (fake kernels and autograd)
 from .reference import dense_windows, reference_ps_assemble, reference_ps_assemble_dense
 
 _call = _library.call_below_autograd
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = [
     "ps_assemble",
@@ -57,35 +62,18 @@ GPU_KERNEL = "cuda"  # what runs CUDA tensors (see _library.use_kernel)
 # Public API
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_scores(scores, k, m) -> tuple:
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"scores must be float16, bfloat16, float32 or float64, got {scores.dtype}")
-    k = _check_int(k, "k", 1)
-    m = _check_int(m, "m", 1)
+    check_float_tensor(scores, "scores")
+    k = check_int(k, "k", 1)
+    m = check_int(m, "m", 1)
     if k > m:
-        raise ValueError(f"k must be <= m (each of the k x k cells needs at least one offset), got k={k}, m={m}")
+        raise ArgumentValueError(f"k must be <= m (each of the k x k cells needs at least one offset), got k={k}, m={m}")
     if scores.dim() != 4:
-        raise ValueError(f"scores must have shape (N, G * k * k, H, W), got {tuple(scores.shape)}")
+        raise ArgumentValueError(f"scores must have shape (N, G * k * k, H, W), got {tuple(scores.shape)}")
     c = scores.shape[1]
     if c == 0 or c % (k * k) != 0:
-        raise ValueError(f"scores must have a positive multiple of k * k = {k * k} channels, got {c}")
+        raise ArgumentValueError(f"scores must have a positive multiple of k * k = {k * k} channels, got {c}")
     return k, m
-
-
-def _check_pad(pad_value) -> float:
-    if not isinstance(pad_value, numbers.Real) or isinstance(pad_value, bool):
-        raise TypeError(f"pad_value must be a real number, got {type(pad_value).__name__}")
-    return float(pad_value)
 
 
 def ps_assemble(
@@ -117,21 +105,20 @@ def ps_assemble(
         Differentiable with respect to scores (deterministic gather backward).
     """
     k, m = _check_scores(scores, k, m)
-    pad = _check_pad(pad_value)
-    if not isinstance(windows, torch.Tensor):
-        raise TypeError(f"windows must be a torch.Tensor, got {type(windows).__name__}")
+    pad = check_real(pad_value, "pad_value", finite=False)
+    check_tensor(windows, "windows")
     if windows.dtype != torch.int64:
-        raise TypeError(f"windows must be int64 rows (batch_index, y0, x0), got {windows.dtype}")
+        raise ArgumentTypeError(f"windows must be int64 rows (batch_index, y0, x0), got {windows.dtype}")
     if windows.dim() != 2 or windows.shape[1] != 3:
-        raise ValueError(f"windows must have shape (R, 3) with rows (batch_index, y0, x0), got {tuple(windows.shape)}")
+        raise ArgumentValueError(f"windows must have shape (R, 3) with rows (batch_index, y0, x0), got {tuple(windows.shape)}")
     if windows.device != scores.device:
-        raise ValueError(f"windows must be on the device of scores ({scores.device}), got {windows.device}")
+        raise ArgumentValueError(f"windows must be on the device of scores ({scores.device}), got {windows.device}")
     if check_windows and windows.shape[0] > 0:
         b = windows[:, 0]
         bad = (b < 0) | (b >= scores.shape[0])
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
-            raise IndexError(
+            raise ArgumentIndexError(
                 f"windows[{row}, 0] = {int(b[row])} is not a batch index of scores (batch size {scores.shape[0]})"
             )
     if _library.use_kernel("ps_assemble", scores.device, GPU_KERNEL):
@@ -159,8 +146,8 @@ def ps_assemble_dense(
         ``ps_assemble`` on ``dense_windows(N, H, W, m, stride)`` reshaped. Deterministic backward.
     """
     k, m = _check_scores(scores, k, m)
-    stride = _check_int(stride, "stride", 1)
-    pad = _check_pad(pad_value)
+    stride = check_int(stride, "stride", 1)
+    pad = check_real(pad_value, "pad_value", finite=False)
     if _library.use_kernel("ps_assemble_dense", scores.device, GPU_KERNEL):
         return _call(torch.ops.segkernels.ps_assemble_dense.default, scores, k, m, stride, pad)
     return reference_ps_assemble_dense(scores, k, m, stride, pad)
