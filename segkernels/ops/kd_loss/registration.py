@@ -9,13 +9,8 @@ from typing import List, Sequence
 import torch
 
 from ... import _library
+from ..._checks import is_channels_last as _is_channels_last
 from ..._library import new_output
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    if x.dim() not in (4, 5) or x.is_contiguous():
-        return False
-    return x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-
 
 def _layout(tensors: Sequence[torch.Tensor], spatial: bool):
     """(channels_last, tensors in that layout): channels-last is read in place when every input

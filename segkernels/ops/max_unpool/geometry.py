@@ -9,7 +9,7 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 
-from ..._checks import ArgumentTypeError, ArgumentValueError
+from ..._checks import ArgumentTypeError, ArgumentValueError, channels_last_format
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -105,11 +105,5 @@ def check_output_size(size: Sequence[int], input: torch.Tensor) -> None:
 
 def memory_format(t: torch.Tensor) -> torch.memory_format:
     """The layout the kernels keep: channels-last when the tensor is so and not plainly contiguous."""
-    if t.is_contiguous():
-        return torch.contiguous_format
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    return channels_last_format(t) or torch.contiguous_format
 
