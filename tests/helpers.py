@@ -101,3 +101,102 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         assert not view.is_contiguous()
         return view
     raise ValueError(layout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation of the Triton kernels for sm_90, without a GPU
+
+_TRITON_TYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+    torch.bool: "i1",
+}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
+
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: records each launch's arguments instead of launching."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.kernel, args, kwargs))
+
+        return launch
+
+
+def record_triton_launches(module, run) -> list:
+    """Runs run() with every @triton.jit function of module replaced by a recorder; returns the
+    launches it made as (kernel, args, kwargs), none of them executed. The launchers run on CPU
+    tensors: only the arguments they pass matter. The functions are put back before returning
+    (compiling a kernel reads its helpers from the module)."""
+    import triton
+
+    launches = []
+    kernels = {name: value for name, value in vars(module).items() if isinstance(value, triton.runtime.JITFunction)}
+    if not kernels:
+        pytest.skip("the kernels are interpreted (TRITON_INTERPRET=1)")
+    try:
+        for name, kernel in kernels.items():
+            setattr(module, name, _LaunchRecorder(kernel, launches))
+        run()
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+    return launches
+
+
+def _triton_type(name, value):
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"argument {name}: no Triton type for {type(value).__name__}")
+
+
+def compile_for_sm90(kernel, args, kwargs) -> str:
+    """Compiles one recorded launch ahead of time for sm_90 (Triton to cubin, no GPU needed),
+    with the signature read from the kernel's parameters and the launch's own arguments and
+    options. Returns the kernel's name; any compile error fails the test."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this Triton has no NVIDIA back end")
+    bound = dict(zip(kernel.arg_names, args))
+    options = {k: v for k, v in kwargs.items() if k in _LAUNCH_OPTIONS}
+    bound.update({k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS})
+    missing = [p.name for p in kernel.params if p.name not in bound]
+    assert not missing, f"{kernel.fn.__name__}: launch leaves {missing} unset"
+    signature, constexprs = {}, {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", bound[p.name]
+        else:
+            signature[p.name] = _triton_type(p.name, bound[p.name])
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    assert compiled.asm.get("cubin"), kernel.fn.__name__
+    return kernel.fn.__name__
+
+
+def compile_launches_for_sm90(launches) -> set:
+    """compile_for_sm90 on each distinct (kernel, signature, constexprs) among the launches;
+    returns the names of the kernels compiled."""
+    seen, names = set(), set()
+    for kernel, args, kwargs in launches:
+        key = (kernel.fn.__name__,) + tuple(
+            (type(a).__name__, str(a.dtype)) if isinstance(a, torch.Tensor) else (type(a).__name__, a if isinstance(a, bool) else None)
+            for a in args
+        ) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in seen:
+            seen.add(key)
+            names.add(compile_for_sm90(kernel, args, kwargs))
+    return names

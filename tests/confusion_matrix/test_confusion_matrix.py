@@ -5,7 +5,14 @@ import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 import segkernels
-from helpers import DEVICES, FLOAT_DTYPES, requires_kernels, run_opcheck
+from helpers import (
+    DEVICES,
+    FLOAT_DTYPES,
+    compile_launches_for_sm90,
+    record_triton_launches,
+    requires_kernels,
+    run_opcheck,
+)
 from segkernels._library import triton_available
 from segkernels.ops.confusion_matrix import reference_confusion_matrix
 
@@ -241,24 +248,18 @@ def test_triton_kernel_several_tiles_per_program(classes):
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_kernel_compiles_for_sm90_without_a_gpu():
-    """Ahead-of-time compilation (Triton to cubin) for an H100/H200: checks the types and
-    constexpr branches that the interpreter does not (int64 channel offsets, float64 compare)."""
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """Ahead-of-time compilation (Triton to cubin) of every launch the launcher makes, for an
+    H100/H200: checks the types and constexpr branches that the interpreter does not (int64
+    channel offsets, the float64 compare, the histogram and atomic paths)."""
     import segkernels.ops.confusion_matrix.triton as mod
 
-    if not isinstance(mod._confusion_kernel, triton.runtime.JITFunction):
-        pytest.skip("kernels are interpreted (TRITON_INTERPRET=1)")
-    names = ["x_ptr", "lab_ptr", "cm_ptr", "bad_ptr", "spatial", "classes", "ignore_index", "stride_n", "stride_c",
-             "stride_p", "tiles_per_image"]
-    for x_type, acc, static, bins in [("*bf16", tl.float32, 19, 512), ("*fp64", tl.float64, 0, 4096),
-                                      ("*i64", tl.float32, 0, 1)]:
-        consts = dict(FROM_LOGITS=x_type != "*i64", ACC=acc, BLOCK=512, TILES=8, STATIC_CLASSES=static,
-                      NUM_BINS=bins, USE_HISTOGRAM=bins > 1)
-        types = [x_type, "*i64", "*i64", "*i64", "i64", "i32", "i64", "i32", "i32", "i32", "i32"]
-        sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
-        compiled = triton.compile(ASTSource(mod._confusion_kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
-        assert compiled.asm.get("cubin")
+    def run():
+        for classes in (5, 40, 70):  # unrolled classes; a loop with the histogram; a loop with atomics
+            labels = torch.randint(0, classes, (2, 6, 7))
+            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                mod._confusion_matrix_triton(torch.randn(2, classes, 6, 7).to(dtype), labels, classes, 255)
+            mod._confusion_matrix_triton(labels.clone(), labels, classes, 255)  # a prediction map
+        mod._confusion_matrix_triton(torch.randn(30, 5), torch.randint(0, 5, (30,)), 5, 255)  # (N, C) rows
+
+    launches = record_triton_launches(mod, run)
+    assert compile_launches_for_sm90(launches) == {"_confusion_kernel"}

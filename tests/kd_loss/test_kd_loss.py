@@ -9,7 +9,17 @@ import torch
 import torch.nn.functional as F
 
 import segkernels
-from helpers import DEVICES, FLOAT_DTYPES, assert_close, gradcheck, requires_kernels, run_opcheck, to_layout
+from helpers import (
+    DEVICES,
+    FLOAT_DTYPES,
+    assert_close,
+    compile_launches_for_sm90,
+    gradcheck,
+    record_triton_launches,
+    requires_kernels,
+    run_opcheck,
+    to_layout,
+)
 from segkernels._library import triton_available
 from segkernels.ops.kd_loss import reference_kd_loss, reference_seg_kd_loss
 
@@ -706,6 +716,32 @@ def _triton_or_skip(t):
         pytest.skip("needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
 
 
+def _reference_op(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index):
+    """What the kd_loss op returns (the (K, N, ...) loss maps and each student's gradient of the sum
+    of its map), from the float64 eager reference, in the inputs' dtype."""
+    maps, grads = [], []
+    for s in students:
+        s64 = s.detach().double().requires_grad_()
+        m = reference_kd_loss(s64, teacher.double(), temperature=temperature, axis="spatial" if spatial else "channel",
+                              labels=labels, ignore_index=ignore_index, divergence="kl" if kl else "ce",
+                              reduction="none", scale_by_t2=scale_by_t2)
+        (g,) = torch.autograd.grad(m.sum(), s64)
+        maps.append(m.detach())
+        grads.append(g.to(s.dtype))
+    return torch.stack(maps).float(), grads
+
+
+def _reference_seg_op(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index):
+    """What the seg_kd_loss op returns (the loss and the student's gradient), from the float64
+    eager reference."""
+    s64 = student.detach().double().requires_grad_()
+    w = class_weight.double() if class_weight is not None else None
+    loss = reference_seg_kd_loss(s64, teacher.double(), labels, temperature=temperature, hard_weight=hard_weight,
+                                 soft_weight=soft_weight, class_weight=w, ignore_index=ignore_index)
+    (g,) = torch.autograd.grad(loss, s64)
+    return loss.detach().float(), g.to(student.dtype)
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -723,13 +759,13 @@ def test_triton_channel_kernel_under_interpreter(layout):
     labels[1] = 255  # a fully ignored image
     for kl in (True, False):
         loss, grads = _kd_loss_triton(students, teacher, labels, 2.0, False, kl, True, 255)
-        ref, ref_grads = torch.ops.segkernels.kd_loss(students, teacher, labels, 2.0, False, kl, True, 255)
+        ref, ref_grads = _reference_op(students, teacher, labels, 2.0, False, kl, True, 255)
         assert_close(loss, ref)
         for g, r in zip(grads, ref_grads):  # T * (p_s - p_t): absolute error ~ T * eps
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
         assert (torch.stack(grads)[:, 1] == 0).all() and (loss[:, 1] == 0).all()
     loss, grads = _kd_loss_triton(students[:1], teacher * 1e4, None, 0.1, False, True, False, 255)
-    ref, ref_grads = torch.ops.segkernels.kd_loss(students[:1], teacher * 1e4, None, 0.1, False, True, False, 255)
+    ref, ref_grads = _reference_op(students[:1], teacher * 1e4, None, 0.1, False, True, False, 255)
     # log-probabilities of magnitude 3e5 resolve to 0.03 in float32 (loss not T^2-scaled here)
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=0.1)
     torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-5, atol=1e-5)  # (p_s - p_t) / T
@@ -749,7 +785,7 @@ def test_triton_spatial_kernel_under_interpreter():
     students[1][1, 2, 9:] = float("-inf")  # and a whole trailing one, on the student side
     for kl in (True, False):
         loss, grads = _kd_loss_triton(students, teacher, None, 3.0, True, kl, True, 255)
-        ref, ref_grads = torch.ops.segkernels.kd_loss(students, teacher, None, 3.0, True, kl, True, 255)
+        ref, ref_grads = _reference_op(students, teacher, None, 3.0, True, kl, True, 255)
         assert_close(loss, ref)
         for g, r in zip(grads, ref_grads):
             assert_close(g, r)
@@ -769,7 +805,7 @@ def test_triton_seg_kd_kernel_under_interpreter(weighted):
     w = torch.rand(4) + 0.5 if weighted else None
     for temperature in (1.0, 2.0):
         loss, grad = _seg_kd_loss_triton(s, teacher, labels, w, temperature, 0.7, 1.2, 255)
-        ref, ref_grad = torch.ops.segkernels.seg_kd_loss(s, teacher, labels, w, temperature, 0.7, 1.2, 255)
+        ref, ref_grad = _reference_seg_op(s, teacher, labels, w, temperature, 0.7, 1.2, 255)
         assert_close(loss, ref)
         assert_close(grad, ref_grad)
     loss, grad = _seg_kd_loss_triton(s, teacher, torch.full_like(labels, 255), w, 2.0, 1.0, 1.0, 255)
@@ -786,7 +822,7 @@ def test_triton_seg_kd_kernel_under_interpreter(weighted):
 
 @pytest.mark.triton
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_extremes_match_the_cpu_kernels():
+def test_triton_extremes_match_the_reference():
     # The Triton kernels shift by the raw maximum as the C++ ones do (_shifted, shifted_logit):
     # the maximum's term stays exactly 1 at temperature 1e-10, and rows spanning more than the
     # float range stay finite. Spatial rows of 2000 run in several segments, merged in torch.
@@ -805,7 +841,7 @@ def test_triton_extremes_match_the_cpu_kernels():
     for temperature, ss, ls in ((1e-10, students, long_s), (4.0, spanning, long_spanning)):
         for spatial, s, t in ((False, ss, teacher), (True, ss, teacher), (True, [ls], long_t)):
             loss, grads = _kd_loss_triton(s, t, None, temperature, spatial, True, False, 255)
-            ref, ref_grads = torch.ops.segkernels.kd_loss(s, t, None, temperature, spatial, True, False, 255)
+            ref, ref_grads = _reference_op(s, t, None, temperature, spatial, True, False, 255)
             assert torch.isfinite(loss).all(), (temperature, spatial)
             torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
             for gr, r in zip(grads, ref_grads):
@@ -816,8 +852,7 @@ def test_triton_extremes_match_the_cpu_kernels():
     # soft_weight / count): NaN where the CPU kernel, which sums in double, stayed finite.
     for soft_weight in (0.0, 0.01):  # (at 1 the true total is past the range)
         loss, grad = _seg_kd_loss_triton(spanning[1], teacher, labels, None, 4.0, 0.05, soft_weight, 255)
-        ref, ref_grad = torch.ops.segkernels.seg_kd_loss(spanning[1], teacher, labels, None, 4.0, 0.05, soft_weight,
-                                                         255)
+        ref, ref_grad = _reference_seg_op(spanning[1], teacher, labels, None, 4.0, 0.05, soft_weight, 255)
         assert torch.isfinite(loss), soft_weight
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
@@ -887,77 +922,31 @@ def test_baseline_and_avx2_cpu_builds_agree(axis, monkeypatch):
         assert_close(_check_seg, ref.float())
 
 
-@pytest.mark.triton
-@pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_launches_turn_fp_fusion_off(monkeypatch):
-    # The interpreter computes in numpy and never fuses; on a GPU, Triton fuses x * (1/T) - max
-    # into one FMA unless told not to (see the module docstring): every launch must say so.
-    import segkernels.ops.kd_loss.triton as mod
-    from segkernels._library import triton_runs_on
-
-    s = torch.randn(2, 5, 4, 6, requires_grad=True)
-    if not triton_runs_on(s):
-        pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernels on CPU tensors")
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs.get("enable_fp_fusion"))
-                return self.kernel[grid](*args, **kwargs)
-
-            return launch
-
-    for name in ("_kd_channel_kernel", "_kd_spatial_stats_kernel", "_kd_spatial_apply_kernel"):
-        monkeypatch.setattr(mod, name, Recorder(getattr(mod, name)))
-    t = torch.randn(2, 5, 4, 6)
-    labels = torch.randint(0, 5, (2, 4, 6))
-    mod._kd_loss_triton([s], t, None, 2.0, False, True, True, 255)
-    mod._kd_loss_triton([s], t, None, 2.0, True, True, True, 255)
-    mod._seg_kd_loss_triton(s, t, labels, None, 2.0, 1.0, 1.0, 255)
-    assert len(launches) == 4 and all(f is False for f in launches), launches
-
-
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_kernels_compile_for_sm90_without_a_gpu():
-    """Ahead-of-time compilation of the GPU kernels (Triton to PTX and cubin) for an H100, so
-    that a machine without a GPU still checks what the interpreter cannot (types, constexpr
-    branches, code generation)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """Ahead-of-time compilation (Triton to cubin) of every kernel launch the launchers make,
+    for an H100/H200: checks what the interpreter cannot (types, constexpr branches, code
+    generation) on a machine without a GPU."""
     import segkernels.ops.kd_loss.triton as mod
 
-    if not isinstance(mod._kd_channel_kernel, triton.runtime.JITFunction):
-        pytest.skip("kernels are interpreted (TRITON_INTERPRET=1)")
-    target = GPUTarget("cuda", 90, 32)
-    launch = {"enable_fp_fusion": False}  # as the launches
-    ch = ["t_ptr", "s0", "s1", "s2", "s3", "g0", "g1", "g2", "g3", "loss_ptr", "lab_ptr", "w_ptr", "coef_ptr",
-          "C", "P", "stride_n", "stride_c", "stride_p", "loss_stride_k", "ignore_index", "inv_t", "scale", "gscale"]
-    for dt, consts in [
-        ("bf16", dict(K=1, KL=True, HAS_LABELS=True, HARD=True, HAS_WEIGHT=True, BLOCK=256)),
-        ("fp32", dict(K=4, KL=False, HAS_LABELS=False, HARD=False, HAS_WEIGHT=False, BLOCK=256)),
-    ]:
-        types = ["*" + dt] * 9 + ["*fp32", "*i64", "*fp32", "*fp32"] + ["i32"] * 7 + ["fp32"] * 3
-        sig = dict(zip(ch, types), **{k: "constexpr" for k in consts})
-        compiled = triton.compile(ASTSource(mod._kd_channel_kernel, sig, consts), target=target, options=launch)
-        assert compiled.asm.get("cubin")
-    stats = ["t_ptr", "s0", "s1", "s2", "s3", "stats_ptr", "L", "SEG", "S", "inv_t"]
-    consts = dict(K=2, BLOCK=1024)
-    sig = dict(zip(stats, ["*bf16"] * 5 + ["*fp32", "i32", "i32", "i32", "fp32"]), **{k: "constexpr" for k in consts})
-    compiled = triton.compile(ASTSource(mod._kd_spatial_stats_kernel, sig, consts), target=target, options=launch)
-    assert compiled.asm.get("cubin")
-    apply = ["t_ptr", "s0", "s1", "s2", "s3", "g0", "g1", "g2", "g3", "fin_ptr", "part_ptr", "L", "SEG", "S", "rows",
-             "inv_t", "gscale"]
-    consts = dict(K=2, KL=True, BLOCK=1024)
-    types = ["*bf16"] * 9 + ["*fp32", "*fp32", "i32", "i32", "i32", "i32", "fp32", "fp32"]
-    sig = dict(zip(apply, types), **{k: "constexpr" for k in consts})
-    compiled = triton.compile(ASTSource(mod._kd_spatial_apply_kernel, sig, consts), target=target, options=launch)
-    assert compiled.asm.get("cubin")
+    def run():
+        for dtype in (torch.float32, torch.bfloat16):
+            t = torch.randn(2, 5, 4, 6).to(dtype)
+            students = [torch.randn(2, 5, 4, 6).to(dtype) for _ in range(5)]  # groups of 4 and 1
+            labels = torch.randint(0, 5, (2, 4, 6))
+            for kl in (True, False):
+                mod._kd_loss_triton(students, t, labels, 2.0, False, kl, True, 255)
+                mod._kd_loss_triton(students[:2], t, None, 2.0, True, kl, True, 255)
+            mod._kd_loss_triton(students[:1], t.contiguous(memory_format=torch.channels_last), None, 2.0, False, True,
+                                True, 255)
+            for weight in (None, torch.rand(5)):
+                mod._seg_kd_loss_triton(students[0], t, labels, weight, 2.0, 1.0, 1.0, 255)
+
+    launches = record_triton_launches(mod, run)
+    assert all(kw.get("enable_fp_fusion") is False for _, _, kw in launches)
+    assert compile_launches_for_sm90(launches) == {
+        "_kd_channel_kernel", "_kd_spatial_stats_kernel", "_kd_spatial_apply_kernel"
+    }
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import segkernels
-from helpers import DEVICES, requires_kernels, run_opcheck
+from helpers import (
+    DEVICES,
+    compile_launches_for_sm90,
+    record_triton_launches,
+    requires_kernels,
+    run_opcheck,
+)
 from segkernels import pruning
 from segkernels._library import triton_available
 from segkernels.pruning import LayerStats, reference_channel_gram, reference_lasso_gram
@@ -671,8 +677,11 @@ def test_triton_kernels_interpreted():
     G, q = Z.t() @ Z, Z.t() @ y
     alphas = torch.tensor([2.0, 0.3, 0.01], dtype=torch.float64) * float(q.abs().max()) / 60
     got = pruning_triton._lasso_gram_triton(G, q, alphas, 60.0, 1e-8, 10000, None)
-    ref = segkernels.lasso_gram(G, q, alphas, n_samples=60, tol=1e-8)
+    ref = reference_lasso_gram(G, q, alphas, n_samples=60, tol=1e-8)
     torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)
+    # Warm-started: the same minimiser from another start.
+    got = pruning_triton._lasso_gram_triton(G, q, alphas, 60.0, 1e-8, 10000, torch.randn(3, 5, dtype=torch.float64))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
     init = torch.randn(3, 5, dtype=torch.float64)
     got = pruning_triton._lasso_gram_triton(G, q, alphas, 60.0, 1e-8, 0, init)
     torch.testing.assert_close(got, init)
@@ -680,32 +689,20 @@ def test_triton_kernels_interpreted():
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_kernels_compile_for_sm90():
-    """Ahead-of-time compilation for an H100 (no GPU needed): catches GPU-only typing errors
-    that the interpreter accepts."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the interpreter replaces compilation")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Ahead-of-time compilation (Triton to cubin) of every launch the launchers make, for an
+    H100/H200 (no GPU needed): catches GPU-only typing errors that the interpreter accepts."""
+    import segkernels.ops.pruning.triton as mod
 
-    import segkernels.ops.pruning.triton as pruning_triton
+    def run():
+        for dtype in (torch.float32, torch.float64):
+            A, B, w = torch.eye(18, dtype=dtype), torch.zeros(18, 4, dtype=dtype), torch.zeros(4, 2, 3, 3, dtype=dtype)
+            mod._channel_gram_triton(A, B, w)
+            G, q, al = torch.eye(600, dtype=dtype), torch.ones(600, dtype=dtype), torch.ones(2, dtype=dtype)
+            for init in (None, torch.zeros(2, 600, dtype=dtype)):
+                mod._lasso_gram_triton(G, q, al, 10.0, 1e-8, 100, init)
 
-    target = GPUTarget("cuda", 90, 32)
-    try:
-        for dt in ("fp64", "fp32"):
-            sig = {k: f"*{dt}" for k in ("g_ptr", "q_ptr", "init_ptr", "out_ptr")}
-            sig.update(thr_ptr="*fp64", tol_ptr="*fp64", c="i32", max_iter="i32", HAS_INIT="constexpr",
-                       BLOCK_C="constexpr")
-            src = ASTSource(fn=pruning_triton._lasso_gram_kernel, signature=sig, constexprs={"HAS_INIT": True, "BLOCK_C": 512})
-            assert triton.compile(src, target=target, options={"num_warps": 8}).asm["ptx"]
-            sig = {k: f"*{dt}" for k in ("a_ptr", "b_ptr", "wt_ptr", "g_ptr", "q_ptr")}
-            sig.update(c="i32", n="i32", K="i32", BLOCK_K="constexpr", BLOCK_N="constexpr")
-            src = ASTSource(fn=pruning_triton._channel_gram_kernel, signature=sig, constexprs={"BLOCK_K": 16, "BLOCK_N": 32})
-            assert triton.compile(src, target=target, options={"num_warps": 4}).asm["ptx"]
-    except (RuntimeError, FileNotFoundError) as exc:  # no ptxas / CUDA backend in this triton
-        if "ptxas" in str(exc) or "backend" in str(exc).lower():
-            pytest.skip(f"cannot compile for CUDA here: {exc}")
-        raise
+    launches = record_triton_launches(mod, run)
+    assert compile_launches_for_sm90(launches) == {"_channel_gram_kernel", "_lasso_gram_kernel"}
 
 
 def test_non_finite_statistics_and_ridge_are_refused():

@@ -286,6 +286,9 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
     inv_t = 1.0 / temperature
     scale = temperature * temperature if scale_by_t2 else 1.0
     gscale = scale * inv_t
+    # GPU sizes, or small ones for the interpreter (CPU tensors in the tests); chosen by the mode,
+    # not the device, so that the sm_90 ahead-of-time test compiles what a GPU runs.
+    interpreting = _library.triton_interpreting()
     lab = labels.contiguous() if labels is not None else teacher  # dummy pointer when absent
     loss_stride_k = loss[0].numel()
     for k0 in range(0, K, _TRITON_MAX_STUDENTS):
@@ -295,7 +298,7 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
         lk = loss[k0]
         if spatial:
             kg, rows = len(group), N * C
-            block = 1024 if teacher.is_cuda else 64
+            block = 64 if interpreting else 1024
             segments = max(1, min(triton.cdiv(P, 4 * block), triton.cdiv(_SPATIAL_PROGRAMS, rows)))
             seg = triton.cdiv(triton.cdiv(P, segments), block) * block
             segments = triton.cdiv(P, seg)
@@ -319,7 +322,7 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
             )
             loss[k0:k0 + kg].copy_(part.view(kg, rows, segments).sum(-1).mul_(scale).view(kg, N, C))
         else:
-            block = 256 if teacher.is_cuda else 64
+            block = 64 if interpreting else 256
             stride_p = C if cl else 1
             stride_c = 1 if cl else P
             _kd_channel_kernel[(triton.cdiv(P, block) * N,)](
@@ -363,7 +366,7 @@ def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, har
     bad = (((labels < 0) | (labels >= C)) & (labels != ignore_index)).any()
     coef = torch.where(bad, float("nan"), coef).contiguous()
     weight = class_weight.to(torch.float32).contiguous() if class_weight is not None else coef
-    block = 256 if teacher.is_cuda else 64
+    block = 64 if _library.triton_interpreting() else 256
     tiles = triton.cdiv(P, block)
     partials = torch.empty(N * tiles, dtype=torch.float32, device=teacher.device)
     _kd_channel_kernel[(tiles * N,)](
