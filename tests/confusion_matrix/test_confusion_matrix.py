@@ -263,3 +263,11 @@ def test_triton_kernel_compiles_for_sm90_without_a_gpu():
 
     launches = record_triton_launches(mod, run)
     assert compile_launches_for_sm90(launches) == {"_confusion_kernel"}
+
+def test_reference_agrees_with_torchmetrics():
+    # The reference is the oracle of every back end; torchmetrics is what users compute it with.
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    logits, labels = _case((3, 9, 11), 6, torch.float64, "cpu")
+    expected = multiclass_confusion_matrix(logits.argmax(1), labels, 6, ignore_index=255)
+    assert torch.equal(reference_confusion_matrix(logits, labels, 6), expected)

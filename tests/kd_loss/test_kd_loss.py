@@ -1006,3 +1006,27 @@ def test_autocast_under_torch_compile(device):
     got = torch.compile(f, fullgraph=True)(s, t)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, f(s, t))
+
+
+def test_references_agree_with_torch_functional():
+    # The references are the oracle of every back end, so they are checked against PyTorch's own
+    # losses: F.kl_div (mmrazor's and CIRKD's formulation), F.cross_entropy with probability
+    # targets (the soft CE), and F.cross_entropy with weights and an ignore index (the hard part).
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64), torch.randn(2, 5, 4, 6, generator=g,
+                                                                                  dtype=torch.float64)
+    T = 3.0
+    kl = F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="none").sum(1) * T * T
+    assert_close(reference_kd_loss(s, t, temperature=T, reduction="none"), kl)
+    ce = F.cross_entropy(s / T, F.softmax(t / T, 1), reduction="none") * T * T
+    assert_close(reference_kd_loss(s, t, temperature=T, divergence="ce", reduction="none"), ce)
+    spatial = F.kl_div(F.log_softmax(s.flatten(2) / T, 2), F.softmax(t.flatten(2) / T, 2), reduction="none").sum(2)
+    assert_close(reference_kd_loss(s, t, temperature=T, axis="spatial", reduction="none"), spatial * T * T)
+    labels = _labels(s.shape, "cpu")
+    valid = labels != 255
+    assert_close(reference_kd_loss(s, t, temperature=T, labels=labels), kl[valid].mean())
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    hard = F.cross_entropy(s, labels, weight=w, ignore_index=255)
+    assert_close(reference_seg_kd_loss(s, t, labels, temperature=T, class_weight=w, soft_weight=0.0), hard)
+    assert_close(reference_seg_kd_loss(s, t, labels, temperature=T, hard_weight=0.5, soft_weight=2.0),
+                 0.5 * F.cross_entropy(s, labels, ignore_index=255) + 2.0 * kl[valid].mean())
