@@ -93,3 +93,32 @@ def test_each_op_declares_the_kind_of_its_gpu_kernel(op):
     has_cuda = os.path.exists(os.path.join(CSRC, op, f"{op}_cuda.cu"))
     assert has_triton != has_cuda, op
     assert module.GPU_KERNEL == ("triton" if has_triton else "cuda")
+
+
+def _grads_through_the_ops():
+    import segkernels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=g).requires_grad_()
+    s = torch.randn(2, 4, 3, 5, dtype=torch.float64, generator=g).requires_grad_()
+    t = torch.randn(2, 4, 3, 5, dtype=torch.float64, generator=g)
+    v, i = segkernels.max_pool2d_with_indices(x, 2, compact=True)
+    up = segkernels.max_unpool2d(v * v, i, 2)
+    masks = segkernels.ps_assemble(x, torch.tensor([[0, 1, 1], [1, -1, 2]]), k=2, m=3)
+    loss = up.sum() + masks.square().sum() + segkernels.kd_loss(s, t, temperature=2.0)
+    return torch.autograd.grad(loss, (x, s))
+
+
+def test_ops_run_with_and_without_torchs_private_autograd_guard(monkeypatch):
+    # call_below_autograd skips an op's registered Python autograd kernel through a private torch
+    # guard (torch._C._AutoDispatchBelowAutograd); on a torch without it, the op goes through
+    # that kernel instead. Both paths give the same bits.
+    if not _library.kernels_available():
+        pytest.skip("compiled kernels not loaded")
+    assert _library._below_autograd is not None  # this torch has it: the fast path ran above
+    with_guard = _grads_through_the_ops()
+    monkeypatch.setattr(_library, "_below_autograd", None)
+    without = _grads_through_the_ops()
+    for a, b in zip(with_guard, without):
+        assert torch.isfinite(a).all() and a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
