@@ -9,7 +9,7 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.
 PYTEST := $(PY) -m pytest
 BENCH_DIR ?= benchmarks/results
 
-.PHONY: install test test-triton bench clean
+.PHONY: install test test-triton test-oldest bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,34 @@ test-triton: install
 	@mkdir -p $(RESULTS)
 	TRITON_INTERPRET=1 $(PYTEST) tests -q -m triton --junitxml=$(RESULTS)/triton.xml; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
+# The same tests against the oldest torch segkernels claims (requirements-oldest.txt), on a copy
+# of the tracked files whose CPU extension is built in place against that torch, beside the
+# main build.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY := $(abspath $(OLDEST_VENV))/bin/python
+OLDEST_DIR := build/oldest
+OLDEST_STAMP := $(OLDEST_VENV)/.deps-stamp
+
+$(OLDEST_STAMP): requirements-oldest.txt
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install -q --upgrade pip
+	$(OLDEST_PY) -m pip install -q -r requirements-oldest.txt
+	touch $@
+
+test-oldest: $(OLDEST_STAMP)
+	@mkdir -p $(RESULTS)
+	rm -rf $(OLDEST_DIR) && mkdir -p $(OLDEST_DIR)
+	git ls-files -z | xargs -0 tar -cf - | tar -xf - -C $(OLDEST_DIR)
+	cd $(OLDEST_DIR) && SEGKERNELS_BUILD_TESTING=1 SEGKERNELS_SKIP_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} \
+		$(OLDEST_PY) setup.py -q build_ext --inplace > build-ext.log 2>&1 || { tail -30 build-ext.log; exit 1; }
+	cd $(OLDEST_DIR) && $(OLDEST_PY) -c "import torch, triton, segkernels; assert segkernels.kernels_available(), \
+		segkernels.kernel_load_error(); print('oldest: torch', torch.__version__, 'triton', triton.__version__)"
+	cd $(OLDEST_DIR) && $(OLDEST_PY) -m pytest tests -q -p no:cacheprovider --junitxml=$(abspath $(RESULTS))/oldest-tests.xml
+	cd $(OLDEST_DIR) && TRITON_INTERPRET=1 $(OLDEST_PY) -m pytest tests -q -m triton -p no:cacheprovider \
+		--junitxml=$(abspath $(RESULTS))/oldest-triton.xml
+
 bench: install
 	$(PY) benchmarks/run.py --out $(BENCH_DIR)
 
 clean:
-	rm -rf build segkernels/_C*.so *.egg-info
+	rm -rf build segkernels/_C*.so *.egg-info $(OLDEST_VENV)

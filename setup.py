@@ -1,4 +1,4 @@
-"""Build script for segkernels.
+"""Build script for segkernels' compiled extension (the metadata is in pyproject.toml).
 
 One extension, ``segkernels._C``: the C++ CPU kernels always, the CUDA kernels
 when a CUDA toolkit and a CUDA build of torch are present.
@@ -21,7 +21,7 @@ import shutil
 import sys
 import sysconfig
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -141,13 +141,8 @@ def _extensions():
     return [ext]
 
 
+# The package metadata lives in pyproject.toml (PEP 621); this file only builds the extension.
 setup(
-    name="segkernels",
-    version="0.1.0",
-    description="Fused C++/CUDA and Triton kernels for training and compressing segmentation networks",
-    packages=find_packages(include=["segkernels", "segkernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

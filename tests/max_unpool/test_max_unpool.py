@@ -335,7 +335,8 @@ def test_unpool_segnet_rows_moved_and_bad_indices(avx2, monkeypatch):
         # Unchecked, the bad offset writes nothing and gets an exact zero gradient.
         vg = v.detach().requires_grad_(True)
         out = segkernels.max_unpool2d(vg, ci, 2, output_size=(8, 70), check_indices=False)
-        (got,) = torch.autograd.grad(out, vg, torch.randn_like(out))
+        # (An incoming gradient without exact zeros: bfloat16 randn draws about 1% of them.)
+        (got,) = torch.autograd.grad(out, vg, torch.rand_like(out) + 0.5)
         assert got[0, 0, 1, 17] == 0 and (got != 0).sum() == got.numel() - 1
 
 
