@@ -10,6 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import helpers`
+# `import peers`: the peers' formulations that the benchmarks run, shared with the tests.
+sys.path.insert(1, str(Path(__file__).parent.parent / "benchmarks"))
 
 from helpers import poison_outputs  # noqa: E402
 

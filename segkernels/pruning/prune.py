@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,8 +28,14 @@ class LayerReport:
     module: int  # position in the Sequential
     channels_before: int
     channels_after: int
-    rel_error: float  # relative reconstruction error of the layer's output on the calibration rows
+    # Relative reconstruction error ||Y - Y_hat||^2 / ||Y||^2 of the layer's output at held-out
+    # calibration positions (never fitted); NaN when none were held out (every position fitted).
+    rel_error: float
     seconds: float
+    rows: int = 0  # sampled rows the refit was fitted on
+    unknowns: int = 0  # unknowns of each output's refit: kept channels x taps + bias
+    fit_error: float = float("nan")  # the same error on the fitted rows (optimistic)
+    heldout_rows: int = 0
 
 
 @dataclasses.dataclass
@@ -45,10 +52,16 @@ class PruneReport:
         return self.layers[i]
 
     def __str__(self) -> str:
-        lines = ["| conv | module | channels before | after | rel. error | seconds |", "|---|---|---|---|---|---|"]
+        lines = [
+            "| conv | module | channels before | after | rows | unknowns | rel. error (held-out) | rel. error (fitted) "
+            "| seconds |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in self.layers:
+            held = f"{r.rel_error:.4g} ({r.heldout_rows} rows)" if r.heldout_rows else "n/a"
             lines.append(
-                f"| {r.layer} | {r.module} | {r.channels_before} | {r.channels_after} | {r.rel_error:.4g} | {r.seconds:.3f} |"
+                f"| {r.layer} | {r.module} | {r.channels_before} | {r.channels_after} | {r.rows} | {r.unknowns} | "
+                f"{held} | {r.fit_error:.4g} | {r.seconds:.3f} |"
             )
         return "\n".join(lines)
 
@@ -190,19 +203,39 @@ def _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep
         k = target_keep(L, c)
         stats = LayerStats(conv_p)
         w_o = conv_o.weight.detach()
+        held_x, held_y = [], []
+        held_rows = 0
         it = _progress(batches, f"conv {L} statistics", len(batches)) if progress else batches
         for xb in it:
             x_p = _run_to(pruned, pos, xb)
             x_o = _run_to(original, pos, xb)
             y = F.conv2d(x_o, w_o, None, conv_o.stride, conv_o.padding, conv_o.dilation)
-            stats.update(x_p, y, positions_per_image=positions_per_image, generator=generator)
+            stats._check_batch(x_p, y)
+            # As many held-out positions as fitted ones, while the held-out rows stay few.
+            holdout = (positions_per_image or 0) if held_rows < _HELDOUT_ROWS else 0
+            xf, yf, xh, yh = stats.sample_rows(x_p, y, positions_per_image, generator, holdout=holdout)
+            stats.update_rows(xf, yf)
+            if xh.shape[0]:
+                held_x.append(xh.float())
+                held_y.append(yh.float())
+                held_rows += xh.shape[0]
         keep, _ = select_channels(stats, conv_p.weight.detach(), k)
         ridge_abs = 0.0
         if ridge:
             cols = _kept_columns(stats, keep)
             ridge_abs = ridge * float(stats.A.diagonal()[cols].mean())
+        unknowns = k * stats.K + 1
+        if stats.rows <= unknowns:
+            warnings.warn(
+                f"prune_sequential: conv {L} is refitted from {stats.rows} sampled rows, no more than the {unknowns} "
+                "unknowns of each output (kept channels x taps + bias): the refit interpolates them and generalises "
+                "poorly; sample more images or positions_per_image",
+                RuntimeWarning,
+                stacklevel=4,  # the caller of prune_sequential (past its no_grad wrapper)
+            )
         weight, bias = reconstruct(stats, keep, ridge=ridge_abs)
-        err = reconstruction_error(stats, keep, weight, bias)
+        fit_err = reconstruction_error(stats, keep, weight, bias)
+        err = _heldout_error(held_x, held_y, _kept_columns(stats, keep), weight, bias)
         if conv_o.bias is not None:
             bias = bias + conv_o.bias.detach().double()
         # This conv: only the kept inputs, refitted weights and bias.
@@ -243,7 +276,22 @@ def _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep
         report.append(
             LayerReport(
                 layer=L, module=pos, channels_before=c, channels_after=k, rel_error=err,
-                seconds=time.perf_counter() - start,
+                seconds=time.perf_counter() - start, rows=stats.rows, unknowns=unknowns, fit_error=fit_err,
+                heldout_rows=held_rows,
             )
         )
     return report
+
+
+# Held-out rows kept per layer for its error: bounded memory (float32, rows x (c*K + n)).
+_HELDOUT_ROWS = 2048
+
+
+def _heldout_error(held_x, held_y, cols, weight, bias) -> float:
+    """||Y - X_S W^T - b||^2 / ||Y||^2 over the held-out rows (NaN without any)."""
+    if not held_x:
+        return float("nan")
+    x = torch.cat(held_x)[:, cols.to(held_x[0].device)].double()
+    y = torch.cat(held_y).double()
+    fit = x @ weight.reshape(weight.shape[0], -1).t().to(x) + bias.to(x)
+    return float((y - fit).square().sum() / y.square().sum().clamp_min(1e-300))

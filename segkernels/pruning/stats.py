@@ -102,6 +102,15 @@ class LayerStats:
                 at most H' * W'); None takes every position.
             generator: for the sampling (on y's device).
         """
+        self._check_batch(x, y)
+        if positions_per_image is not None:
+            positions_per_image = check_int(positions_per_image, "positions_per_image", 1)
+        xf, yf, _, _ = self.sample_rows(x, y, positions_per_image, generator)
+        if xf.shape[0]:
+            self.update_rows(xf, yf)
+        return self
+
+    def _check_batch(self, x, y) -> None:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise ArgumentTypeError("x and y must be torch.Tensor")
         if not x.is_floating_point() or not y.is_floating_point():
@@ -114,22 +123,31 @@ class LayerStats:
             raise ArgumentValueError(f"y must be {expected} (the conv's output for x), got {tuple(y.shape)}")
         if x.device != self.A.device or y.device != self.A.device:
             raise ArgumentValueError(f"x and y must be on {self.A.device}, got {x.device} and {y.device}")
-        if positions_per_image is not None:
-            positions_per_image = check_int(positions_per_image, "positions_per_image", 1)
-        N = x.shape[0]
-        if N == 0 or ho * wo == 0:
-            return self
-        if positions_per_image is None or positions_per_image >= ho * wo:
-            xf = self.patches(x, None, None)
-            yf = y.permute(0, 2, 3, 1).reshape(-1, self.out_channels)
-        else:
-            P = positions_per_image
-            scores = torch.rand(N, ho * wo, device=y.device, generator=generator)
-            flat = scores.topk(P, dim=1).indices  # P distinct positions per image
-            rows, cols = flat // wo, flat % wo
-            xf = self.patches(x, rows, cols)
-            yf = y[torch.arange(N, device=y.device)[:, None], :, rows, cols].reshape(-1, self.out_channels)
-        return self.update_rows(xf, yf)
+
+    def sample_rows(self, x: torch.Tensor, y: torch.Tensor, positions_per_image: Optional[int],
+                    generator: Optional[torch.Generator] = None, holdout: int = 0):
+        """Rows (patches (rows, c*K), targets (rows, n)) at positions_per_image random output
+        positions of every image (all positions for None), and at up to `holdout` further positions
+        of each image, disjoint from those: (xf, yf, xh, yh). x and y as in update()."""
+        N, (ho, wo) = x.shape[0], self.output_size(x.shape[2], x.shape[3])
+        P = ho * wo if positions_per_image is None else min(positions_per_image, ho * wo)
+        held = min(holdout, ho * wo - P)
+        if held == 0 and P == ho * wo and N * P > 0:  # every position: one unfold
+            none = (x.new_zeros(0, self.A.shape[0]), y.new_zeros(0, self.out_channels))
+            return (self.patches(x, None, None), y.permute(0, 2, 3, 1).reshape(-1, self.out_channels)) + none
+        scores = torch.rand(N, ho * wo, device=y.device, generator=generator)
+        fitted = scores.topk(P, dim=1).indices  # P distinct positions per image
+        # The held-out positions: the next highest scores, among those not fitted.
+        rest = scores.scatter(1, fitted, float("-inf")).topk(held, dim=1).indices
+        picked = []
+        for part in (fitted, rest):
+            if part.shape[1] == 0 or N == 0:
+                picked += [x.new_zeros(0, self.A.shape[0]), y.new_zeros(0, self.out_channels)]
+                continue
+            rows, cols = part // wo, part % wo
+            picked.append(self.patches(x, rows, cols))
+            picked.append(y[torch.arange(N, device=y.device)[:, None], :, rows, cols].reshape(-1, self.out_channels))
+        return tuple(picked)
 
     @torch.no_grad()
     def update_rows(self, patches: torch.Tensor, targets: torch.Tensor) -> "LayerStats":

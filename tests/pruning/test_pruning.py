@@ -1,9 +1,11 @@
 """Channel pruning on Gram statistics: channel_gram, lasso_gram, LayerStats, select_channels,
 reconstruct and prune_sequential, against explicit design matrices, sklearn and torch.linalg."""
 
+import math
 import os
 import socket
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import peers
 import segkernels
 from helpers import (
     DEVICES,
@@ -40,15 +43,6 @@ def _explicit_rows(conv, x):
     return xf, yf, y
 
 
-def _explicit_Z(xf, weight):
-    """Z (rows * n, c): column i = vec(X_i W_i^T), as the official code builds it."""
-    n, c = weight.shape[:2]
-    K = weight[0, 0].numel()
-    w = weight.double().reshape(n, c, K)
-    cols = [(xf[:, i * K : (i + 1) * K] @ w[:, i, :].t()).reshape(-1) for i in range(c)]
-    return torch.stack(cols, 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # channel_gram
 
@@ -68,7 +62,7 @@ def test_gram_identity_against_explicit_Z(device, c, n, k, stride, padding, dila
     torch.testing.assert_close(stats.A, xf.t() @ xf, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(stats.B, xf.t() @ yf, rtol=1e-12, atol=1e-10)
     assert stats.rows == xf.shape[0]
-    Z = _explicit_Z(xf, conv.weight.detach())
+    Z = torch.from_numpy(peers.design_matrix(xf.cpu(), conv.weight.cpu())).to(xf.device)
     G, q = segkernels.channel_gram(stats.A, stats.B, conv.weight.detach())
     torch.testing.assert_close(G, Z.t() @ Z, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(q, Z.t() @ yf.reshape(-1), rtol=1e-10, atol=1e-9)
@@ -308,29 +302,17 @@ def test_select_channels_hits_n_keep(device, n_keep):
     assert torch.equal(keep64, keep)
 
 
-def test_select_channels_matches_official_search_with_sklearn():
-    """The same alpha search over sklearn's Lasso on the explicit Z keeps the same channels."""
-    from sklearn.linear_model import Lasso
-
+def test_select_channels_matches_the_official_search_with_sklearn():
+    """The official search (one warm-started sklearn Lasso along a bisection) on the explicit Z of
+    every row keeps the same channels as select_channels. Asked for exactly n_keep channels
+    (rank_tol=0), on the paper's problem (no intercept), converged tightly."""
     conv, stats, x, _ = _stats_for(10, 6, images=2, hw=6, seed=3)
     keep, _ = pruning.select_channels(stats, conv.weight.detach(), 4)
     xf, yf, _ = _explicit_rows(conv, x)
-    Z = _explicit_Z(xf, conv.weight.detach()).numpy()
-    yv = yf.reshape(-1).numpy()
-
-    def solve(alphas, init):
-        out = []
-        for a, alpha in enumerate(alphas.tolist()):
-            m = Lasso(alpha=alpha, fit_intercept=False, tol=1e-8, max_iter=100000, warm_start=init is not None)
-            if init is not None:
-                m.coef_ = init[a].numpy().copy()
-            out.append(torch.from_numpy(m.fit(Z, yv).coef_.copy()))
-        return torch.stack(out)
-
-    alpha_max = float(np.abs(Z.T @ yv).max()) / Z.shape[0]
-    _, beta, exact = pruning.alpha_search(solve, alpha_max, 4, 10)
-    assert exact
-    assert torch.nonzero(beta).flatten().tolist() == keep.tolist()
+    Z = peers.design_matrix(xf, conv.weight)
+    mask = peers.official_lasso_search(Z, yf.reshape(-1).numpy(), 4, alpha=1e-3, rank_tol=0.0, fit_intercept=False,
+                                       tol=1e-10, max_iter=100000)
+    assert np.nonzero(mask)[0].tolist() == keep.tolist()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -718,3 +700,29 @@ def test_non_finite_statistics_and_ridge_are_refused():
     stats.update(x, conv(x).detach())
     with pytest.raises(ValueError, match="NaN or inf"):
         pruning.select_channels(stats, conv.weight, n_keep=2)
+
+
+def test_prune_report_measures_the_error_on_held_out_positions():
+    # With fewer sampled rows than unknowns the refit interpolates its rows: the error on them is
+    # about 0 (1e-10 in the old report) however bad the layer. The report's error comes from
+    # positions that were not fitted, and prune_sequential warns.
+    net = _vgg()
+    batches = [torch.randn(2, 3, 13, 15)]
+    with pytest.warns(RuntimeWarning, match="no more than the .* unknowns"):
+        _, report = pruning.prune_sequential(net, batches, ratio=0.5, positions_per_image=5, progress=False)
+    for r in report:
+        assert r.rows == 10 and r.unknowns == r.channels_after * 9 + 1 and r.heldout_rows == 10
+        assert r.fit_error < 1e-6 < 1e-2 < r.rel_error
+    assert "rel. error (held-out)" in str(report)
+    # Plenty of rows: held-out and fitted errors agree to within sampling noise, no warning.
+    batches = [torch.randn(8, 3, 13, 15) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = pruning.prune_sequential(net, batches, ratio=0.5, positions_per_image=20, progress=False)
+    for r in report:
+        assert r.rows > r.unknowns and r.heldout_rows > 0
+        assert r.fit_error <= r.rel_error < 3 * r.fit_error + 1e-3
+    # Every position fitted: nothing held out, reported as such.
+    _, report = pruning.prune_sequential(net, batches, ratio=0.5, positions_per_image=None, progress=False)
+    assert all(r.heldout_rows == 0 and math.isnan(r.rel_error) for r in report)
+    assert "n/a" in str(report)
