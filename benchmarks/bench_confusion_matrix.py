@@ -34,4 +34,5 @@ def test_confusion_matrix_from_logits(benchmark, impl, dtype):
     moved = logits.numel() * logits.element_size() + labels.numel() * labels.element_size()
     case = f"{tuple(shape)} {str(dtype).replace('torch.', '')}"
     run_benchmark(benchmark, fn, op="confusion_matrix from logits", impl=impl, case=case, bytes_moved=moved,
-                  device=DEVICE, rounds=3)
+                  device=DEVICE, rounds=3,
+                  formulation="logits.argmax(1), then torch.bincount of the labelled pixels" if impl == "torch" else None)

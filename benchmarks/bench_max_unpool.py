@@ -5,7 +5,6 @@ unpooling reads values and indices and writes the output; the unpool backward re
 and the selected output gradients and writes the input gradient.
 """
 
-import math
 
 import pytest
 import torch
@@ -57,7 +56,8 @@ def test_unpool_forward(benchmark, impl, name, shape, nd, dtype):
     idx_bytes = 1 if impl == "segkernels-compact" else 8
     moved = values.numel() * (values.element_size() + idx_bytes) + x.numel() * x.element_size()
     run_benchmark(benchmark, fn, op=f"max_unpool{nd}d forward", impl=impl, case=case, bytes_moved=moved, device=DEVICE,
-                  baseline=None if impl == "torch" else baseline)
+                  baseline=None if impl == "torch" else baseline,
+                  formulation=f"F.max_unpool{nd}d with F.max_pool{nd}d's int64 indices" if impl == "torch" else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -83,7 +83,8 @@ def test_unpool_backward(benchmark, impl, name, shape, nd, dtype):
     idx_bytes = 1 if impl == "segkernels-compact" else 8
     moved = values.numel() * (2 * values.element_size() + idx_bytes)
     run_benchmark(benchmark, fn, op=f"max_unpool{nd}d backward", impl=impl, case=case, bytes_moved=moved, device=DEVICE,
-                  baseline=None if impl == "torch" else baseline)
+                  baseline=None if impl == "torch" else baseline,
+                  formulation=f"autograd of F.max_unpool{nd}d" if impl == "torch" else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -104,4 +105,5 @@ def test_pool_with_indices(benchmark, impl, name, shape, nd, dtype):
     idx_bytes = 1 if impl == "segkernels-compact" else 8
     moved = x.numel() * x.element_size() + pooled * (x.element_size() + idx_bytes)
     run_benchmark(benchmark, fn, op=f"max_pool{nd}d with indices", impl=impl, case=case, bytes_moved=moved,
-                  device=DEVICE, baseline=None if impl == "torch" else baseline)
+                  device=DEVICE, baseline=None if impl == "torch" else baseline,
+                  formulation=f"F.max_pool{nd}d(return_indices=True)" if impl == "torch" else None)

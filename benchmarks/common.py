@@ -118,8 +118,12 @@ def run_benchmark(
     device: torch.device,
     rounds: int = 5,
     baseline: Optional[Callable[[], object]] = None,
+    formulation: Optional[str] = None,
 ) -> None:
     """Times fn (synchronised on CUDA) and records what report.py needs.
+
+    formulation names what a baseline row ("torch") computes: the peer's own formulation and
+    settings, printed under the report's table.
 
     With a baseline (the PyTorch function of the same case), also times the two interleaved
     and records the ratio of their medians as `paired_speedup`: the shared build VM drifts by
@@ -153,6 +157,8 @@ def run_benchmark(
         bytes=int(bytes_moved),
         peak_bytes=int(peak_memory_bytes(fn, device)),
     )
+    if formulation:
+        benchmark.extra_info.update(formulation=formulation)
     benchmark.group = f"{op} | {case}"
     if device.type == "cuda":
         rounds = max(rounds, 25)  # GPU runs are short: more rounds for a stable median, same wall time
