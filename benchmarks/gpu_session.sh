@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see README "GPU results"): build with the CUDA kernels, run
-# every test (CUDA-marked ones included) and the CUDA benchmarks, leaving logs and the report
+# One call on a lent GPU machine (README, "Results"): build with the CUDA kernels and the
+# test-only ops, run every test (CUDA-marked ones included) and the CUDA benchmarks, leaving logs and the report
 # under $OUT. Knobs: TESTS (pytest args, default "tests"), BENCH_FILTER (pytest -k for the
 # benchmarks, empty = all, "none" = skip), BENCH_ONLY (op stems), BENCH_TIMEOUT (seconds per
 # benchmark file), SEGKERNELS_BENCH_SCALE.
@@ -21,7 +21,8 @@ stamp build
 # from the one torch loads; mixing them crashes when C++ formats an error message. Use the
 # system compiler that torch's headers and libstdc++ belong to.
 if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared" LDCXXSHARED="/usr/bin/g++ -shared"; fi
-SEGKERNELS_FORCE_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+SEGKERNELS_FORCE_CUDA=1 SEGKERNELS_BUILD_TESTING=1 $PY -m pip install -q --no-build-isolation --no-deps -e . \
+  > "$OUT/build.log" 2>&1 \
   || { tail -50 "$OUT/build.log"; exit 1; }
 $PY -c "import segkernels as s; print('kernels', s.kernels_available(), 'cuda kernels', s.cuda_kernels_available(), s.kernel_load_error())"
 stamp tests

@@ -80,7 +80,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark file")
     args = parser.parse_args()
     device = bench_device()
-    out_dir = os.path.join(args.out, device_label(device))
+    # Absolute: each op file runs in its own pytest process from benchmarks/ (make bench passes a
+    # path relative to the repository root).
+    out_dir = os.path.join(os.path.abspath(args.out), device_label(device))
     raw_dir = os.path.join(out_dir, "raw")
     os.makedirs(raw_dir, exist_ok=True)
     # One pytest run per op file (the copy bandwidth first): a failing or slow op loses only
