@@ -44,8 +44,22 @@ def device_label(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
+def source_commit() -> str:
+    """The commit the measured code comes from (+dirty when the package, the extension or the
+    benchmarks differ from it)."""
+    try:
+        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no", "--",
+                                "../segkernels", "../csrc", "../benchmarks/*.py", "../setup.py"],
+                               capture_output=True, text=True).stdout
+        return commit + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+
+
 def versions() -> str:
-    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
+    parts = [f"commit {source_commit()}", f"torch {torch.__version__}", f"python {platform.python_version()}"]
     if torch.version.cuda:
         parts.append(f"CUDA {torch.version.cuda}")
     try:

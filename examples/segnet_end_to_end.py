@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
 from typing import Dict, List, Tuple
@@ -190,6 +192,31 @@ def load_encoder(model: segkernels.nn.SegNet, pruned: nn.Sequential) -> None:
             k += 1
 
 
+def source_commit() -> str:
+    """The commit this run's code comes from (+dirty when the package or example differ from it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no", "--",
+                                "../segkernels", "../csrc", "../setup.py", "segnet_end_to_end.py"],
+                               capture_output=True, text=True).stdout
+        return commit + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+
+
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{os.cpu_count()}-core {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", help="folder of images (with --labels); default: synthetic scenes")
@@ -206,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--soft-weight", type=float, default=0.25,
                    help="weight of the KD term in seg_kd_loss (the hard CE term has weight 1)")
     p.add_argument("--prune-ratio", type=float, default=0.5, help="share of prunable input channels kept")
-    p.add_argument("--out", default="segnet_end_to_end.png")
+    p.add_argument("--out", default="segnet_end_to_end.png", help="the figure's path ('' for none)")
     p.add_argument("--tiny", action="store_true", help="a smoke run in seconds")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -214,8 +241,9 @@ def main(argv=None) -> int:
         args.train, args.test, args.size, args.epochs, args.batch = 16, 8, 32, 1, 8
         args.teacher_width, args.student_width = 8, 4
     torch.manual_seed(args.seed)
-    print(f"segkernels {segkernels.__version__}: compiled kernels {segkernels.kernels_available()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"segkernels {segkernels.__version__} at {source_commit()}: compiled kernels "
+          f"{segkernels.kernels_available()}, torch {torch.__version__}, {torch.get_num_threads()} threads on "
+          f"{machine()}, seed {args.seed}, {time.strftime('%Y-%m-%d')}")
 
     if args.images:
         x, y = folder_dataset(args.images, args.labels, args.size)
@@ -272,8 +300,9 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     print()
     print(f"pruning report: {report}")
-    save_figure(args.out, test_set, {"teacher": teacher, "student (KD)": student, "pruned": pruned}, results)
-    print(f"figure: {args.out}")
+    if args.out:
+        save_figure(args.out, test_set, {"teacher": teacher, "student (KD)": student, "pruned": pruned}, results)
+        print(f"figure: {args.out}")
     return 0
 
 
