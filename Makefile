@@ -71,7 +71,7 @@ bench: install
 	$(PY) benchmarks/run.py --out $(BENCH_DIR)
 
 # Regenerates the example's committed outputs (examples/outputs/): the table and figure of seed 0
-# and the tables of seeds 1 and 2, each naming the commit and machine it ran on (about 3 minutes
+# and the tables of seeds 1 and 2, each naming the commit and machine it ran on (about a minute
 # a seed on 2 cores).
 EXAMPLE_OUT := examples/outputs
 example: install
