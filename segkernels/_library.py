@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 import warnings
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 _load_error: Exception | None = None
 _loaded = False
@@ -130,38 +132,132 @@ def new_output(sizes, *, dtype, device, memory_format=torch.contiguous_format) -
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd plumbing
+# Autograd, forward-mode AD and torch.func transforms: one path per op
 
 
-def register_autograd(op_name: str, backward, *, setup_context):
-    """torch.library.register_autograd, plus a plain autograd.Function over the same op, setup
-    and backward, returned for eager wrappers to call when a gradient is needed.
+def op_function(op_name: str, *, setup_context, backward, jvp):
+    """The one autograd path of an op.
 
-    Why: the Function that register_autograd generates calls torch._library.utils.fill_defaults
-    on every forward that records a graph, and that re-reads the schema's argument list once per
-    argument: 30-50 us a call here, more than max_unpool2d's kernel on a deep layer's map. The
-    returned Function runs the same setup_context and backward without that cost. The op keeps
-    its registered autograd for torch.compile, opcheck and direct op calls; eager wrappers should
-    call the op itself under torch.compile (see records_grad).
+    Registers backward and setup_context as the op's autograd (torch.library.register_autograd:
+    what torch.compile, opcheck and direct op calls use) and returns an autograd.Function over
+    the same op, setup_context and backward, plus jvp for forward-mode AD. The public functions
+    call it through call_op. It is a setup_context-style Function, which torch.func.grad, vjp,
+    jvp and jacrev accept; under torch.vmap it is batched through the ops' own vmap rules
+    (generate_vmap_rule), which each op registers with torch.library.register_vmap.
     """
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
     namespace, name = op_name.split("::")
     op = getattr(getattr(torch.ops, namespace), name).default
 
-    # ctx in forward, not a setup_context staticmethod: with one, Function.apply binds the
-    # arguments through inspect.signature on every call (about 50 us).
+    def forward(*args):
+        return call_below_autograd(op, *args)
+
+    # Function.apply binds the arguments through inspect.signature(forward) on every call; a
+    # precomputed signature (which inspect returns as it is) saves about 20 us of the 50.
+    forward.__signature__ = inspect.signature(forward)
+
+    # Built with type() so that the graph nodes carry the op's name (<name>_functionBackward).
+    return with_eager_twin(type(
+        f"{name}_function",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
+            "generate_vmap_rule": True,
+        },
+    ))
+
+
+def with_eager_twin(function):
+    """Attaches to a setup_context-style Function its eager twin (function.eager): the same
+    forward, setup_context and backward as a ctx-style Function, which call_op takes when no
+    transform or forward-mode AD is active.
+
+    Why: Function.apply binds a setup_context Function's arguments through inspect and goes
+    through functorch's dispatch on every call, about 25 us more than a ctx-style Function (30
+    against 55 us for a tiny pooling that records a graph), a few percent of a deep layer's
+    pooling. The twin runs the same code, so there is still one autograd path per op.
+    """
+
     def forward(ctx, *args):
-        output = call_below_autograd(op, *args)
-        setup_context(ctx, args, output)
+        output = function.forward(*args)
+        function.setup_context(ctx, args, output)
         return output
 
-    # Built with type() so that the graph nodes carry the op's name (<name>_eager_autogradBackward).
-    function = type(
-        f"{name}_eager_autograd",
+    function.eager = type(
+        f"{function.__name__}_eager",
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        {"forward": staticmethod(forward), "backward": staticmethod(function.backward)},
     )
-    return function.apply
+    return function
+
+
+# Private probes of torch's transform state, looked up once; a torch without them makes every
+# call take the autograd.Function (correct, 10-20 us slower) instead of failing.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def _forward_ad_level() -> int:
+    return getattr(_forward_ad, "_current_level", 0)
+
+
+def _transformed() -> bool:
+    """A torch.func transform or forward-mode AD is active (or this torch cannot tell)."""
+    return _functorch_active is None or _functorch_active() or _forward_ad_level() >= 0
+
+
+def may_need_gradient(t: torch.Tensor) -> bool:
+    """Whether an input's gradient (or tangent) may be asked for: it requires grad, or a
+    transform or forward-mode AD is active (whose tangents a plain call cannot see)."""
+    if torch.is_grad_enabled() and t.requires_grad:
+        return True
+    return not torch.compiler.is_compiling() and _transformed()
+
+
+def call_op(op, function, *args):
+    """An eager public call of op: the op itself when nothing is recorded (the fast path), its
+    autograd.Function under a transform or forward-mode AD, the Function's eager twin when only
+    a graph is recorded, and the op with its registered autograd under torch.compile (which
+    traces ops, not Functions with a jvp)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return apply_function(function, args, lambda: call_below_autograd(op, *args))
+
+
+def apply_function(function, args, plain):
+    """function.apply(*args) under a transform or forward-mode AD, function.eager.apply(*args)
+    when a graph is recorded, plain() when nothing is."""
+    if _transformed():
+        return function.apply(*args)
+    if torch.is_grad_enabled() and _any_requires_grad(args):
+        return function.eager.apply(*args)
+    return plain()
+
+
+def fold_batch(info, in_dims, tensors):
+    """For vmap rules: each tensor with its vmapped dim moved to the front (unbatched ones
+    expanded), that dim folded into the op's own batch dim 0. Returns the folded tensors and
+    the vmap batch size."""
+    size = info.batch_size
+    out = []
+    for t, d in zip(tensors, in_dims):
+        if t is None:
+            out.append(None)
+            continue
+        t = t.expand(size, *t.shape) if d is None else t.movedim(d, 0)
+        out.append(t.reshape(size * t.shape[1], *t.shape[2:]))
+    return out, size
+
+
+def unfold_batch(t: torch.Tensor, size: int) -> torch.Tensor:
+    """The inverse of fold_batch for an op output whose dim 0 holds size * N entries."""
+    return t.reshape(size, t.shape[0] // size if size else 0, *t.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Calling an op below its autograd kernel
 
 
 # torch's private guard that dispatches below the Autograd key; looked up once, so that a torch
@@ -195,16 +291,8 @@ def call_below_autograd(op, *args):
         _below_autograd is None
         or torch.compiler.is_compiling()
         or (torch.is_grad_enabled() and _any_requires_grad(args))
+        or _transformed()  # torch.func's layers dispatch the op themselves
     ):
         return op(*args)
     with _below_autograd():
         return op(*args)
-
-
-def records_grad(*tensors: torch.Tensor) -> bool:
-    """Whether an eager call on these tensors must record a graph (and is not being compiled)."""
-    return (
-        torch.is_grad_enabled()
-        and any(t.requires_grad for t in tensors)
-        and not torch.compiler.is_compiling()
-    )

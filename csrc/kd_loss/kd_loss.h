@@ -55,5 +55,16 @@ SK_HD acc_t divergence_term(acc_t pt, acc_t lpt, acc_t lps, bool kl) {
   return pt != acc_t(0) ? v : acc_t(0);
 }
 
+// The derivative of one position's (or row's) divergence with respect to the teacher's scaled
+// logit x / T, given the element's teacher probability pt, both log-probabilities, and the
+// position's total divergence: pt (l - total), l being the term per unit of pt (log pt - log ps
+// for KL, -log ps for CE). 0 where pt == 0 (never 0 * -inf); a NaN pt passes through.
+template <typename acc_t>
+SK_HD acc_t teacher_gradient(acc_t pt, acc_t lpt, acc_t lps, acc_t total, bool kl) {
+  const acc_t per_unit = kl ? lpt - lps : -lps;
+  const acc_t v = pt * (per_unit - total);
+  return pt != acc_t(0) ? v : acc_t(0);
+}
+
 }  // namespace kd_loss
 }  // namespace segkernels

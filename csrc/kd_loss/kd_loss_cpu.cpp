@@ -136,10 +136,11 @@ void check_labels(const char* op, const Tensor& labels, const Tensor& teacher) {
 }
 
 // Returns the loss map (K, N, *spatial) for spatial=False or (K, N, C) for spatial=True, in the
-// accumulation dtype (float32 for 16-bit inputs), and each student's gradient of its map's sum.
-std::tuple<Tensor, std::vector<Tensor>> kd_loss_cpu(at::TensorList students_in, const Tensor& teacher_in,
-                                                    const std::optional<Tensor>& labels_in, double temperature,
-                                                    bool spatial, bool kl, bool scale_by_t2, int64_t ignore_index) {
+// accumulation dtype (float32 for 16-bit inputs), each student's gradient of its map's sum, and
+// with teacher_grad the teacher's gradient of each student's map sum (else none).
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> kd_loss_cpu(
+    at::TensorList students_in, const Tensor& teacher_in, const std::optional<Tensor>& labels_in, double temperature,
+    bool spatial, bool kl, bool scale_by_t2, int64_t ignore_index, bool teacher_grad) {
   std::vector<Tensor> students(students_in.begin(), students_in.end());
   check_inputs("kd_loss", students, teacher_in);
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "segkernels.kd_loss: temperature must be ",
@@ -167,43 +168,50 @@ std::tuple<Tensor, std::vector<Tensor>> kd_loss_cpu(at::TensorList students_in, 
     for (int64_t d = 2; d < teacher.dim(); ++d) map_sizes.push_back(teacher.size(d));
   }
   Tensor loss = new_output(map_sizes, teacher.options().dtype(acc_type));
-  std::vector<Tensor> grads;
+  std::vector<Tensor> grads, teacher_grads;
   for (int64_t k = 0; k < K; ++k) grads.push_back(new_like(all[k], cl));
+  if (teacher_grad)
+    for (int64_t k = 0; k < K; ++k) teacher_grads.push_back(new_like(teacher, cl));
   if (N * C * P == 0) {  // nothing to read; an empty distribution has zero loss
     loss.zero_();
     for (Tensor& gr : grads) gr.zero_();
-    return {loss, grads};
+    for (Tensor& gr : teacher_grads) gr.zero_();
+    return {loss, grads, teacher_grads};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher.scalar_type(), "kd_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> sp;
-    std::vector<scalar_t*> gp;
+    std::vector<scalar_t*> gp, tgp;
     for (int64_t k = 0; k < K; ++k) {
       sp.push_back(all[k].const_data_ptr<scalar_t>());
       gp.push_back(grads[k].mutable_data_ptr<scalar_t>());
+      if (teacher_grad) tgp.push_back(teacher_grads[k].mutable_data_ptr<scalar_t>());
     }
+    scalar_t* const* tg = teacher_grad ? tgp.data() : nullptr;
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     const acc_t scale = static_cast<acc_t>(scale_by_t2 ? temperature * temperature : 1.0);
     const scalar_t* tp = teacher.const_data_ptr<scalar_t>();
     acc_t* lossp = loss.mutable_data_ptr<acc_t>();
     const int64_t* lp = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
     if (spatial) {
-      SK_KD_DISPATCH(run_spatial<scalar_t>, kl, N * C, P, K, sp.data(), tp, gp.data(), lossp, inv_t, scale);
+      SK_KD_DISPATCH(run_spatial<scalar_t>, kl, N * C, P, K, sp.data(), tp, gp.data(), lossp, inv_t, scale, tg);
     } else {
       SK_KD_DISPATCH(run_channel<scalar_t>, !cl, kl, N, C, P, K, sp.data(), tp, gp.data(), lossp, lp, ignore_index,
-                     inv_t, scale);
+                     inv_t, scale, tg);
     }
   });
-  return {loss, grads};
+  return {loss, grads, teacher_grads};
 }
 
 // hard_weight * cross_entropy(student, labels, weight, ignore_index) (mean over the valid
 // positions' weights) + soft_weight * T^2 * KL(teacher || student at T) (mean over the valid
-// positions). Returns the 0-d loss (accumulation dtype) and the student's gradient of it. A part
-// whose denominator is zero (every position ignored) contributes 0 and no gradient.
-std::tuple<Tensor, Tensor> seg_kd_loss_cpu(const Tensor& student_in, const Tensor& teacher_in, const Tensor& labels_in,
-                                           const std::optional<Tensor>& class_weight, double temperature,
-                                           double hard_weight, double soft_weight, int64_t ignore_index) {
+// positions). Returns the 0-d loss (accumulation dtype), the student's gradient of it, and with
+// teacher_grad the teacher's (else an empty tensor). A part whose denominator is zero (every
+// position ignored) contributes 0 and no gradient.
+std::tuple<Tensor, Tensor, Tensor> seg_kd_loss_cpu(const Tensor& student_in, const Tensor& teacher_in,
+                                                   const Tensor& labels_in, const std::optional<Tensor>& class_weight,
+                                                   double temperature, double hard_weight, double soft_weight,
+                                                   int64_t ignore_index, bool teacher_grad) {
   check_inputs("seg_kd_loss", {student_in}, teacher_in);
   check_labels("seg_kd_loss", labels_in, teacher_in);
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "segkernels.seg_kd_loss: temperature must be ",
@@ -240,11 +248,13 @@ std::tuple<Tensor, Tensor> seg_kd_loss_cpu(const Tensor& student_in, const Tenso
     }
   });
   Tensor grad = new_like(student, cl);
+  Tensor tgrad = teacher_grad ? new_like(teacher, cl) : at::empty({0}, teacher.options());
   Tensor loss = new_output({}, teacher.options().dtype(acc_type));
   if (N * C * P == 0) {
     grad.zero_();
+    tgrad.zero_();
     loss.zero_();
-    return {loss, grad};
+    return {loss, grad, tgrad};
   }
   const int64_t tile = channel_tile(C);
   const int64_t tasks = N * ((P + tile - 1) / tile);
@@ -261,7 +271,7 @@ std::tuple<Tensor, Tensor> seg_kd_loss_cpu(const Tensor& student_in, const Tenso
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     const acc_t scale = static_cast<acc_t>(temperature * temperature);
     SK_KD_DISPATCH(run_hard<scalar_t>, !cl, N, C, P, sp, teacher.const_data_ptr<scalar_t>(), gp, lp, ignore_index,
-                   inv_t, scale, &hard);
+                   inv_t, scale, &hard, teacher_grad ? tgrad.mutable_data_ptr<scalar_t>() : nullptr);
   });
   double total = 0;
   for (double v : partials) total += v;
@@ -269,7 +279,7 @@ std::tuple<Tensor, Tensor> seg_kd_loss_cpu(const Tensor& student_in, const Tenso
   if (acc_type == at::kFloat && std::abs(total) > static_cast<double>(std::numeric_limits<float>::max()))
     total = std::copysign(std::numeric_limits<double>::infinity(), total);
   loss.fill_(total);
-  return {loss, grad};
+  return {loss, grad, tgrad};
 }
 
 }  // namespace

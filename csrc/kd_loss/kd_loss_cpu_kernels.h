@@ -44,6 +44,7 @@ struct ChannelKernel {
   int64_t ignore;
   acc_t inv_t, scale;  // 1 / T and T^2 (or 1)
   const HardPart<acc_t>* hard;
+  scalar_t* const* tg;  // K teacher gradients (one per student), or null when not asked for
 
   int64_t off(int64_t c, int64_t p) const { return CONTIG ? c * P + p : p * C + c; }
   int64_t step() const { return CONTIG ? 1 : C; }
@@ -160,6 +161,25 @@ struct ChannelKernel {
               gc[i * sp] = store_as<scalar_t>(vm[i] != acc_t(0) ? gv : acc_t(0));
             }
           }
+          if (tg) {
+            // The teacher's gradient of this student's divergence, which needs the position's
+            // total acc: (1 / T) p_t (l - L) with l the term per unit of p_t (log p_t - log p_s,
+            // or -log p_s), L their p_t-weighted sum. The tile is still in cache.
+            scalar_t* tgb = tg[k] + nb;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t* __restrict etc = et + c * tile;
+              const scalar_t* __restrict sc = sb + off(c, p0);
+              const scalar_t* __restrict tc = tb + off(c, p0);
+              scalar_t* __restrict tgc = tgb + off(c, p0);
+              for (int64_t i = 0; i < len; ++i) {
+                const acc_t lps = shifted_logit(load_acc(sc[i * sp]), ms[i], inv_t) - lzs[i];
+                const acc_t lpt = shifted_logit(load_acc(tc[i * sp]), mt[i], inv_t) - lzt[i];
+                const acc_t pt = etc[i] * rzt[i];
+                const acc_t gv = gscale * teacher_gradient(pt, lpt, lps, acc[i], KL);
+                tgc[i * sp] = store_as<scalar_t>(vm[i] != acc_t(0) ? gv : acc_t(0));
+              }
+            }
+          }
           if (HARD) {
             double soft_loss = 0;
             for (int64_t i = 0; i < len; ++i) soft_loss += vm[i] != acc_t(0) ? static_cast<double>(acc[i]) : 0.0;
@@ -183,6 +203,7 @@ struct SpatialKernel {
   scalar_t* const* g;
   acc_t* loss;  // (K, rows)
   acc_t inv_t, scale;
+  scalar_t* const* tg;  // K teacher gradients, or null when not asked for
 
   // Float sums and maxima only vectorise when split over independent lanes (the compiler may
   // not reassociate them itself): each loop below keeps kLanes partial results.
@@ -315,6 +336,15 @@ struct SpatialKernel {
           for (int64_t i = full; i < L; ++i) tail += element(i);
           total += static_cast<double>(tail);
           loss[k * rows + r] = static_cast<acc_t>(total) * scale;
+          if (tg) {  // the teacher's gradient needs the row's total: one more pass
+            scalar_t* __restrict tgr = tg[k] + r * L;
+            const acc_t row_total = static_cast<acc_t>(total);
+            for (int64_t i = 0; i < L; ++i) {
+              const acc_t lpt = shifted_logit(load_acc(tc[i]), mt, inv_t) - lzt;
+              const acc_t lps = shifted_logit(load_acc(sr[i]), ms, inv_t) - lzs;
+              tgr[i] = store_as<scalar_t>(gscale * teacher_gradient(etp[i] * rzt, lpt, lps, row_total, KL));
+            }
+          }
         }
       }
     });
@@ -355,6 +385,15 @@ struct SpatialKernel {
             total += static_cast<double>(part);
           }
           loss[k * rows + r] = static_cast<acc_t>(total) * scale;
+          if (tg) {  // the teacher's gradient needs the row's total: one more pass
+            scalar_t* __restrict tgr = tg[k] + r * L;
+            const acc_t row_total = static_cast<acc_t>(total);
+            for (int64_t i = 0; i < L; ++i) {
+              const acc_t lpt = shifted_logit(load_acc(tr[i]), mt, inv_t) - lzt;
+              const acc_t lps = shifted_logit(load_acc(sr[i]), ms, inv_t) - lzs;
+              tgr[i] = store_as<scalar_t>(gscale * teacher_gradient(exp_nonpos(lpt), lpt, lps, row_total, KL));
+            }
+          }
         }
       }
     });
@@ -364,31 +403,33 @@ struct SpatialKernel {
 template <typename scalar_t, typename acc_t>
 void run_channel(bool contig, bool kl, int64_t N, int64_t C, int64_t P, int64_t K, const scalar_t* const* s,
                  const scalar_t* t, scalar_t* const* g, acc_t* loss, const int64_t* labels, int64_t ignore,
-                 acc_t inv_t, acc_t scale) {
+                 acc_t inv_t, acc_t scale, scalar_t* const* tg) {
   if (contig && kl)
-    ChannelKernel<scalar_t, acc_t, true, true, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr}.run();
+    ChannelKernel<scalar_t, acc_t, true, true, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr, tg}.run();
   else if (contig)
-    ChannelKernel<scalar_t, acc_t, true, false, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr}.run();
+    ChannelKernel<scalar_t, acc_t, true, false, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr, tg}.run();
   else if (kl)
-    ChannelKernel<scalar_t, acc_t, false, true, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr}.run();
+    ChannelKernel<scalar_t, acc_t, false, true, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr, tg}.run();
   else
-    ChannelKernel<scalar_t, acc_t, false, false, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr}.run();
+    ChannelKernel<scalar_t, acc_t, false, false, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr, tg}.run();
 }
 
 template <typename scalar_t, typename acc_t>
 void run_hard(bool contig, int64_t N, int64_t C, int64_t P, const scalar_t* s, const scalar_t* t, scalar_t* g,
-              const int64_t* labels, int64_t ignore, acc_t inv_t, acc_t scale, const HardPart<acc_t>* hard) {
+              const int64_t* labels, int64_t ignore, acc_t inv_t, acc_t scale, const HardPart<acc_t>* hard,
+              scalar_t* tg) {
+  scalar_t* const* tgp = tg ? &tg : nullptr;
   if (contig)
-    ChannelKernel<scalar_t, acc_t, true, true, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard}.run();
+    ChannelKernel<scalar_t, acc_t, true, true, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard, tgp}.run();
   else
-    ChannelKernel<scalar_t, acc_t, false, true, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard}.run();
+    ChannelKernel<scalar_t, acc_t, false, true, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard, tgp}.run();
 }
 
 template <typename scalar_t, typename acc_t>
 void run_spatial(bool kl, int64_t rows, int64_t L, int64_t K, const scalar_t* const* s, const scalar_t* t,
-                 scalar_t* const* g, acc_t* loss, acc_t inv_t, acc_t scale) {
+                 scalar_t* const* g, acc_t* loss, acc_t inv_t, acc_t scale, scalar_t* const* tg) {
   if (kl)
-    SpatialKernel<scalar_t, acc_t, true>{rows, L, K, s, t, g, loss, inv_t, scale}.run();
+    SpatialKernel<scalar_t, acc_t, true>{rows, L, K, s, t, g, loss, inv_t, scale, tg}.run();
   else
-    SpatialKernel<scalar_t, acc_t, false>{rows, L, K, s, t, g, loss, inv_t, scale}.run();
+    SpatialKernel<scalar_t, acc_t, false>{rows, L, K, s, t, g, loss, inv_t, scale, tg}.run();
 }

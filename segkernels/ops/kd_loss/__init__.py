@@ -38,6 +38,9 @@ from ..._checks import (
 from .reference import reference_kd_loss, reference_seg_kd_loss
 from .registration import _acc_dtype
 
+if _library.kernels_available():
+    from .registration import KDLossFunction, SegKDLossFunction
+
 if _library.triton_available():
     from . import triton as _triton  # noqa: F401  (registers the CUDA kernels)
 
@@ -143,7 +146,8 @@ def kd_loss(
             float64; or a list of K such students, distilled from the same teacher in one pass
             that reads the teacher once (the result then has a leading K dim).
         teacher: logits of the same shape and dtype (under torch.autocast the dtypes may differ
-            and are promoted); a target (it gets no gradient).
+            and are promoted). When it requires grad (online or mutual distillation) it gets its
+            gradient, computed in the same fused pass, as F.kl_div gives it.
         temperature: T > 0; both distributions are softmax(logits / T). With 16- or 32-bit
             logits 1 / T, and T^2 when it scales the loss, must fit in float32 (ValueError
             otherwise).
@@ -196,10 +200,14 @@ def kd_loss(
     if rows:
         students, teacher = [_rows_as_map(x) for x in students], _rows_as_map(teacher)
         labels = labels.view(1, -1, 1) if labels is not None else None
-    maps, _grads = _library.call_below_autograd(
-        torch.ops.segkernels.kd_loss.default,
-        students, teacher.detach(), labels, temperature, spatial, divergence == "kl", scale_by_t2, ignore_index
-    )
+    args = (labels, temperature, spatial, divergence == "kl", scale_by_t2, ignore_index,
+            _library.may_need_gradient(teacher))
+    op = torch.ops.segkernels.kd_loss.default
+    if torch.compiler.is_compiling():  # the op with its registered autograd
+        maps = op(students, teacher, *args)[0]
+    else:
+        maps = _library.apply_function(KDLossFunction, (teacher, *args, *students),
+                                       lambda: _library.call_below_autograd(op, students, teacher, *args))[0]
     if rows:
         maps = maps.reshape(maps.shape[0], -1)
     if reduction == "none":
@@ -236,6 +244,7 @@ def seg_kd_loss(
     ignore_index; otherwise IndexError on the CPU, and on CUDA (where raising would need a host
     synchronisation) a NaN loss and gradient, never an out-of-bounds read. When every
     position is ignored the result is 0 with a zero gradient (F.cross_entropy would give NaN).
+    A teacher that requires grad gets the soft part's gradient, computed in the same pass.
     class_weight gets no gradient (as in F.cross_entropy, it must not require one). Returns a
     scalar in the input dtype (float32 under torch.autocast, with mixed dtypes promoted, as
     F.cross_entropy and F.kl_div are).
@@ -269,10 +278,9 @@ def seg_kd_loss(
                                          ignore_index=ignore_index).to(out_dtype)
         if teacher.dim() == 2:
             student, teacher, labels = _rows_as_map(student), _rows_as_map(teacher), labels.view(1, -1, 1)
-        loss, _grad = _library.call_below_autograd(
-            torch.ops.segkernels.seg_kd_loss.default,
-            student, teacher.detach(), labels, class_weight, temperature, hard_weight, soft_weight, ignore_index,
-        )
+        args = (student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index,
+                _library.may_need_gradient(teacher))
+        loss = _library.call_op(torch.ops.segkernels.seg_kd_loss.default, SegKDLossFunction, *args)[0]
     except IndexError as exc:  # a label outside [0, C): the CPU kernel's and F.cross_entropy's check
         raise ArgumentIndexError(f"labels: {exc}") from None
     return loss.to(out_dtype)

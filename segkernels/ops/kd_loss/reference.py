@@ -13,7 +13,6 @@ __all__ = ["reference_kd_loss", "reference_seg_kd_loss", "cross_entropy_or_zero"
 
 
 def _reference_one(s, t, temperature, axis, labels, ignore_index, divergence, scale_by_t2):
-    t = t.detach()
     if axis == "spatial":
         s, t, dim = (s.flatten(2), t.flatten(2), 2) if s.dim() > 2 else (s.unsqueeze(2), t.unsqueeze(2), 2)
     else:

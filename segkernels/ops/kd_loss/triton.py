@@ -58,9 +58,23 @@ def _term(pt, lpt, lps, KL: tl.constexpr):
     return v
 
 @triton.jit
-def _channel_student(s_ptr, g_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+def _teacher_grad(pt, lpt, lps, total, KL: tl.constexpr):
+    # The derivative of a position's divergence by the teacher's logit / T: pt (l - total), l the
+    # term per unit of pt (log pt - log ps, or -log ps); 0 where pt == 0 (kd_loss.h's
+    # teacher_gradient).
+    has = pt != 0
+    lpt = tl.where(has, lpt, 0.0)
+    lps = tl.where(has, lps, 0.0)
+    if KL:
+        per_unit = lpt - lps
+    else:
+        per_unit = -lps
+    return tl.where(has, pt * (per_unit - total), 0.0)
+
+@triton.jit
+def _channel_student(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
                      lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL: tl.constexpr, HARD: tl.constexpr,
-                     HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_WEIGHT: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     ms = tl.full([BLOCK], float("-inf"), tl.float32)
     zs = tl.zeros([BLOCK], tl.float32)
     z1 = tl.zeros([BLOCK], tl.float32)
@@ -101,6 +115,15 @@ def _channel_student(s_ptr, g_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt,
             gv += wy * (p1 - tl.where(lab == c, 1.0, 0.0))
         gv = tl.where(valid, gv, 0.0)
         tl.store(g_ptr + base + c_off + offs, gv.to(g_ptr.dtype.element_ty), mask=mask)
+    if TEACHER_GRAD:  # needs each position's total: a second pass over the tile (cached)
+        for c in range(0, C):
+            c_off = (base * 0 + c) * stride_c
+            x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
+            lps = _shifted(x, ms, inv_t) - lzs
+            lpt = _shifted(y, mt, inv_t) - lzt
+            tgv = tl.where(valid, gscale * _teacher_grad(tl.exp(lpt), lpt, lps, acc, KL), 0.0)
+            tl.store(tg_ptr + base + c_off + offs, tgv.to(tg_ptr.dtype.element_ty), mask=mask)
     acc = tl.where(valid, acc, 0.0)
     if HARD:
         # one partial loss per program, summed afterwards (deterministic, no float atomics)
@@ -113,10 +136,10 @@ def _channel_student(s_ptr, g_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt,
 
 @triton.jit
 def _kd_channel_kernel(
-    t_ptr, s0, s1, s2, s3, g0, g1, g2, g3, loss_ptr, lab_ptr, w_ptr, coef_ptr,
+    t_ptr, s0, s1, s2, s3, g0, g1, g2, g3, tg0, tg1, tg2, tg3, loss_ptr, lab_ptr, w_ptr, coef_ptr,
     C, P, stride_n, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
     K: tl.constexpr, KL: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One flat grid axis: a second axis would cap the batch at 65535 (CUDA's grid y limit).
     pid = tl.program_id(0).to(tl.int64)
@@ -161,19 +184,20 @@ def _kd_channel_kernel(
         loss_off = n * P + pid_p * BLOCK
     # As int64 (pid * 0 + ...): 3 * loss_stride_k (= 3 * N * P) may pass 2**31.
     koff = pid * 0 + loss_stride_k
-    _channel_student(s0, g0, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                     lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL, HARD, HAS_WEIGHT, BLOCK)
+    _channel_student(s0, g0, tg0, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                     lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL, HARD, HAS_WEIGHT, TEACHER_GRAD, BLOCK)
     if K > 1:
-        _channel_student(s1, g1, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                         lscale, hard_coef, w_ptr, loss_ptr, loss_off + koff, KL, HARD, HAS_WEIGHT, BLOCK)
+        _channel_student(s1, g1, tg1, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+                         lscale, hard_coef, w_ptr, loss_ptr, loss_off + koff, KL, HARD, HAS_WEIGHT, TEACHER_GRAD,
+                         BLOCK)
     if K > 2:
-        _channel_student(s2, g2, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+        _channel_student(s2, g2, tg2, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
                          lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * koff, KL, HARD,
-                         HAS_WEIGHT, BLOCK)
+                         HAS_WEIGHT, TEACHER_GRAD, BLOCK)
     if K > 3:
-        _channel_student(s3, g3, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
+        _channel_student(s3, g3, tg3, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
                          lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * koff, KL, HARD,
-                         HAS_WEIGHT, BLOCK)
+                         HAS_WEIGHT, TEACHER_GRAD, BLOCK)
 
 @triton.jit
 def _segment_stats(x_ptr, row, start, end, inv_t, BLOCK: tl.constexpr):
@@ -268,9 +292,38 @@ def _kd_spatial_apply_kernel(
                            gscale, KL, BLOCK)
         tl.store(part_ptr + (3 * rows + r) * S + sg, v)
 
+@triton.jit
+def _kd_spatial_teacher_kernel(
+    t_ptr, s_ptr, tg_ptr, fin_ptr, total_ptr, L, SEG, stats, K1, inv_t, gscale,
+    KL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Pass 3 of axis="spatial", only when the teacher needs its gradient: with the rows' totals
+    # known, one segment of one student's teacher gradient. stats: the student's slot in fin.
+    r = tl.program_id(0).to(tl.int64)
+    sg = tl.program_id(1).to(tl.int64)
+    row = r * L
+    start = sg * SEG
+    end = tl.minimum(start + SEG, L)
+    fin = fin_ptr + r * (2 * K1)
+    mt = tl.load(fin)
+    lzt = tl.load(fin + 1)
+    ms = tl.load(fin + stats)
+    lzs = tl.load(fin + stats + 1)
+    total = tl.load(total_ptr + r)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < end
+        x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+        lps = _shifted(x, ms, inv_t) - lzs
+        lpt = _shifted(y, mt, inv_t) - lzt
+        tgv = gscale * _teacher_grad(tl.exp(lpt), lpt, lps, total, KL)
+        tl.store(tg_ptr + row + idx, tgv.to(tg_ptr.dtype.element_ty), mask=m)
+
 _SPATIAL_PROGRAMS = 1024  # rows are split into segments until about this many programs run
 
-def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index):
+def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index,
+                    teacher_grad=False):
     K = len(students)
     cl, tensors = _layout(list(students) + [teacher], spatial)
     students, teacher = tensors[:-1], tensors[-1]
@@ -278,11 +331,12 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
     P = teacher[0, 0].numel() if N > 0 and C > 0 else 0
     loss = new_output(_map_sizes(K, teacher, spatial), dtype=_acc_dtype(teacher.dtype), device=teacher.device)
     grads = [_new_grad(s, cl) for s in students]
+    tgrads = [_new_grad(teacher, cl) for _ in students] if teacher_grad else []
     if N * C * P == 0:
         loss.zero_()
-        for g in grads:
+        for g in grads + tgrads:
             g.zero_()
-        return loss, grads
+        return loss, grads, tgrads
     inv_t = 1.0 / temperature
     scale = temperature * temperature if scale_by_t2 else 1.0
     gscale = scale * inv_t
@@ -295,6 +349,7 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
         group = list(range(k0, min(K, k0 + _TRITON_MAX_STUDENTS)))
         sp = [students[k] for k in group] + [students[group[0]]] * (_TRITON_MAX_STUDENTS - len(group))
         gp = [grads[k] for k in group] + [grads[group[0]]] * (_TRITON_MAX_STUDENTS - len(group))
+        tgp = [tgrads[k] for k in group] + [tgrads[group[0]]] * (_TRITON_MAX_STUDENTS - len(group)) if tgrads else gp
         lk = loss[k0]
         if spatial:
             kg, rows = len(group), N * C
@@ -320,18 +375,24 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
                 teacher, *sp, *gp, fin, part, P, seg, segments, rows, inv_t, gscale,
                 K=kg, KL=kl, BLOCK=block, num_warps=4, enable_fp_fusion=False,
             )
-            loss[k0:k0 + kg].copy_(part.view(kg, rows, segments).sum(-1).mul_(scale).view(kg, N, C))
+            totals = part.view(kg, rows, segments).sum(-1)
+            loss[k0:k0 + kg].copy_(totals.mul(scale).view(kg, N, C))
+            for j, k in enumerate(group if teacher_grad else []):
+                _kd_spatial_teacher_kernel[(rows, segments)](
+                    teacher, students[k], tgrads[k], fin, totals[j].contiguous(), P, seg, 2 * (j + 1), kg + 1,
+                    inv_t, gscale, KL=kl, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+                )
         else:
             block = 64 if interpreting else 256
             stride_p = C if cl else 1
             stride_c = 1 if cl else P
             _kd_channel_kernel[(triton.cdiv(P, block) * N,)](
-                teacher, *sp, *gp, lk, lab, teacher, teacher,
+                teacher, *sp, *gp, *tgp, lk, lab, teacher, teacher,
                 C, P, C * P, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
-                K=len(group), KL=kl, HAS_LABELS=labels is not None, HARD=False, HAS_WEIGHT=False, BLOCK=block,
-                enable_fp_fusion=False,
+                K=len(group), KL=kl, HAS_LABELS=labels is not None, HARD=False, HAS_WEIGHT=False,
+                TEACHER_GRAD=teacher_grad, BLOCK=block, enable_fp_fusion=False,
             )
-    return loss, grads
+    return loss, grads, tgrads
 
 
 def _denominators(labels, class_weight, ignore_index, acc):
@@ -344,15 +405,18 @@ def _denominators(labels, class_weight, ignore_index, acc):
     return count, wsum
 
 
-def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index):
+def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index,
+                        teacher_grad=False):
     cl, (student, teacher) = _layout([student, teacher], False)
     N, C = teacher.shape[0], teacher.shape[1]
     P = teacher[0, 0].numel() if N > 0 and C > 0 else 0
     acc = _acc_dtype(teacher.dtype)
     grad = _new_grad(student, cl)
+    tgrad = _new_grad(teacher, cl) if teacher_grad else teacher.new_empty((0,))
     if N * C * P == 0:
         grad.zero_()
-        return torch.zeros((), dtype=acc, device=teacher.device), grad
+        tgrad.zero_()
+        return torch.zeros((), dtype=acc, device=teacher.device), grad, tgrad
     labels = labels.contiguous()
     count, wsum = _denominators(labels, class_weight, ignore_index, torch.float32)
     zero = torch.zeros((), dtype=torch.float32, device=teacher.device)
@@ -370,12 +434,13 @@ def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, har
     tiles = triton.cdiv(P, block)
     partials = torch.empty(N * tiles, dtype=torch.float32, device=teacher.device)
     _kd_channel_kernel[(tiles * N,)](
-        teacher, student, student, student, student, grad, grad, grad, grad, partials, labels, weight, coef,
+        teacher, student, student, student, student, grad, grad, grad, grad, *([tgrad] * 4 if teacher_grad else [grad] * 4),
+        partials, labels, weight, coef,
         C, P, C * P, 1 if cl else P, C if cl else 1, 0, ignore_index, 1.0 / temperature,
         temperature * temperature, temperature, K=1, KL=True, HAS_LABELS=True, HARD=True,
-        HAS_WEIGHT=class_weight is not None, BLOCK=block, enable_fp_fusion=False,
+        HAS_WEIGHT=class_weight is not None, TEACHER_GRAD=teacher_grad, BLOCK=block, enable_fp_fusion=False,
     )
-    return partials.sum().to(acc), grad
+    return partials.sum().to(acc), grad, tgrad
 
 
 if _library.kernels_available():  # the ops' schemas come from the compiled extension

@@ -47,9 +47,8 @@ from .geometry import (
 from .reference import compact_to_flat_indices, reference_max_pool_with_indices, reference_max_unpool
 
 if _library.kernels_available():
-    from .registration import _pool_with_grad, _unpool_with_grad
+    from .registration import MaxPoolFunction, MaxUnpoolFunction
 
-_call = _library.call_below_autograd
 
 __all__ = [
     "max_pool2d_with_indices",
@@ -108,10 +107,7 @@ def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, c
             )
     if _library.use_kernel(f"max_pool{nd}d_with_indices", x.device, GPU_KERNEL):
         args = (x, list(kernel), list(stride_t), list(pad), list(dil), ceil_mode, compact)
-        if _library.records_grad(x):
-            values, indices = _pool_with_grad(*args)
-        else:
-            values, indices = _call(torch.ops.segkernels.max_pool_with_indices.default, *args)
+        values, indices = _library.call_op(torch.ops.segkernels.max_pool_with_indices.default, MaxPoolFunction, *args)
     else:
         values, indices = reference_max_pool_with_indices(x, kernel, stride_t, pad, dil, ceil_mode, compact)
     if unbatched:
@@ -154,10 +150,7 @@ def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size
     try:
         if _library.use_kernel(f"max_unpool{nd}d", x.device, GPU_KERNEL):
             args = (x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, check_indices)
-            if _library.records_grad(x):
-                out = _unpool_with_grad(*args)
-            else:
-                out = _call(torch.ops.segkernels.max_unpool.default, *args)
+            out = _library.call_op(torch.ops.segkernels.max_unpool.default, MaxUnpoolFunction, *args)
         else:
             out = reference_max_unpool(x, idx, kernel, stride_t, pad, dil, size)
     except IndexError as exc:  # an index outside the output, found by the kernel (or the reference)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ... import _library
+from ..._checks import ArgumentValueError
 
 if _library.kernels_available():
 
@@ -18,3 +19,13 @@ if _library.kernels_available():
     @torch.library.register_fake("segkernels::lasso_gram")
     def _(G, q, alphas, n_samples, tol, max_iter, init):
         return G.new_empty((alphas.shape[0], G.shape[0]))
+
+    def _no_vmap(op):
+        def rule(info, in_dims, *args):
+            raise ArgumentValueError(f"segkernels.{op} does not support torch.vmap: it reduces statistics "
+                                     "already summed over every sampled row; call it once per layer")
+
+        return rule
+
+    for _op in ("channel_gram", "lasso_gram"):
+        torch.library.register_vmap(f"segkernels::{_op}", _no_vmap(_op))

@@ -42,10 +42,10 @@ from ..._checks import (
     check_real,
     check_tensor,
 )
-from . import registration as _registration  # noqa: F401  (fake kernels and autograd)
 from .reference import dense_windows, reference_ps_assemble, reference_ps_assemble_dense
 
-_call = _library.call_below_autograd
+if _library.kernels_available():
+    from .registration import AssembleDenseFunction, AssembleFunction
 
 __all__ = [
     "ps_assemble",
@@ -116,13 +116,21 @@ def ps_assemble(
     if check_windows and windows.shape[0] > 0:
         b = windows[:, 0]
         bad = (b < 0) | (b >= scores.shape[0])
-        if bool(bad.any()):
+        try:
+            any_bad = bool(bad.any())
+        except RuntimeError as exc:  # data-dependent: torch.vmap cannot read it on the host
+            raise ArgumentValueError(
+                "ps_assemble: check_windows=True reads the windows' batch indices on the host, which this "
+                "transform cannot; pass check_windows=False (invalid rows then assemble as pad_value)"
+            ) from exc
+        if any_bad:
             row = int(bad.nonzero()[0, 0])
             raise ArgumentIndexError(
                 f"windows[{row}, 0] = {int(b[row])} is not a batch index of scores (batch size {scores.shape[0]})"
             )
     if _library.use_kernel("ps_assemble", scores.device, GPU_KERNEL):
-        return _call(torch.ops.segkernels.ps_assemble.default, scores, windows, k, m, pad)
+        return _library.call_op(torch.ops.segkernels.ps_assemble.default, AssembleFunction, scores, windows, k, m,
+                                pad)
     if not check_windows:  # the reference raises on invalid rows; give them the kernels' rule
         valid = (windows[:, 0] >= 0) & (windows[:, 0] < scores.shape[0])
         out = reference_ps_assemble(scores, torch.where(valid[:, None], windows, torch.zeros_like(windows)), k, m, pad)
@@ -149,5 +157,6 @@ def ps_assemble_dense(
     stride = check_int(stride, "stride", 1)
     pad = check_real(pad_value, "pad_value", finite=False)
     if _library.use_kernel("ps_assemble_dense", scores.device, GPU_KERNEL):
-        return _call(torch.ops.segkernels.ps_assemble_dense.default, scores, k, m, stride, pad)
+        return _library.call_op(torch.ops.segkernels.ps_assemble_dense.default, AssembleDenseFunction, scores, k,
+                                m, stride, pad)
     return reference_ps_assemble_dense(scores, k, m, stride, pad)
