@@ -141,6 +141,38 @@ def labels_out_of_range(num_classes: int, ignore_index: int, count: Optional[int
     )
 
 
+def _channels_last_strides(sizes, strides) -> bool:
+    # c10's is_channels_last_strides_2d/3d: the strides order the dims as (N, *spatial, C), C
+    # innermost; an all-size-1 ambiguity falls back to NCHW, as in PyTorch.
+    order = [1, *range(len(sizes) - 1, 1, -1), 0]
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in order:
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:
+            return False
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
+def suggest_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout PyTorch's ops keep for t, decided by its stride order as PyTorch does: a
+    channels-last tensor keeps channels_last (channels_last_3d) when sliced or permuted in a way
+    that keeps C innermost, even if it is no longer contiguous in that format."""
+    if t.dim() in (4, 5) and not t.is_contiguous() and _channels_last_strides(t.shape, t.stride()):
+        return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def in_suggested_layout(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is contiguous in its suggested layout, else a copy that is; the kernels
+    read NCHW or channels-last tensors in place."""
+    fmt = suggest_memory_format(t)
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
 def channels_last_format(t: torch.Tensor) -> Optional[torch.memory_format]:
     """channels_last (4-D) or channels_last_3d (5-D) when t is laid out so and not plainly
     contiguous, else None."""

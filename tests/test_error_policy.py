@@ -73,7 +73,7 @@ CASES = [
     (ValueError, lambda: segkernels.segmentation_scores(torch.ones(2, 3))),
     (ValueError, lambda: segkernels.nn.SegNet(0)),
     (ValueError, lambda: pruning.LayerStats(nn.Conv2d(4, 4, 3, groups=2))),
-    (TypeError, lambda: segkernels.max_pool2d_with_indices(torch.ones(1, 1, 4, 4, dtype=torch.long), 2)),
+    (TypeError, lambda: segkernels.max_pool2d_with_indices(torch.ones(1, 1, 4, 4, dtype=torch.bool), 2)),
     (TypeError, lambda: segkernels.max_pool2d_with_indices(torch.randn(1, 1, 4, 4), "2")),
     (TypeError, lambda: segkernels.kd_loss(_logits(), _logits().double())),
     (TypeError, lambda: segkernels.kd_loss(_logits(), _logits(), labels=_labels(0).float())),

@@ -66,8 +66,10 @@ def test_error_messages_name_the_argument():
         segkernels.max_pool2d_with_indices(torch.randn(1, 1, 40, 40), 17, compact=True)
     with pytest.raises(ValueError, match="at most 256"):
         segkernels.max_unpool2d(v, i.to(torch.uint8), 17)
-    with pytest.raises(TypeError, match="input must be a floating tensor"):
-        segkernels.max_pool2d_with_indices(torch.ones(1, 1, 4, 4, dtype=torch.int32), 2)
+    with pytest.raises(TypeError, match="input must be a floating or integer tensor"):
+        segkernels.max_pool2d_with_indices(torch.ones(1, 1, 4, 4, dtype=torch.bool), 2)
+    with pytest.raises(TypeError, match="input must be a floating tensor"):  # as F.max_unpool2d
+        segkernels.max_unpool2d(torch.ones(1, 1, 2, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="input must have shape"):
         segkernels.max_pool2d_with_indices(torch.randn(4, 4), 2)
     with pytest.raises(ValueError, match="padding must be at most half"):

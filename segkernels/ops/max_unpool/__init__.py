@@ -30,12 +30,14 @@ import torch
 
 from ... import _library
 from ..._checks import (
+    FLOAT_DTYPES,
     ArgumentIndexError,
     ArgumentTypeError,
     ArgumentValueError,
     check_bool,
-    check_float_tensor,
     check_tensor,
+    in_suggested_layout,
+    is_integer_tensor,
 )
 from .geometry import (
     IntOrSeq,
@@ -67,8 +69,11 @@ GPU_KERNEL = "cuda"  # what runs CUDA tensors (see _library.use_kernel)
 # Argument handling
 
 
-def _check_input(input: torch.Tensor, nd: int, name: str = "input") -> None:
-    check_float_tensor(input, name)
+def _check_input(input: torch.Tensor, nd: int, name: str = "input", integers: bool = False) -> None:
+    check_tensor(input, name)
+    if not (input.dtype in FLOAT_DTYPES or (integers and is_integer_tensor(input))):
+        kinds = "a floating or integer" if integers else "a floating"
+        raise ArgumentTypeError(f"{name} must be {kinds} tensor, got {input.dtype}")
     if input.dim() not in (nd + 1, nd + 2):
         shape = "(N, C, D, H, W) or (C, D, H, W)" if nd == 3 else "(N, C, H, W) or (C, H, W)"
         raise ArgumentValueError(f"{name} must have shape {shape}, got {tuple(input.shape)}")
@@ -83,7 +88,8 @@ def _unbatched(input: torch.Tensor, nd: int) -> bool:
 
 
 def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, compact):
-    _check_input(input, nd)
+    # Integer maps too, as PyTorch's CPU pooling takes them (its unpooling does not).
+    _check_input(input, nd, integers=True)
     check_bool(ceil_mode, "ceil_mode")
     check_bool(compact, "compact")
     kernel, stride_t, pad, dil = _pool_params(nd, kernel_size, stride, padding, dilation)
@@ -105,8 +111,10 @@ def _max_pool_nd(nd, input, kernel_size, stride, padding, dilation, ceil_mode, c
                 f"input spatial size {tuple(x.shape[2:])} is too small for kernel_size={kernel}, "
                 f"dilation={dil}, padding={pad}: the pooled size would be {out}"
             )
-    if _library.use_kernel(f"max_pool{nd}d_with_indices", x.device, GPU_KERNEL):
-        args = (x, list(kernel), list(stride_t), list(pad), list(dil), ceil_mode, compact)
+    # The kernels are for floating maps; integer ones take ATen's pooling (the reference).
+    if x.is_floating_point() and _library.use_kernel(f"max_pool{nd}d_with_indices", x.device, GPU_KERNEL):
+        # The output keeps the input's layout by its stride order, as PyTorch's pooling does.
+        args = (in_suggested_layout(x), list(kernel), list(stride_t), list(pad), list(dil), ceil_mode, compact)
         values, indices = _library.call_op(torch.ops.segkernels.max_pool_with_indices.default, MaxPoolFunction, *args)
     else:
         values, indices = reference_max_pool_with_indices(x, kernel, stride_t, pad, dil, ceil_mode, compact)
@@ -149,7 +157,8 @@ def _max_unpool_nd(nd, input, indices, kernel_size, stride, padding, output_size
         pad, check_indices = (0,) * nd, True
     try:
         if _library.use_kernel(f"max_unpool{nd}d", x.device, GPU_KERNEL):
-            args = (x, idx, list(kernel), list(stride_t), list(pad), list(dil), size, check_indices)
+            args = (in_suggested_layout(x), idx, list(kernel), list(stride_t), list(pad), list(dil), size,
+                    check_indices)
             out = _library.call_op(torch.ops.segkernels.max_unpool.default, MaxUnpoolFunction, *args)
         else:
             out = reference_max_unpool(x, idx, kernel, stride_t, pad, dil, size)
