@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import segkernels
@@ -91,3 +92,40 @@ def test_each_bad_input_raises_its_type_and_runtime_error(expected, call):
         call()
     assert isinstance(caught.value, RuntimeError), type(caught.value)
     assert type(caught.value).__module__ == "segkernels._checks", type(caught.value)
+
+
+# The same bad input to PyTorch's op and to ours: ours must be catchable as what PyTorch raises
+# (its RuntimeError mostly), so a drop-in user's except clause keeps working.
+def _pooled_pair(nd):
+    x = torch.randn((1, 2) + (4,) * nd)
+    pool = torch.nn.functional.max_pool2d if nd == 2 else torch.nn.functional.max_pool3d
+    return pool(x, 2, return_indices=True)
+
+
+SAME_INPUT = [
+    ("index out of range",
+     lambda: F.max_unpool2d(_pooled_pair(2)[0], torch.full((1, 2, 2, 2), 99), 2),
+     lambda: segkernels.max_unpool2d(_pooled_pair(2)[0], torch.full((1, 2, 2, 2), 99), 2)),
+    ("2-element kernel to max_unpool3d",
+     lambda: F.max_unpool3d(*_pooled_pair(3), (2, 2)),
+     lambda: segkernels.max_unpool3d(*_pooled_pair(3), (2, 2))),
+    ("stride 0", lambda: F.max_pool2d(torch.randn(1, 1, 4, 4), 2, 0),
+     lambda: segkernels.max_pool2d_with_indices(torch.randn(1, 1, 4, 4), 2, 0)),
+    ("input smaller than the window", lambda: F.max_pool2d(torch.randn(1, 1, 2, 2), 3),
+     lambda: segkernels.max_pool2d_with_indices(torch.randn(1, 1, 2, 2), 3)),
+    ("padding over half the kernel", lambda: F.max_pool2d(torch.randn(1, 1, 8, 8), 2, padding=2),
+     lambda: segkernels.max_pool2d_with_indices(torch.randn(1, 1, 8, 8), 2, padding=2)),
+    ("output size out of range", lambda: F.max_unpool2d(*_pooled_pair(2), 2, output_size=(9, 9)),
+     lambda: segkernels.max_unpool2d(*_pooled_pair(2), 2, output_size=(9, 9))),
+    ("label out of range", lambda: F.cross_entropy(torch.randn(2, 3, 4), torch.tensor([[0, 1, 5, 2], [0, 0, 0, 0]])),
+     lambda: segkernels.seg_kd_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4),
+                                    torch.tensor([[0, 1, 5, 2], [0, 0, 0, 0]]))),
+]
+
+
+@pytest.mark.parametrize("name, theirs, ours", SAME_INPUT, ids=[c[0] for c in SAME_INPUT])
+def test_errors_are_catchable_as_what_pytorch_raises(name, theirs, ours):
+    with pytest.raises(Exception) as pytorch_error:
+        theirs()
+    with pytest.raises(type(pytorch_error.value)):
+        ours()
