@@ -135,3 +135,21 @@ def test_triton_teacher_gradient_under_interpreter(spatial):
                                     soft_weight=1.5)
         (want,) = torch.autograd.grad(ref, t64)
         torch.testing.assert_close(tgrad, want.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_compile_with_the_teacher_gradient(device):
+    from helpers import run_opcheck
+
+    students, teacher = _pair((2, 4, 3, 5), torch.float32, device, k=2)
+    labels = _labels((2, 4, 3, 5), device)
+    run_opcheck(torch.ops.segkernels.kd_loss.default, (students, teacher, labels, 2.0, False, True, True, 255, True))
+    run_opcheck(torch.ops.segkernels.kd_loss.default, (students[:1], teacher, None, 2.0, True, False, True, 255, True))
+    run_opcheck(torch.ops.segkernels.seg_kd_loss.default,
+                (students[0], teacher, labels, None, 2.0, 1.0, 0.5, 255, True))
+    compiled = torch.compile(lambda s, t: segkernels.kd_loss(s, t, temperature=2.0, labels=labels), fullgraph=True)
+    got = torch.autograd.grad(compiled(students[0], teacher), [students[0], teacher])
+    want = torch.autograd.grad(segkernels.kd_loss(students[0], teacher, temperature=2.0, labels=labels),
+                               [students[0], teacher])
+    for a, b in zip(got, want):
+        assert_close(a, b)
