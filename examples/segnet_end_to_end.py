@@ -29,11 +29,10 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import segkernels
 from segkernels.pruning import prune_sequential
@@ -158,40 +157,6 @@ def evaluate(model, data, classes, batch_size) -> Dict[str, float]:
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# Pruning SegNet's encoder
-
-
-def encoder_as_sequential(model: segkernels.nn.SegNet) -> Tuple[nn.Sequential, List[int]]:
-    """The encoder as the VGG-style Sequential prune_sequential takes (conv, BN, ReLU, ...,
-    MaxPool2d), and the conv indices that may be pruned: a stage's last conv feeds the
-    decoder's unpooling as well, so only convolutions inside a stage have prunable inputs'
-    producers, i.e. every conv but the first of each stage may have its inputs pruned."""
-    layers: List[nn.Module] = []
-    prunable: List[int] = []
-    conv_index = 0
-    for stage in model.encoder:
-        for j, block in enumerate(stage):
-            conv, bn, relu = block
-            if j > 0:
-                prunable.append(conv_index)
-            layers += [conv, bn, relu]
-            conv_index += 1
-        layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-    return nn.Sequential(*layers), prunable
-
-
-def load_encoder(model: segkernels.nn.SegNet, pruned: nn.Sequential) -> None:
-    """Puts the pruned conv/BN modules back into the SegNet's encoder stages, in order."""
-    convs = [m for m in pruned if isinstance(m, nn.Conv2d)]
-    bns = [m for m in pruned if isinstance(m, nn.BatchNorm2d)]
-    k = 0
-    for stage in model.encoder:
-        for block in stage:
-            block[0], block[1] = convs[k], bns[k]
-            k += 1
-
-
 def source_commit() -> str:
     """The commit this run's code comes from (+dirty when the package or example differ from it)."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -284,10 +249,10 @@ def main(argv=None) -> int:
     pruned = segkernels.nn.SegNet(classes, width=args.teacher_width)
     pruned.load_state_dict(teacher.state_dict())
     pruned.eval()
-    encoder, prunable = encoder_as_sequential(pruned)
+    encoder, prunable = pruned.encoder_sequential(), pruned.prunable_convs()
     calibration = [x for x, _ in batches(*train_set, args.batch, shuffle=False)]
     encoder, report = prune_sequential(encoder, calibration, ratio=args.prune_ratio, layers=prunable)
-    load_encoder(pruned, encoder)
+    pruned.load_encoder(encoder)
     results["teacher pruned"] = evaluate(pruned, test_set, classes, args.batch)
     train(pruned, train_set, max(1, args.epochs // 4), args.batch, ce, "pruned fine-tune", lr=1e-3)
     results["teacher pruned + fine-tune"] = evaluate(pruned, test_set, classes, args.batch)

@@ -8,7 +8,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .._checks import check_int
+from .._checks import ArgumentValueError, check_int
 from .pooling import MaxPool2d, MaxUnpool2d
 
 __all__ = ["SegNet"]
@@ -68,3 +68,33 @@ class SegNet(nn.Module):
             x = self.unpool(x, indices.pop(), output_size=sizes.pop())
             x = stage(x)
         return self.classifier(x)
+
+    def encoder_sequential(self) -> nn.Sequential:
+        """The encoder as one VGG-style nn.Sequential (conv, BN, ReLU, ..., MaxPool2d after each
+        stage), sharing this model's modules: what segkernels.pruning.prune_sequential takes."""
+        layers: List[nn.Module] = []
+        for stage in self.encoder:
+            for block in stage:
+                layers += list(block)
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+        return nn.Sequential(*layers)
+
+    def prunable_convs(self) -> List[int]:
+        """Indices among the encoder's convs whose input channels may be pruned: every conv but the
+        first of each stage, since a stage's last conv also feeds the decoder's unpooling."""
+        prunable, index = [], 0
+        for stage in self.encoder:
+            prunable += list(range(index + 1, index + len(stage)))
+            index += len(stage)
+        return prunable
+
+    def load_encoder(self, pruned: nn.Sequential) -> None:
+        """Puts a pruned encoder_sequential()'s convs and BatchNorms back into the encoder, in order."""
+        convs = [m for m in pruned if isinstance(m, nn.Conv2d)]
+        bns = [m for m in pruned if isinstance(m, nn.BatchNorm2d)]
+        blocks = [block for stage in self.encoder for block in stage]
+        if len(convs) != len(blocks) or len(bns) != len(blocks):
+            raise ArgumentValueError(f"pruned must hold the encoder's {len(blocks)} convs and BatchNorms, got "
+                                     f"{len(convs)} and {len(bns)}")
+        for block, conv, bn in zip(blocks, convs, bns):
+            block[0], block[1] = conv, bn

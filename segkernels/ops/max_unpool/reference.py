@@ -100,7 +100,6 @@ def reference_max_unpool(
     output_size: Sequence[int],
 ) -> torch.Tensor:
     """Unpooling by the documented rule: latest entry in scan order wins; zeros elsewhere."""
-    nd = len(kernel_size)
     n, c = input.shape[:2]
     full = math.prod(output_size)
     if n * c == 0 or full == 0:  # nothing to write (and nothing to reshape by)
