@@ -15,8 +15,10 @@ from torch import nn
 
 from .._checks import ArgumentIndexError, ArgumentTypeError, ArgumentValueError, check_int
 from ..nn.pooling import MaxPool2d as SegkernelsMaxPool2d
+from .calibration import CalibrationSource
 from .lasso import select_channels
 from .reconstruct import _check_ridge, _kept_columns, reconstruct, reconstruction_error
+from .ranks import Ranks
 from .stats import LayerStats
 
 __all__ = ["prune_sequential", "PruneReport", "LayerReport"]
@@ -69,7 +71,7 @@ class PruneReport:
 _PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)
 
 
-def _progress(iterable, desc: str, total: int):
+def _progress(iterable, desc: str, total: Optional[int]):
     try:
         from tqdm.auto import tqdm
 
@@ -87,7 +89,7 @@ def _run_to(model: nn.Sequential, upto: int, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def prune_sequential(
     model: nn.Sequential,
-    calibration_batches: Iterable[torch.Tensor],
+    calibration_batches: Iterable,
     *,
     ratio: Optional[float] = 0.5,
     n_keep: Union[int, Dict[int, int], None] = None,
@@ -96,6 +98,7 @@ def prune_sequential(
     generator: Optional[torch.Generator] = None,
     ridge: float = 1e-6,
     progress: bool = True,
+    group=None,
 ) -> Tuple[nn.Sequential, PruneReport]:
     """Prunes the input channels of the convs of a VGG-style nn.Sequential, layer by layer.
 
@@ -106,36 +109,76 @@ def prune_sequential(
     new bias adds the original one back), and the removed input channels of L become removed output
     channels of the previous conv and of the BatchNorm between them.
 
+    Across processes: when torch.distributed is initialised, every rank passes its own shard of
+    the calibration data and each layer's statistics are summed over ``group`` before the
+    selection, so every rank returns the same, bitwise-equal pruned model: the one a single process
+    would prune from the union of the shards, up to rounding. Every rank must call it with the same
+    model and arguments (checked). Progress and warnings show on the group's rank 0.
+
     Args:
         model: the nn.Sequential (left untouched; a pruned deep copy is returned).
-        calibration_batches: input tensors (N, C, H, W) on the model's device (iterated once per
-            pruned layer, so a list).
+        calibration_batches: a re-iterable source of batches, read once per pruned layer: a list
+            of (N, C, H, W) tensors, or a DataLoader yielding such tensors or (input, ...) tuples
+            (e.g. (image, label)). Each batch is moved to the model's device and dtype on its
+            own, so memory does not grow with the number of images.
         ratio: share of input channels kept, n_keep = max(1, round(ratio * c)); ignored when
             n_keep is given.
         n_keep: an int for every layer, or {conv_index: n_keep}.
         layers: 0-based indices among the Conv2d modules whose inputs are pruned; default every
             conv except the first.
         positions_per_image: output positions sampled per image for the statistics (None: all).
+        generator: for the position sampling; under torch.distributed, seed it differently on
+            each rank (e.g. from the rank) so the ranks' samples are independent.
         ridge: ridge of the least-squares refit, relative to the mean of the kept patch
             variances (diagonal of A_SS): keeps the refit stable when ReLU leaves channels dead
             or the sampled rows barely outnumber the unknowns. 0 for plain least squares.
         progress: a tqdm progress bar per layer (when tqdm is installed).
+        group: the torch.distributed process group to prune over (None: the default group when
+            torch.distributed is initialised, else this process alone).
     Returns:
-        (pruned nn.Sequential with the same module positions, PruneReport).
+        (pruned nn.Sequential with the same module positions, PruneReport). The report's rows and
+        errors count every rank's calibration data.
     """
+    ranks = Ranks(group)
+    error, plan = None, None
+    try:  # on every rank before any collective: a rank that raised alone would leave the others waiting
+        plan = _plan(model, calibration_batches, ratio, n_keep, layers, positions_per_image, ridge)
+    except Exception as e:
+        error = e
+    ranks.agree(error)
+    mods, conv_pos, layers, target_keep, batches = plan
+    ranks.check_same_model(model, dict(
+        layers=layers, keep=[target_keep(L, mods[conv_pos[L]].in_channels) for L in layers],
+        positions_per_image=positions_per_image, ridge=ridge))
+
+    original = model
+    pruned = copy.deepcopy(model)
+    was_training = original.training
+    original.eval()  # BatchNorm must use (and not update) its running statistics
+    pruned.eval()
+    try:
+        report = _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep,
+                               positions_per_image, generator, progress, ridge, ranks)
+    finally:
+        original.train(was_training)
+    pruned.train(was_training)
+    return pruned, PruneReport(report)
+
+
+def _plan(model, calibration_batches, ratio, n_keep, layers, positions_per_image, ridge):
+    """Checks the arguments; returns (modules, conv positions, sorted layers, target_keep, source)."""
     if not isinstance(model, nn.Sequential):
         raise ArgumentTypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
     _check_ridge(ridge)
-    batches = list(calibration_batches)
-    if not batches or not all(isinstance(b, torch.Tensor) and b.dim() == 4 for b in batches):
-        raise ArgumentValueError("calibration_batches must be a non-empty list of (N, C, H, W) tensors")
+    if positions_per_image is not None:
+        check_int(positions_per_image, "positions_per_image", 1)
     mods = list(model)
     for i, mod in enumerate(mods):
         # The model is run layer by layer: a pooling that returns (values, indices) would hand a
         # tuple to the next layer.
         if getattr(mod, "return_indices", False):
             raise ArgumentValueError(f"module {i} ({type(mod).__name__}) returns indices; prune_sequential needs each "
-                             "module to map a tensor to a tensor")
+                                     "module to map a tensor to a tensor")
     conv_pos = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
     if not conv_pos:
         raise ArgumentValueError("model holds no nn.Conv2d")
@@ -175,23 +218,14 @@ def prune_sequential(
 
     for L in layers:  # validate before any work
         target_keep(L, mods[conv_pos[L]].in_channels)
-
-    original = model
-    pruned = copy.deepcopy(model)
-    was_training = original.training
-    original.eval()  # BatchNorm must use (and not update) its running statistics
-    pruned.eval()
-    try:
-        report = _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep,
-                               positions_per_image, generator, progress, ridge)
-    finally:
-        original.train(was_training)
-    pruned.train(was_training)
-    return pruned, PruneReport(report)
+    first = mods[conv_pos[0]]
+    source = CalibrationSource(calibration_batches, first.weight.device, first.weight.dtype,
+                               first.in_channels if conv_pos[0] == 0 else None)
+    return mods, conv_pos, layers, target_keep, source
 
 
 def _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep, positions_per_image, generator,
-                  progress, ridge) -> List[LayerReport]:
+                  progress, ridge, ranks) -> List[LayerReport]:
     pmods = list(pruned)
     report: List[LayerReport] = []
     for L in layers:
@@ -202,30 +236,25 @@ def _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep
         c = conv_p.in_channels
         k = target_keep(L, c)
         stats = LayerStats(conv_p)
-        w_o = conv_o.weight.detach()
         held_x, held_y = [], []
-        held_rows = 0
-        it = _progress(batches, f"conv {L} statistics", len(batches)) if progress else batches
-        for xb in it:
-            x_p = _run_to(pruned, pos, xb)
-            x_o = _run_to(original, pos, xb)
-            y = F.conv2d(x_o, w_o, None, conv_o.stride, conv_o.padding, conv_o.dilation)
-            stats._check_batch(x_p, y)
-            # As many held-out positions as fitted ones, while the held-out rows stay few.
-            holdout = (positions_per_image or 0) if held_rows < _HELDOUT_ROWS else 0
-            xf, yf, xh, yh = stats.sample_rows(x_p, y, positions_per_image, generator, holdout=holdout)
-            stats.update_rows(xf, yf)
-            if xh.shape[0]:
-                held_x.append(xh.float())
-                held_y.append(yh.float())
-                held_rows += xh.shape[0]
+        error = None
+        try:
+            _accumulate(stats, held_x, held_y, pruned, original, pos, batches, positions_per_image, generator,
+                        progress and ranks.lead, f"conv {L} statistics")
+        except Exception as e:
+            error = e
+        ranks.agree(error)
+        if ranks.collective:
+            stats.all_reduce(ranks.group)
+        if stats.rows == 0:  # the same on every rank: the count is summed
+            raise ArgumentValueError("calibration_batches yielded no rows on any rank (no batch, or only empty ones)")
         keep, _ = select_channels(stats, conv_p.weight.detach(), k)
         ridge_abs = 0.0
         if ridge:
             cols = _kept_columns(stats, keep)
             ridge_abs = ridge * float(stats.A.diagonal()[cols].mean())
         unknowns = k * stats.K + 1
-        if stats.rows <= unknowns:
+        if stats.rows <= unknowns and ranks.lead:
             warnings.warn(
                 f"prune_sequential: conv {L} is refitted from {stats.rows} sampled rows, no more than the {unknowns} "
                 "unknowns of each output (kept channels x taps + bias): the refit interpolates them and generalises "
@@ -234,8 +263,15 @@ def _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep
                 stacklevel=4,  # the caller of prune_sequential (past its no_grad wrapper)
             )
         weight, bias = reconstruct(stats, keep, ridge=ridge_abs)
+        if ranks.collective:  # keep is on the CPU, which NCCL cannot broadcast
+            shared = [keep.to(stats.A.device), weight.contiguous(), bias.contiguous()]
+            ranks.share_(shared)
+            keep, weight, bias = shared[0].cpu(), shared[1], shared[2]
         fit_err = reconstruction_error(stats, keep, weight, bias)
-        err = _heldout_error(held_x, held_y, _kept_columns(stats, keep), weight, bias)
+        residual = _heldout_residual(held_x, held_y, _kept_columns(stats, keep), weight, bias, stats.A.device)
+        ranks.sum_([residual])  # squared error, squared target, rows: over every rank's held-out rows
+        held_rows = int(residual[2])
+        err = float(residual[0] / residual[1].clamp_min(1e-300)) if held_rows else float("nan")
         if conv_o.bias is not None:
             bias = bias + conv_o.bias.detach().double()
         # This conv: only the kept inputs, refitted weights and bias.
@@ -287,11 +323,32 @@ def _prune_layers(original, pruned, mods, conv_pos, layers, batches, target_keep
 _HELDOUT_ROWS = 2048
 
 
-def _heldout_error(held_x, held_y, cols, weight, bias) -> float:
-    """||Y - X_S W^T - b||^2 / ||Y||^2 over the held-out rows (NaN without any)."""
+def _accumulate(stats, held_x, held_y, pruned, original, pos, batches, positions_per_image, generator, progress,
+                desc) -> None:
+    """Adds every calibration batch's sampled rows to stats, and keeps up to _HELDOUT_ROWS held-out rows."""
+    conv_o = original[pos]
+    w_o = conv_o.weight.detach()
+    held_rows = 0
+    for xb in _progress(batches, desc, batches.total()) if progress else batches:
+        x_p = _run_to(pruned, pos, xb)
+        x_o = _run_to(original, pos, xb)
+        y = F.conv2d(x_o, w_o, None, conv_o.stride, conv_o.padding, conv_o.dilation)
+        stats._check_batch(x_p, y)
+        # As many held-out positions as fitted ones, while the held-out rows stay few.
+        holdout = (positions_per_image or 0) if held_rows < _HELDOUT_ROWS else 0
+        xf, yf, xh, yh = stats.sample_rows(x_p, y, positions_per_image, generator, holdout=holdout)
+        stats.update_rows(xf, yf)
+        if xh.shape[0]:
+            held_x.append(xh.float())
+            held_y.append(yh.float())
+            held_rows += xh.shape[0]
+
+
+def _heldout_residual(held_x, held_y, cols, weight, bias, device) -> torch.Tensor:
+    """[||Y - X_S W^T - b||^2, ||Y||^2, rows] over this rank's held-out rows (float64)."""
     if not held_x:
-        return float("nan")
+        return torch.zeros(3, dtype=torch.float64, device=device)
     x = torch.cat(held_x)[:, cols.to(held_x[0].device)].double()
     y = torch.cat(held_y).double()
     fit = x @ weight.reshape(weight.shape[0], -1).t().to(x) + bias.to(x)
-    return float((y - fit).square().sum() / y.square().sum().clamp_min(1e-300))
+    return torch.stack([(y - fit).square().sum(), y.square().sum(), y.new_tensor(float(y.shape[0]))]).to(device)

@@ -4,20 +4,22 @@ torch.linalg, and their argument errors."""
 
 import math
 import os
-import socket
+import sys
 import tempfile
 import warnings
+import weakref
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import peers
 import segkernels
 from helpers import DEVICES, requires_kernels
-from pruning_cases import _conv, _explicit_rows
+from pruning_cases import _conv, _explicit_rows, _free_port, _vgg
 from segkernels import pruning
 from segkernels.pruning import LayerStats, reference_channel_gram
 
@@ -149,35 +151,14 @@ def test_reconstruct_underdetermined_is_finite():
 # prune_sequential
 
 
-def _vgg(device="cpu", seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.Conv2d(12, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2, 2, ceil_mode=True),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 10, 3, padding=1, bias=False), nn.BatchNorm2d(10), nn.ReLU(),
-    ).to(device)
-    with torch.no_grad():  # channels of very different importance, and non-trivial BN statistics
-        for m in net:
-            if isinstance(m, nn.Conv2d):
-                m.weight.mul_(torch.exp(2 * torch.randn(m.out_channels, 1, 1, 1, device=device)))
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-    return net.eval()
-
-
 def _first_k_baseline(net, batches, ratio):
     """Keeps the first n_keep channels of each layer, refitted the same way."""
-    convs = [i for i, m in enumerate(net) if isinstance(m, nn.Conv2d)]
-    orig_select = pruning.select_channels
-    try:
-        pruning.select_channels = lambda stats, w, k, **kw: (torch.arange(k), None)
+    # prune_sequential calls the select_channels its module imported, so that is the one to replace.
+    prune_module = sys.modules["segkernels.pruning.prune"]
+    first_k = lambda stats, w, k, **kw: (torch.arange(k), None)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prune_module, "select_channels", first_k)
         return pruning.prune_sequential(net, batches, ratio=ratio, positions_per_image=40, progress=False)[0]
-    finally:
-        pruning.select_channels = orig_select
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -204,8 +185,32 @@ def test_prune_sequential_small_vgg(device):
         assert out.shape == ref.shape
         err = float((out - ref).pow(2).sum() / ref.pow(2).sum())
         base = _first_k_baseline(net, batches, 0.5)
+        assert torch.equal(base[0].weight, net[0].weight[:6])  # the baseline did keep the first channels
         err_base = float((base(test) - ref).pow(2).sum() / ref.pow(2).sum())
     assert err < err_base, (err, err_base)
+
+
+def test_prune_a_segnet_encoder():
+    torch.manual_seed(0)
+    model = segkernels.nn.SegNet(num_classes=4, width=8).eval()
+    encoder = model.encoder_sequential()
+    x = torch.randn(2, 3, 37, 45)
+    with torch.no_grad():  # the Sequential is the encoder: stages, each followed by its pooling
+        expected = x
+        for stage in model.encoder:
+            expected = F.max_pool2d(stage(expected), 2, 2, ceil_mode=True)
+        torch.testing.assert_close(encoder(x), expected)
+    assert model.prunable_convs() == [1, 3, 5, 6, 8, 9, 11, 12]
+    with pytest.warns(RuntimeWarning, match="unknowns"):  # the deep stages see few positions
+        pruned, _ = pruning.prune_sequential(encoder, [x], ratio=0.5, layers=model.prunable_convs(),
+                                             positions_per_image=None, progress=False)
+    model.load_encoder(pruned)
+    convs = [block[0] for stage in model.encoder for block in stage]
+    assert [c.in_channels for c in convs] == [3, 4, 8, 8, 16, 16, 16, 32, 32, 32, 64, 32, 32]
+    with torch.no_grad():
+        assert model(x).shape == (2, 4, 37, 45)
+    with pytest.raises(ValueError, match="13 convs and BatchNorms"):
+        model.load_encoder(pruned[:6])
 
 
 def test_prune_sequential_options_and_errors():
@@ -265,13 +270,83 @@ def test_prune_report_measures_the_error_on_held_out_positions():
 
 
 # ---------------------------------------------------------------------------------------------
+# Calibration sources
+
+
+class _LiveBatches:
+    """A re-iterable source that makes each batch when asked and counts how many are alive at once."""
+
+    def __init__(self, n, shape):
+        self.n, self.shape, self.live, self.most_live = n, shape, 0, 0
+
+    def _gone(self):
+        self.live -= 1
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(self.n):
+            x = torch.randn(self.shape, generator=g)
+            self.live += 1
+            self.most_live = max(self.most_live, self.live)
+            weakref.finalize(x, self._gone)
+            yield x
+            del x
+
+
+def test_calibration_from_a_dataloader_of_tuples():
+    net = _vgg()
+    torch.manual_seed(3)
+    images, labels = torch.randn(10, 3, 9, 11), torch.randint(0, 4, (10, 9, 11))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)  # (image, label) tuples, a short last batch
+    run = lambda source: pruning.prune_sequential(  # noqa: E731
+        net, source, ratio=0.5, positions_per_image=8, generator=torch.Generator().manual_seed(0), progress=False)
+    from_loader, report = run(loader)
+    from_list, _ = run([images[i:i + 4] for i in range(0, 10, 4)])
+    assert [r.rows for r in report] == [80, 80, 80]
+    for k, v in from_list.state_dict().items():
+        assert torch.equal(from_loader.state_dict()[k], v), k
+    # A DataLoader of bare tensors, in float64 for a float32 model: moved to the model's dtype.
+    from_doubles, _ = run(DataLoader(images.double(), batch_size=4))
+    for k, v in from_list.state_dict().items():
+        torch.testing.assert_close(from_doubles.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_calibration_batches_are_read_one_at_a_time():
+    source = _LiveBatches(6, (2, 3, 9, 11))
+    _, report = pruning.prune_sequential(_vgg(), source, ratio=0.5, positions_per_image=None, progress=False)
+    assert report[0].rows == 6 * 2 * 9 * 11
+    assert source.most_live <= 2, source.most_live  # never the whole source
+
+
+def test_calibration_source_errors():
+    net = _vgg()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(TypeError, match="re-iterable"):
+        pruning.prune_sequential(net, (b for b in [x]), progress=False)
+    with pytest.raises(TypeError, match="re-iterable"):
+        pruning.prune_sequential(net, iter([x]), progress=False)
+    with pytest.raises(TypeError, match=r"single tensor .* pass \[tensor\]"):
+        pruning.prune_sequential(net, x, progress=False)
+    with pytest.raises(TypeError, match="calibration_batches must be"):
+        pruning.prune_sequential(net, 3, progress=False)
+    with pytest.raises(TypeError, match="item 1 .* got str"):
+        pruning.prune_sequential(net, [x, "images"], progress=False)
+    with pytest.raises(TypeError, match=r"item 0 .* tuple .* starting with dict"):
+        pruning.prune_sequential(net, [({"image": x},)], progress=False)
+    with pytest.raises(ValueError, match=r"item 0 must be a floating-point \(N, C, H, W\)"):
+        pruning.prune_sequential(net, [x[0]], progress=False)
+    with pytest.raises(ValueError, match=r"item 0 must be a floating-point"):
+        pruning.prune_sequential(net, [torch.zeros(2, 3, 8, 8, dtype=torch.uint8)], progress=False)
+    with pytest.raises(ValueError, match="item 1 has 4 channels, the model's first conv takes 3"):
+        pruning.prune_sequential(net, [x, torch.randn(2, 4, 8, 8)], progress=False)
+    with pytest.raises(ValueError, match="no rows"):
+        pruning.prune_sequential(net, [x[:0]], progress=False)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        pruning.prune_sequential(net, [x], group=object(), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Distributed statistics
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dist_worker(rank, world, port, path, x, y, state):
