@@ -14,7 +14,14 @@
    of half the channels and reconstruction. 50,000 samples on CUDA; on the CPU 5,000 (a 2-core
    machine would take minutes per round), both times SEGKERNELS_BENCH_SCALE.
 3. ``channel_gram`` kernel against the reference that materialises Wf^T Wf (``torch``).
+4. ``vgg16_encoder``: prune_sequential on a VGG-16-BN encoder (nn.SegNet's, width 64, random
+   weights), every conv but the first pruned 2x, end to end (one timed run, its peak memory, the
+   PruneReport in extra_info). On the CPU 32 images of 160 x 160 at 10 positions per image and at
+   every position; on CUDA the paper's 5,000 images (224 x 224) x 10 positions, and every position
+   of the CPU's 32 images. Images times SEGKERNELS_BENCH_SCALE (at least 2).
 """
+
+import warnings
 
 import numpy as np
 import pytest
@@ -22,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import bench_device, bench_scale, run_benchmark
+from common import bench_device, bench_scale, run_benchmark, run_once_benchmark
 from peers import official_channel_pruning
+import segkernels
 from segkernels import pruning
 from segkernels.pruning import LayerStats, reference_channel_gram
 
@@ -142,3 +150,50 @@ def test_channel_gram(benchmark, layer, impl):
     moved = (A.numel() + B.numel() + w.numel() + c * c + c) * 8
     run_benchmark(benchmark, fn, op="channel_gram", impl=impl, case=f"VGG-16 {layer} {c}->{n} float64",
                   bytes_moved=moved, device=DEVICE, rounds=3)
+
+
+class SyntheticImages:
+    """A re-iterable source of random images made batch by batch on the device (the same images on
+    every pass, as a DataLoader without shuffling), so the run holds one batch at a time."""
+
+    def __init__(self, images: int, size: int, batch: int, device: torch.device):
+        self.images, self.size, self.batch, self.device = images, size, batch, device
+
+    def __len__(self):
+        return -(-self.images // self.batch)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            n = min(self.batch, self.images - i * self.batch)
+            g = torch.Generator(device=self.device).manual_seed(i)
+            yield torch.randn(n, 3, self.size, self.size, generator=g, device=self.device)
+
+
+ENCODER_CASES = {  # name: (images, size, batch, positions_per_image) per device type
+    "cpu": {"10 positions": (32, 160, 8, 10), "every position": (32, 160, 8, None)},
+    "cuda": {"10 positions": (5000, 224, 50, 10), "every position": (32, 160, 8, None)},
+}
+
+
+@pytest.mark.parametrize("positions", ["10 positions", "every position"])
+def test_vgg16_encoder(benchmark, positions):
+    images, size, batch, per_image = ENCODER_CASES[DEVICE.type][positions]
+    images = max(2, int(round(images * bench_scale())))
+    torch.manual_seed(0)
+    encoder = segkernels.nn.SegNet(num_classes=2, width=64).encoder_sequential().to(DEVICE).eval()
+    source = SyntheticImages(images, size, min(batch, images), DEVICE)
+    result = {}
+
+    def fn():
+        result["pruned"], result["report"] = pruning.prune_sequential(
+            encoder, source, ratio=0.5, positions_per_image=per_image,
+            generator=torch.Generator(device=DEVICE).manual_seed(0), progress=False)
+
+    with warnings.catch_warnings():  # a small scale leaves the deep layers with few rows: expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run_once_benchmark(benchmark, fn, op="prune_sequential VGG-16-BN encoder 2x", impl="segkernels",
+                           case=f"{images} images {size}x{size}, {positions}", device=DEVICE)
+    report = result["report"]
+    benchmark.extra_info["prune_report"] = str(report)
+    benchmark.extra_info["parameters"] = [sum(p.numel() for p in m.parameters()) for m in (encoder, result["pruned"])]
+    print(f"\nVGG-16-BN encoder, {images} images {size}x{size}, {positions}:\n{report}")

@@ -167,6 +167,18 @@ def run_benchmark(
         benchmark.extra_info.update(paired_speedup=paired_speedup(timed, baseline, device, rounds))
 
 
+def run_once_benchmark(benchmark, fn: Callable[[], object], *, op: str, impl: str, case: str,
+                       device: torch.device, bytes_moved: int = 0) -> None:
+    """One timed call of an end-to-end run (tens of seconds to minutes), whose peak memory is
+    measured during that same call: run_benchmark's warm-ups and rounds would repeat it five times.
+    The time includes first-call costs (allocator growth, autotuning), as a user's one run does."""
+    benchmark.extra_info.update(op=op, impl=impl, case=case, device=str(device), bytes=int(bytes_moved))
+    benchmark.group = f"{op} | {case}"
+    timed = synchronised(fn, device)
+    peak = peak_memory_bytes(lambda: benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0), device)
+    benchmark.extra_info.update(peak_bytes=int(peak))
+
+
 def paired_speedup(timed: Callable[[], object], baseline: Callable[[], object], device: torch.device,
                    rounds: int) -> float:
     """median(baseline time) / median(timed time) over `rounds` interleaved pairs, alternating
