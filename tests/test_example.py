@@ -1,11 +1,14 @@
-"""Smoke run of examples/segnet_end_to_end.py at its --tiny size (the whole package together:
+"""Smoke runs of the examples: segnet_end_to_end.py at its --tiny size (the whole package together:
 median-frequency weights, SegNet with compact-index unpooling, seg_kd_loss distillation,
-prune_sequential, confusion_matrix and segmentation_scores)."""
+prune_sequential, confusion_matrix and segmentation_scores), and prune_distributed.py on two
+ranks under torchrun."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -50,3 +53,17 @@ def test_synthetic_scenes_have_every_part():
     assert (labels[:, :3] == example.IGNORE).all() and (labels[:, :, -3:] == example.IGNORE).all()
     inner = labels[:, 3:-3, 3:-3]
     assert inner.min() >= 0 and inner.max() < 5 and len(inner.unique()) > 1
+
+
+def test_distributed_pruning_example_on_two_ranks():
+    # torchrun, as the README runs it: two gloo ranks on the CPU, a tiny SegNet.
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "prune_distributed.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+         "--width", "8", "--images", "12", "--size", "32", "--batch", "2", "--positions", "0"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 ranks (gloo), 12 images 32x32" in run.stdout
+    assert "every rank holds the same pruned model: True" in run.stdout
+    assert run.stdout.count("| conv |") == 1  # the report prints once, on rank 0
