@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "segnet_end_to_end.py")
 
