@@ -57,7 +57,11 @@ def test_synthetic_scenes_have_every_part():
 def test_distributed_pruning_example_on_two_ranks():
     # torchrun, as the README runs it: two gloo ranks on the CPU, a tiny SegNet.
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "prune_distributed.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The ranks import segkernels from this checkout, as the test process does (an in-place build
+    # need not be installed).
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
          "--width", "8", "--images", "12", "--size", "32", "--batch", "2", "--positions", "0"],

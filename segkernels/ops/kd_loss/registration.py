@@ -149,14 +149,17 @@ if _library.kernels_available():
         ctx.set_materialize_grads(False)
 
     def _op_backward(ctx, grad_maps, _grad_grads, _grad_tgrads):
+        # One gradient per argument the call passed: the dispatcher drops trailing arguments equal
+        # to their defaults (teacher_grad=False), and torch 2.11 accepts no more gradients than that.
+        n = len(ctx.needs_input_grad)
         K = ctx.K
         if grad_maps is None:
-            return [None] * K, None, None, None, None, None, None, None, None
+            return ([None] * K, None, None, None, None, None, None, None, None)[:n]
         teacher, labels, *rest = ctx.saved_tensors
         students, grads, tgrads = rest[:K], rest[K:2 * K], rest[2 * K:]
         tgrad, out = _kd_input_grads(ctx, grad_maps, students, teacher, labels, grads, tgrads,
                                      ctx.needs_input_grad[1])
-        return out, tgrad, None, None, None, None, None, None, None
+        return (out, tgrad, None, None, None, None, None, None, None)[:n]
 
     torch.library.register_autograd("segkernels::kd_loss", _op_backward, setup_context=_op_setup)
 
@@ -249,10 +252,11 @@ if _library.kernels_available():
         return gs, gt
 
     def _seg_op_backward(ctx, grad_loss, _g, _tg):
+        n = len(ctx.needs_input_grad)  # as kd_loss's: teacher_grad may have been dropped
         if grad_loss is None:
-            return (None,) * 9
+            return (None,) * n
         gs, gt = _seg_input_grads(ctx, grad_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return gs, gt, None, None, None, None, None, None, None
+        return (gs, gt, None, None, None, None, None, None, None)[:n]
 
     torch.library.register_autograd("segkernels::seg_kd_loss", _seg_op_backward, setup_context=_seg_setup_common)
 
