@@ -62,6 +62,20 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
+// The widest CPU code to run: AVX-512 (F) entry points where the CPU has it and
+// SEGKERNELS_NO_AVX512=1 is not set, else AVX2 as cpu_has_avx2() says, else the baseline.
+enum class CpuLevel { kBaseline, kAvx2, kAvx512 };
+
+inline CpuLevel cpu_level() {
+  if (!cpu_has_avx2()) return CpuLevel::kBaseline;
+#if SEGKERNELS_CPU_AVX2
+  const char* off = std::getenv("SEGKERNELS_NO_AVX512");
+  static const bool has = __builtin_cpu_supports("avx512f");
+  if (has && !(off && off[0] == '1')) return CpuLevel::kAvx512;
+#endif
+  return CpuLevel::kAvx2;
+}
+
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
   advise_huge_pages(t);

@@ -20,6 +20,7 @@ from .ops.confusion_matrix import confusion_matrix
 from .metrics import median_frequency_weights, segmentation_scores
 from .ops.kd_loss import kd_loss, seg_kd_loss
 from .ops.ps_assemble import ps_assemble, ps_assemble_dense
+from .ops.one_hot_conv2d import label_fractions, one_hot_conv2d
 from .pruning import channel_gram, lasso_gram
 from . import pruning
 from . import nn  # noqa: E402  (modules over the ops above)
@@ -43,6 +44,8 @@ __all__ = [
     "seg_kd_loss",
     "ps_assemble",
     "ps_assemble_dense",
+    "one_hot_conv2d",
+    "label_fractions",
     "channel_gram",
     "lasso_gram",
     "pruning",

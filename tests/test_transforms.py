@@ -12,6 +12,7 @@ import segkernels
 from helpers import requires_kernels
 from segkernels.ops.kd_loss import reference_kd_loss, reference_seg_kd_loss
 from segkernels.ops.max_unpool import reference_max_unpool
+from segkernels.ops.one_hot_conv2d import reference_one_hot_conv2d
 from segkernels.ops.ps_assemble import reference_ps_assemble, reference_ps_assemble_dense
 
 pytestmark = requires_kernels
@@ -36,6 +37,7 @@ def _cases():
     x_pool = torch.randn(2, 3, 6, 7, dtype=D, generator=g)
     _, flat = F.max_pool2d(x_pool, 2, return_indices=True)
     windows = torch.tensor([[0, -1, 2], [1, 3, 0], [0, 2, -2]])
+    y_map = _labels(2, 5, 6, 3, g)
 
     def pool_ref(x):
         return F.max_pool2d(x, 2, return_indices=True)[0]
@@ -63,6 +65,10 @@ def _cases():
          lambda s: reference_ps_assemble(s, windows, 2, 3, 0.5), [(2, 8, 5, 5)]),
         ("ps_assemble_dense", lambda s: segkernels.ps_assemble_dense(s, k=2, m=3, stride=2),
          lambda s: reference_ps_assemble_dense(s, 2, 3, 2), [(2, 4, 5, 5)]),
+        ("one_hot_conv2d", lambda w, b: segkernels.one_hot_conv2d(y_map, w, b, 2, 1),
+         lambda w, b: reference_one_hot_conv2d(y_map, w, b, (2, 2), (1, 1), (1, 1)), [(4, 3, 3, 3), (4,)]),
+        ("one_hot_conv2d loss", lambda w: segkernels.one_hot_conv2d(y_map, w, None, 1, 1).square().mean(),
+         lambda w: reference_one_hot_conv2d(y_map, w, None, (1, 1), (1, 1), (1, 1)).square().mean(), [(4, 3, 3, 3)]),
     ]
     return cases
 

@@ -2,6 +2,7 @@
 networks built from them."""
 
 from .instancefcn import InstanceFCNHead
+from .label_structure import LabelAutoencoder, LabelStructureLoss, LabelStructureOutput, OneHotConv2d
 from .losses import ChannelWiseKDLoss, KDLoss, SelfRegulationLoss
 from .pooling import MaxPool2d, MaxPool3d, MaxUnpool2d, MaxUnpool3d
 from .segnet import SegNet
@@ -16,4 +17,8 @@ __all__ = [
     "ChannelWiseKDLoss",
     "SelfRegulationLoss",
     "InstanceFCNHead",
+    "OneHotConv2d",
+    "LabelAutoencoder",
+    "LabelStructureLoss",
+    "LabelStructureOutput",
 ]
