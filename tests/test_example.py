@@ -1,7 +1,8 @@
 """Smoke runs of the examples: segnet_end_to_end.py at its --tiny size (the whole package together:
 median-frequency weights, SegNet with compact-index unpooling, seg_kd_loss distillation,
-prune_sequential, confusion_matrix and segmentation_scores), and prune_distributed.py on two
-ranks under torchrun."""
+prune_sequential, confusion_matrix and segmentation_scores), prune_distributed.py on two
+ranks under torchrun, and label_structure.py (LabelAutoencoder, LabelStructureLoss) at its --tiny
+size."""
 
 from __future__ import annotations
 
@@ -14,18 +15,17 @@ import sys
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "segnet_end_to_end.py")
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("segnet_end_to_end", EXAMPLE)
+LABEL_STRUCTURE = os.path.join(os.path.dirname(__file__), "..", "examples", "label_structure.py")
+
+
+def load_example(path=EXAMPLE, name="segnet_end_to_end"):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_example_tiny_run(tmp_path, capsys):
-    example = load_example()
-    figure = tmp_path / "example.png"
-    assert example.main(["--tiny", "--out", str(figure)]) == 0
-    printed = capsys.readouterr().out
+def _table_rows(printed):
     lines = printed.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("| model |"))) + 2
     rows = []
@@ -33,6 +33,14 @@ def test_example_tiny_run(tmp_path, capsys):
         if not line.startswith("| "):
             break
         rows.append(line)
+    return rows
+
+
+def test_example_tiny_run(tmp_path, capsys):
+    example = load_example()
+    figure = tmp_path / "example.png"
+    assert example.main(["--tiny", "--out", str(figure)]) == 0
+    rows = _table_rows(capsys.readouterr().out)
     names = [row.split("|")[1].strip() for row in rows]
     assert names == ["teacher", "student (KD)", "student (no KD)", "teacher pruned", "teacher pruned + fine-tune"]
     for row in rows:
@@ -70,3 +78,16 @@ def test_distributed_pruning_example_on_two_ranks():
     assert "2 ranks (gloo), 12 images 32x32" in run.stdout
     assert "every rank holds the same pruned model: True" in run.stdout
     assert run.stdout.count("| conv |") == 1  # the report prints once, on rank 0
+
+
+def test_label_structure_example_tiny_run(capsys):
+    example = load_example(LABEL_STRUCTURE, "label_structure")
+    assert example.main(["--tiny", "--seeds", "2"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["autoencoder (labels in, labels out)", "cross-entropy", "+ structure (decoder)",
+                     "+ structure (encoder)"]
+    for row in rows:
+        cells = [float(v) for v in row.split("|")[2:5]]  # seed 0, seed 1, mean
+        assert all(0.0 <= v <= 100.0 for v in cells)
+        assert abs(cells[2] - (cells[0] + cells[1]) / 2) <= 0.051
