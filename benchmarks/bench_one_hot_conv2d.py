@@ -46,23 +46,25 @@ def test_one_hot_conv2d(benchmark, name, impl):
     labels = torch.randint(0, c["classes"], (n, h, w), generator=gen).to(DEVICE)
     conv = torch.nn.Conv2d(c["classes"], c["out"], c["kernel"], c["stride"], c["padding"]).to(DEVICE)
     weight, bias = conv.weight, conv.bias
-    if impl == "torch":
-        def forward():
-            return F.conv2d(_one_hot(labels, c["classes"], c["onehot"]), weight, bias, c["stride"], c["padding"])
-    else:
-        def forward():
-            return segkernels.one_hot_conv2d(labels, weight, bias, c["stride"], c["padding"])
-    out = forward()
+
+    def torch_forward():
+        return F.conv2d(_one_hot(labels, c["classes"], c["onehot"]), weight, bias, c["stride"], c["padding"])
+
+    def segkernels_forward():
+        return segkernels.one_hot_conv2d(labels, weight, bias, c["stride"], c["padding"])
+
+    out = torch_forward()
     grad = torch.randn_like(out)
 
-    def call():
-        return torch.autograd.grad(forward(), (weight, bias), grad)
+    def forward_backward(forward):
+        return lambda: torch.autograd.grad(forward(), (weight, bias), grad)
 
+    call = forward_backward(torch_forward if impl == "torch" else segkernels_forward)
     moved = labels.numel() * 8 + 2 * out.numel() * out.element_size() + 2 * weight.numel() * 4
     case = (f"{name}: labels {(n, h, w)}, {c['classes']} -> {c['out']} classes/channels, k={c['kernel']} "
             f"s={c['stride']} p={c['padding']} float32")
     run_benchmark(benchmark, call, op="one_hot_conv2d forward+backward", impl=impl, case=case, bytes_moved=moved,
-                  device=DEVICE,
+                  device=DEVICE, baseline=forward_backward(torch_forward) if impl == "segkernels" else None,
                   formulation=(f"one-hot map ({c['onehot']}) then F.conv2d, autograd for weight and bias"
                                if impl == "torch" else None))
 
