@@ -163,8 +163,9 @@ SK_ALWAYS_INLINE void transpose_block(const S* s, int64_t ls, int64_t na, int64_
 // Rows [begin, end) of the flattened (N, Ho) output rows. wt: weight as (taps * C + 1, O) in
 // acc_t, its last row zeros (the column of a tap that reads no class); bias: O values (that zero
 // row when there is no bias). For a chunk of positions, the column each tap selects is looked up
-// once; then each position sums its columns in registers, kRegisterBytes of channels at a time, bias first and taps in order (a fixed order: the output is bitwise repeatable).
-// Inlined into a baseline and an AVX2 entry point: the column sum is the hot loop.
+// once; then each position sums its columns in registers, kRegisterBytes of channels at a time,
+// bias first and taps in order (a fixed order: the output is bitwise repeatable). Inlined into
+// the baseline, AVX2 and AVX-512 entry points: the column sum is the hot loop.
 template <int kBytes, typename label_t, typename acc_t, typename out_t>
 SK_ALWAYS_INLINE int64_t forward_rows_impl(const Geometry& g, const label_t* labels, const acc_t* wt,
                                            const acc_t* bias, out_t* out, int64_t begin, int64_t end) {
@@ -332,6 +333,11 @@ std::vector<int32_t> tap_table(const Geometry& g, const label_t* labels) {
   return table;
 }
 
+// Element strides of the output gradient over images, channels and flattened positions.
+struct GradStrides {
+  int64_t n, o, p;
+};
+
 template <typename scalar_t>
 using grad_part_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -344,8 +350,9 @@ using grad_part_t = std::conditional_t<std::is_same_v<scalar_t, double>, double,
 // gradient must stay float64-exact. Each element's sums run in the same order whatever B, the
 // vector width and the threads: the gradient is bitwise repeatable.
 template <int64_t B, int kBytes, typename scalar_t>
-SK_ALWAYS_INLINE void weight_grad_blocks_impl(const Geometry& g, const scalar_t* go, const int32_t* table,
-                                              scalar_t* gw, scalar_t* gb, int64_t begin, int64_t end) {
+SK_ALWAYS_INLINE void weight_grad_blocks_impl(const Geometry& g, const scalar_t* go, const GradStrides& gs,
+                                              const int32_t* table, scalar_t* gw, scalar_t* gb, int64_t begin,
+                                              int64_t end) {
   using part_t = grad_part_t<scalar_t>;
   using V = Vec<part_t, kBytes>;
   constexpr int64_t L = V::lanes, kVecs = B / L;
@@ -361,7 +368,7 @@ SK_ALWAYS_INLINE void weight_grad_blocks_impl(const Geometry& g, const scalar_t*
     std::fill(total.begin(), total.end(), 0.0);
     std::fill(grads.begin(), grads.end(), part_t(0));  // channels past O stay zero
     for (int64_t n = 0; n < g.N; ++n) {
-      const scalar_t* rows = go + (n * g.O + o0) * P;
+      const scalar_t* rows = go + n * gs.n + o0 * gs.o;
       const int32_t* tabs = table + n * P * K;
       for (int64_t p0 = 0; p0 < P; p0 += chunk) {
         std::fill(part.begin(), part.end(), part_t(0));
@@ -369,7 +376,13 @@ SK_ALWAYS_INLINE void weight_grad_blocks_impl(const Geometry& g, const scalar_t*
         const int64_t p_end = std::min(P, p0 + chunk);
         for (int64_t q0 = p0; q0 < p_end; q0 += kChunk) {
           const int64_t qs = std::min(kChunk, p_end - q0);
-          transpose_block(rows + q0, P, qs, os, grads.data(), B);
+          if (gs.p == 1) {  // NCHW: a transpose
+            transpose_block(rows + q0, gs.o, qs, os, grads.data(), B);
+          } else {  // channels_last: already position-major
+            for (int64_t q = 0; q < qs; ++q)
+              for (int64_t o = 0; o < os; ++o)
+                grads[q * B + o] = static_cast<part_t>(rows[(q0 + q) * gs.p + o * gs.o]);
+          }
           for (int64_t q = 0; q < qs; ++q) {
             typename V::type gv[kVecs];
             for (int64_t v = 0; v < kVecs; ++v) {
@@ -397,35 +410,39 @@ SK_ALWAYS_INLINE void weight_grad_blocks_impl(const Geometry& g, const scalar_t*
 }
 
 template <int64_t B, typename scalar_t>
-void weight_grad_blocks(const Geometry& g, const scalar_t* go, const int32_t* table, scalar_t* gw, scalar_t* gb,
-                        int64_t begin, int64_t end) {
-  weight_grad_blocks_impl<B, 32, scalar_t>(g, go, table, gw, gb, begin, end);
+void weight_grad_blocks(const Geometry& g, const scalar_t* go, const GradStrides& gs, const int32_t* table,
+                        scalar_t* gw, scalar_t* gb, int64_t begin, int64_t end) {
+  weight_grad_blocks_impl<B, 32, scalar_t>(g, go, gs, table, gw, gb, begin, end);
 }
 
 #if SEGKERNELS_CPU_AVX2
 template <int64_t B, typename scalar_t>
-SK_TARGET_AVX2 void weight_grad_blocks_avx2(const Geometry& g, const scalar_t* go, const int32_t* table,
-                                            scalar_t* gw, scalar_t* gb, int64_t begin, int64_t end) {
-  weight_grad_blocks_impl<B, 32, scalar_t>(g, go, table, gw, gb, begin, end);
+SK_TARGET_AVX2 void weight_grad_blocks_avx2(const Geometry& g, const scalar_t* go, const GradStrides& gs,
+                                            const int32_t* table, scalar_t* gw, scalar_t* gb, int64_t begin,
+                                            int64_t end) {
+  weight_grad_blocks_impl<B, 32, scalar_t>(g, go, gs, table, gw, gb, begin, end);
 }
 
 template <int64_t B, typename scalar_t>
-SK_TARGET_AVX512 void weight_grad_blocks_avx512(const Geometry& g, const scalar_t* go, const int32_t* table,
-                                                scalar_t* gw, scalar_t* gb, int64_t begin, int64_t end) {
-  weight_grad_blocks_impl<B, 64, scalar_t>(g, go, table, gw, gb, begin, end);
+SK_TARGET_AVX512 void weight_grad_blocks_avx512(const Geometry& g, const scalar_t* go, const GradStrides& gs,
+                                                const int32_t* table, scalar_t* gw, scalar_t* gb, int64_t begin,
+                                                int64_t end) {
+  weight_grad_blocks_impl<B, 64, scalar_t>(g, go, gs, table, gw, gb, begin, end);
 }
 #endif
 
 // One task per block of B output channels.
 template <int64_t B, typename scalar_t>
-void weight_grad(const Geometry& g, const scalar_t* go, const int32_t* table, scalar_t* gw, scalar_t* gb) {
+void weight_grad(const Geometry& g, const scalar_t* go, const GradStrides& gs, const int32_t* table, scalar_t* gw,
+                 scalar_t* gb) {
   const CpuLevel level = cpu_level();
   at::parallel_for(0, ceil_div(g.O, B), 1, [&](int64_t begin, int64_t end) {
 #if SEGKERNELS_CPU_AVX2
-    if (level == CpuLevel::kAvx512) return weight_grad_blocks_avx512<B, scalar_t>(g, go, table, gw, gb, begin, end);
-    if (level == CpuLevel::kAvx2) return weight_grad_blocks_avx2<B, scalar_t>(g, go, table, gw, gb, begin, end);
+    if (level == CpuLevel::kAvx512)
+      return weight_grad_blocks_avx512<B, scalar_t>(g, go, gs, table, gw, gb, begin, end);
+    if (level == CpuLevel::kAvx2) return weight_grad_blocks_avx2<B, scalar_t>(g, go, gs, table, gw, gb, begin, end);
 #endif
-    weight_grad_blocks<B, scalar_t>(g, go, table, gw, gb, begin, end);
+    weight_grad_blocks<B, scalar_t>(g, go, gs, table, gw, gb, begin, end);
   });
 }
 
@@ -440,7 +457,12 @@ std::tuple<Tensor, Tensor> one_hot_conv2d_weight_backward_cpu(const Tensor& grad
                     ", ", g.Wo, "), got ", grad_in.sizes());
   TORCH_CHECK_VALUE(g.C * g.taps() < (int64_t{1} << 31),
                     "segkernels.one_hot_conv2d_weight_backward: classes x taps must fit int32, got ", g.C * g.taps());
-  const Tensor grad = grad_in.contiguous();
+  // Positions (Ho, Wo) must flatten to one stride: NCHW and channels_last gradients are read in
+  // place (channels_last rows are already position-major), others are copied.
+  const int64_t position_stride = g.Wo == 1 ? grad_in.stride(2) : grad_in.stride(3);
+  const bool flat = g.Ho == 1 || grad_in.stride(2) == g.Wo * position_stride;
+  const Tensor grad = flat ? grad_in : grad_in.contiguous();
+  const GradStrides gs{grad.stride(0), grad.stride(1), flat ? position_stride : 1};
   const auto options = grad.options().memory_format(at::MemoryFormat::Contiguous);
   Tensor grad_weight = new_output(weight_size, options);
   Tensor grad_bias = new_output({g.O}, options);
@@ -455,9 +477,9 @@ std::tuple<Tensor, Tensor> one_hot_conv2d_weight_backward_cpu(const Tensor& grad
     // Wide blocks (fewer passes over the table) when there are enough of them for every thread,
     // narrow ones otherwise; both give the same bits (see weight_grad_blocks_impl).
     if (ceil_div(g.O, 32) >= at::get_num_threads())
-      weight_grad<32, scalar_t>(g, go, table.data(), gw, gb);
+      weight_grad<32, scalar_t>(g, go, gs, table.data(), gw, gb);
     else
-      weight_grad<16, scalar_t>(g, go, table.data(), gw, gb);
+      weight_grad<16, scalar_t>(g, go, gs, table.data(), gw, gb);
   });
   return {grad_weight, grad_bias};
 }

@@ -227,6 +227,33 @@ def test_cpu_code_paths_give_the_same_bits(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_weight_backward_reads_any_gradient_layout(device):
+    # NCHW and channels_last gradients are read in place, expanded ones (out.sum().backward())
+    # through their zero strides, others copied: the same bits in every case.
+    c, o, k, stride, padding, dilation, shape = CONFIGS[-1]
+    labels = _labels(shape, c, device)
+    weight = _weight(o, c, k, device=device)
+    args = (list(weight.shape), list(stride), list(padding), list(dilation), IGNORE)
+    out_shape = segkernels.one_hot_conv2d(labels, weight, None, stride, padding, dilation).shape
+    grad = torch.randn(out_shape, device=device)
+    expected = ops.one_hot_conv2d_weight_backward(grad, labels, *args)
+    layouts = {
+        "channels_last": grad.to(memory_format=torch.channels_last),
+        "strided": torch.randn(*out_shape[:3], 2 * out_shape[3], device=device)[..., ::2].copy_(grad),
+        "transposed planes": grad.transpose(2, 3).contiguous().transpose(2, 3),
+        "channels_last, every other channel": torch.randn(out_shape[0], *out_shape[2:], 2 * out_shape[1],
+                                                          device=device)[..., ::2].permute(0, 3, 1, 2).copy_(grad),
+    }
+    for name, g in layouts.items():
+        torch.testing.assert_close(g, grad, rtol=0, atol=0)
+        for a, b in zip(ops.one_hot_conv2d_weight_backward(g, labels, *args), expected):
+            assert_close(a, b, exact=True)
+    ones = ops.one_hot_conv2d_weight_backward(torch.ones(1, device=device).expand(out_shape), labels, *args)
+    for a, b in zip(ones, ops.one_hot_conv2d_weight_backward(torch.ones(out_shape, device=device), labels, *args)):
+        assert_close(a, b, exact=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradients_are_bitwise_repeatable(device):
     labels = _labels((2, 33, 41), 19, device)
     # 40 channels: one wide block and a partial one on 1 or 2 threads, narrow blocks on 3.
