@@ -53,10 +53,12 @@ def test_one_hot_conv2d(benchmark, name, impl):
     def segkernels_forward():
         return segkernels.one_hot_conv2d(labels, weight, bias, c["stride"], c["padding"])
 
+    # Each gets an output gradient in its own output's layout, as the next layer would give it:
+    # F.conv2d's output here is channels_last (the one-hot map is a permuted NHWC tensor).
     out = torch_forward()
-    grad = torch.randn_like(out)
 
     def forward_backward(forward):
+        grad = torch.randn_like(forward())
         return lambda: torch.autograd.grad(forward(), (weight, bias), grad)
 
     call = forward_backward(torch_forward if impl == "torch" else segkernels_forward)
