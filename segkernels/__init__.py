@@ -21,6 +21,7 @@ from .metrics import median_frequency_weights, segmentation_scores
 from .ops.kd_loss import kd_loss, seg_kd_loss
 from .ops.ps_assemble import ps_assemble, ps_assemble_dense
 from .ops.one_hot_conv2d import label_fractions, one_hot_conv2d
+from .ops.upsample_argmax import upsample_argmax
 from .pruning import channel_gram, lasso_gram
 from . import pruning
 from . import nn  # noqa: E402  (modules over the ops above)
@@ -46,6 +47,7 @@ __all__ = [
     "ps_assemble_dense",
     "one_hot_conv2d",
     "label_fractions",
+    "upsample_argmax",
     "channel_gram",
     "lasso_gram",
     "pruning",

@@ -20,6 +20,7 @@ PRODUCTION_OPS = {
     "ps_assemble", "ps_assemble_backward", "ps_assemble_dense", "ps_assemble_dense_backward",
     "channel_gram", "lasso_gram",
     "one_hot_conv2d", "one_hot_conv2d_weight_backward", "label_fractions",
+    "upsample_argmax",
 }
 
 
