@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 import segkernels
@@ -271,3 +272,59 @@ def test_reference_agrees_with_torchmetrics():
     logits, labels = _case((3, 9, 11), 6, torch.float64, "cpu")
     expected = multiclass_confusion_matrix(logits.argmax(1), labels, 6, ignore_index=255)
     assert torch.equal(reference_confusion_matrix(logits, labels, 6), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits smaller than the labels (scored through upsample_argmax)
+
+
+def _low_res_case(dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 5, 8, 10, generator=g).to(device=device, dtype=dtype)
+    labels = torch.randint(0, 5, (3, 61, 77), generator=g)
+    labels[:, :3] = 255  # an ignored border
+    return logits, labels.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_low_resolution_logits_are_upsampled(align_corners, device, monkeypatch):
+    from segkernels.ops import confusion_matrix as cm_module
+
+    logits, labels = _low_res_case(torch.float64, device)
+    up = F.interpolate(logits.cpu(), size=(61, 77), mode="bilinear", align_corners=align_corners)
+    expected = reference_confusion_matrix(up, labels.cpu(), 5)  # float64: no near-ties to round
+    got = segkernels.confusion_matrix(logits, labels, 5, 255, align_corners=align_corners)
+    assert torch.equal(got.cpu(), expected)
+    monkeypatch.setattr(cm_module, "_CHUNK_PIXELS", 61 * 77 * 2)  # two images, then one
+    assert torch.equal(segkernels.confusion_matrix(logits, labels, 5, align_corners=align_corners).cpu(), expected)
+
+
+def test_low_resolution_float32_differs_only_at_near_ties():
+    logits, labels = _low_res_case(torch.float32, seed=1)
+    up = F.interpolate(logits.double(), size=(61, 77), mode="bilinear")
+    expected = reference_confusion_matrix(up, labels, 5)
+    top2 = up.topk(2, dim=1).values
+    near_ties = ((top2[:, 0] - top2[:, 1]) <= 1e-5 * (1 + top2[:, 0].abs())) & (labels != 255)
+    got = segkernels.confusion_matrix(logits, labels, 5)
+    assert int(got.sum()) == int(expected.sum())
+    assert int((got - expected).abs().sum()) <= 2 * int(near_ties.sum())
+
+
+def test_low_resolution_errors():
+    logits, labels = _low_res_case(torch.float32)
+    with pytest.raises(ValueError, match="of their size or larger"):
+        segkernels.confusion_matrix(logits, labels[:, :5, :5], 5)
+    with pytest.raises(ValueError, match="channels"):
+        segkernels.confusion_matrix(logits, labels, 6)
+    with pytest.raises(TypeError, match="align_corners"):
+        segkernels.confusion_matrix(logits, labels, 5, align_corners=None)
+    labels[0, 10, 10] = 7
+    with pytest.raises(IndexError, match="outside"):
+        segkernels.confusion_matrix(logits, labels, 5)
+
+
+def test_low_resolution_under_torch_compile():
+    logits, labels = _low_res_case(torch.float64)
+    compiled = torch.compile(lambda x, y: segkernels.confusion_matrix(x, y, 5), fullgraph=True)
+    assert torch.equal(compiled(logits, labels), segkernels.confusion_matrix(logits, labels, 5))
