@@ -36,3 +36,27 @@ def test_confusion_matrix_from_logits(benchmark, impl, dtype):
     run_benchmark(benchmark, fn, op="confusion_matrix from logits", impl=impl, case=case, bytes_moved=moved,
                   device=DEVICE, rounds=3,
                   formulation="logits.argmax(1), then torch.bincount of the labelled pixels" if impl == "torch" else None)
+
+
+LOW_RES = (8, CLASSES, 128, 256)  # Cityscapes logits at output stride 8
+LABEL_SIZE = (1024, 2048)
+
+
+@pytest.mark.parametrize("impl", ["torch", "segkernels"])
+def test_confusion_matrix_from_low_resolution_logits(benchmark, impl):
+    shape = (scaled_batch(LOW_RES[0]),) + LOW_RES[1:]
+    logits = torch.randn(shape, device=DEVICE)
+    labels = torch.randint(0, CLASSES, (shape[0], *LABEL_SIZE), device=DEVICE)
+    labels[:, :8] = 255
+    if impl == "torch":
+        def fn():
+            up = torch.nn.functional.interpolate(logits, size=LABEL_SIZE, mode="bilinear", align_corners=False)
+            return reference_confusion_matrix(up, labels, CLASSES)
+    else:
+        def fn():
+            return segkernels.confusion_matrix(logits, labels, CLASSES)
+    moved = logits.numel() * logits.element_size() + labels.numel() * labels.element_size()
+    run_benchmark(benchmark, fn, op="confusion_matrix from low-resolution logits", impl=impl,
+                  case=f"{tuple(shape)} -> {LABEL_SIZE} float32", bytes_moved=moved, device=DEVICE, rounds=3,
+                  formulation=("F.interpolate(bilinear), argmax(1), then torch.bincount of the labelled pixels"
+                               if impl == "torch" else None))
