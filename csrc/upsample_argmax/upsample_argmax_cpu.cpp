@@ -30,11 +30,11 @@ struct AxisTable {
   AxisTable(int64_t in_size, int64_t out_size, bool align_corners)
       : i0(out_size), i1(out_size), w0(out_size), w1(out_size) {
     for (int64_t o = 0; o < out_size; ++o) {
-      const LinearTap t = linear_tap(o, in_size, out_size, align_corners);
+      const LinearTap<acc_t> t = linear_tap<acc_t>(o, in_size, out_size, align_corners);
       i0[o] = t.i0;
       i1[o] = t.i1;
-      w0[o] = static_cast<acc_t>(t.w0);
-      w1[o] = static_cast<acc_t>(t.w1);
+      w0[o] = t.w0;
+      w1[o] = t.w1;
     }
   }
 };

@@ -324,6 +324,12 @@ def test_low_resolution_errors():
         segkernels.confusion_matrix(logits, labels, 5)
 
 
+def test_low_resolution_with_no_pixels():
+    logits = torch.randn(2, 3, 0, 4)
+    assert torch.equal(segkernels.confusion_matrix(logits, torch.zeros(2, 0, 8, dtype=torch.long), 3),
+                       torch.zeros(3, 3, dtype=torch.long))
+
+
 def test_low_resolution_under_torch_compile():
     logits, labels = _low_res_case(torch.float64)
     compiled = torch.compile(lambda x, y: segkernels.confusion_matrix(x, y, 5), fullgraph=True)

@@ -124,6 +124,9 @@ def test_argument_errors():
         segkernels.upsample_argmax(x, 8)
     with pytest.raises(TypeError, match="align_corners"):
         segkernels.upsample_argmax(x, (8, 8), align_corners="yes")
+    if hasattr(torch, "float8_e4m3fn"):
+        with pytest.raises(TypeError, match="logits must be a floating"):
+            segkernels.upsample_argmax(x.to(torch.float8_e4m3fn), (8, 8))
 
 
 def test_direct_op_calls_are_checked():
@@ -174,19 +177,63 @@ def test_triton_kernel_matches_reference(config):
     assert_argmax_matches(tk._upsample_argmax_triton(x, (H, W), ac), x, (H, W), ac)
 
 
+AXES = [(9, 65), (65, 513), (7, 23), (12, 5), (1, 4), (5, 1), (2, 42), (2, 50), (6, 6)]
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_axis_table_is_the_kernels_rule():
-    # The host-side taps of the Triton kernel reproduce F.interpolate on a float64 ramp.
+def test_triton_axis_table_reads_what_f_interpolate_reads():
+    # The host-side taps of the Triton kernel: F.interpolate's weights, and the same pixels
+    # read (a NaN at input k reaches exactly the outputs that read k, even with weight 0).
     from segkernels.ops.upsample_argmax import triton as tk
 
-    for in_size, out_size in [(9, 65), (65, 513), (7, 23), (12, 5), (1, 4), (5, 1)]:
+    for in_size, out_size in AXES:
         for ac in (False, True):
-            i0, i1, w0, w1 = tk.axis_table(in_size, out_size, ac, "cpu")
-            ramp = torch.rand(in_size, dtype=torch.float64)
-            expected = F.interpolate(ramp.view(1, 1, 1, -1), size=(1, out_size), mode="bilinear",
-                                     align_corners=ac).view(-1)
-            torch.testing.assert_close(ramp[i0] * w0 + ramp[i1] * w1, expected, rtol=1e-12, atol=1e-12)
+            i0, i1, w0, w1 = tk.axis_table(in_size, out_size, ac, torch.float32, "cpu")
+            eye = torch.eye(in_size).view(in_size, 1, 1, in_size)
+            weights = F.interpolate(eye, size=(1, out_size), mode="bilinear", align_corners=ac).view(in_size, out_size)
+            ours = torch.zeros(in_size, out_size)
+            ours[i0, torch.arange(out_size)] += w0
+            ours[i1, torch.arange(out_size)] += w1
+            torch.testing.assert_close(ours, weights, rtol=0, atol=1e-6)
+            for k in range(in_size):
+                ramp = torch.zeros(1, 1, 1, in_size)
+                ramp[..., k] = float("nan")
+                eager = F.interpolate(ramp, size=(1, out_size), mode="bilinear", align_corners=ac).view(-1).isnan()
+                assert torch.equal((i0 == k) | (i1 == k), eager), (in_size, out_size, ac, k)
+
+
+# Unchanged axes, one unchanged axis, align_corners' last column and a plain upsampling.
+NON_FINITE_CASES = [((4, 4), (4, 4), False), ((4, 5), (4, 13), False), ((2, 2), (2, 42), True),
+                    ((2, 2), (2, 50), False), ((3, 5), (11, 16), True), ((5, 3), (9, 7), False)]
+
+
+def _check_non_finite(run, value, device="cpu"):
+    # The same pixels read as F.interpolate, so NaN and infinities land on the same outputs.
+    for (h, w), (H, W), ac in NON_FINITE_CASES:
+        for spot in [(0, 0), (h - 1, w - 1), (h // 2, w // 2)]:
+            x = torch.zeros(1, 3, h, w, device=device)
+            x[0, 1, spot[0], spot[1]] = value
+            x[0, 2, spot[0], 0] = value
+            expected = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=ac).argmax(1)
+            assert torch.equal(run(x, (H, W), ac), expected), (h, w, H, W, ac, spot)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_spread_as_in_f_interpolate(value, device):
+    _check_non_finite(lambda x, size, ac: segkernels.upsample_argmax(x, size, align_corners=ac), value, device)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_non_finite_logits_spread_as_in_f_interpolate():
+    from segkernels.ops.upsample_argmax import triton as tk
+
+    if not triton_runs_on(torch.zeros(1)):
+        pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernel on CPU tensors")
+    for value in (float("nan"), -float("inf")):
+        _check_non_finite(tk._upsample_argmax_triton, value)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")

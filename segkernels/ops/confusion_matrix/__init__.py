@@ -112,6 +112,8 @@ def _from_low_resolution(logits, labels, num_classes, ignore_index, align_corner
     if logits.shape[1] != num_classes:
         raise ArgumentValueError(f"logits have {logits.shape[1]} channels but num_classes={num_classes}")
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=logits.device)
+    if H * W == 0:  # no pixel to count
+        return matrix
     step = max(1, _CHUNK_PIXELS // (H * W))
     for start in range(0, logits.shape[0], step):
         pred = upsample_argmax(logits[start:start + step], (H, W), align_corners=align_corners)

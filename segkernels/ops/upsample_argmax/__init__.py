@@ -24,6 +24,8 @@ __all__ = ["upsample_argmax", "reference_upsample_argmax"]
 
 GPU_KERNEL = "triton"  # what runs CUDA tensors (see _library.use_kernel)
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def _size(size) -> list:
     if isinstance(size, torch.Size) or isinstance(size, (tuple, list)):
@@ -51,8 +53,9 @@ def upsample_argmax(logits: torch.Tensor, size: Union[Sequence[int], torch.Size]
     Not differentiable (an index map).
     """
     check_tensor(logits, "logits")
-    if not logits.is_floating_point():
-        raise ArgumentTypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ArgumentTypeError(f"logits must be a floating tensor (float16, bfloat16, float32 or float64), got "
+                                f"{logits.dtype}")
     if logits.dim() != 4 or 0 in logits.shape[1:]:
         raise ArgumentValueError(f"logits must be (N, C, h, w) with C, h, w >= 1, got {tuple(logits.shape)}")
     out_size = _size(size)

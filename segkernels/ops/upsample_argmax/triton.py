@@ -71,18 +71,26 @@ def _upsample_argmax_kernel(
     tl.store(out_ptr + row * out_w + cols, pred, mask=mask)
 
 
-def axis_table(in_size: int, out_size: int, align_corners: bool, device) -> tuple:
+def axis_table(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype, device) -> tuple:
     """The per-output-index taps (i0, i1, w0, w1) of one axis, as linear_tap in
-    csrc/upsample_argmax/upsample_argmax.h computes them (in float64)."""
-    o = torch.arange(out_size, dtype=torch.float64)
+    csrc/upsample_argmax/upsample_argmax.h computes them: in dtype (the logits' accumulation
+    type, float32 or float64), an unchanged axis copied."""
+    o = torch.arange(out_size, dtype=torch.int64)
+    if in_size == out_size:
+        one = torch.ones(out_size, dtype=dtype)
+        return tuple(t.to(device) for t in (o, o, one, one * 0))
+    of = o.to(dtype)
     if align_corners:
-        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-        src = scale * o
+        scale = torch.tensor(in_size - 1, dtype=dtype) / (out_size - 1) if out_size > 1 else torch.zeros((), dtype=dtype)
+        src = scale * of
     else:
-        src = (in_size / out_size * (o + 0.5) - 0.5).clamp_min(0.0)
-    i0 = src.floor().long().clamp_max(in_size - 1)
+        # One rounding of scale * (i + 0.5) - 0.5 (an FMA, as in the header): exact in float64
+        # for a float32 scale, then rounded once.
+        scale = torch.tensor(in_size, dtype=dtype) / out_size
+        src = (scale.double() * (of.double() + 0.5) - 0.5).to(dtype).clamp_min(0.0)
+    i0 = src.long().clamp_max(in_size - 1)
     i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
-    w1 = (src - i0).clamp_max(1.0)
+    w1 = (src - i0.to(dtype)).clamp(0.0, 1.0)
     return tuple(t.to(device) for t in (i0, i1, 1.0 - w1, w1))
 
 
@@ -93,10 +101,9 @@ def _upsample_argmax_triton(logits: torch.Tensor, size, align_corners: bool) -> 
     if out.numel() == 0:
         return out
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    y0, y1, wy0, wy1 = axis_table(h, out_h, align_corners, logits.device)
-    x0, x1, wx0, wx1 = axis_table(w, out_w, align_corners, logits.device)
-    if logits.dtype != torch.float64:  # weights in the accumulation type, as the CPU kernel
-        wy0, wy1, wx0, wx1 = (t.float() for t in (wy0, wy1, wx0, wx1))
+    table_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    y0, y1, wy0, wy1 = axis_table(h, out_h, align_corners, table_dtype, logits.device)
+    x0, x1, wx0, wx1 = axis_table(w, out_w, align_corners, table_dtype, logits.device)
     # Sizes for the GPU, a smaller one for the interpreter; by mode, not device, so that the
     # sm_90 ahead-of-time test compiles what a GPU runs.
     block = 64 if _library.triton_interpreting() else 256
