@@ -87,9 +87,28 @@ Geometry make_geometry(const Tensor& labels, at::IntArrayRef weight_size, at::In
   return g;
 }
 
-void raise_invalid(int64_t count, const Geometry& g) {
-  TORCH_CHECK_INDEX(count == 0, "labels hold ", count, " value(s) outside [0, ", g.C,
-                    ") that are not ignore_index=", g.ignore_index);
+// Every pixel of labels is checked, read by a tap or not (a label map with an invalid value is
+// refused whatever the stride), in one pass before the kernels, which then treat an invalid label
+// as no class.
+void check_label_values(const Tensor& labels, int64_t classes, int64_t ignore_index) {
+  std::atomic<int64_t> invalid{0};
+  const int64_t N = labels.size(0), H = labels.size(1), W = labels.size(2);
+  const int64_t sN = labels.stride(0), sH = labels.stride(1), sW = labels.stride(2);
+  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "one_hot_conv2d_check_labels", [&] {
+    const scalar_t* lab = labels.const_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, W));
+    at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
+      int64_t bad = 0;
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = lab + (r / H) * sN + (r % H) * sH;
+        for (int64_t x = 0; x < W; ++x)
+          bad += classify(static_cast<int64_t>(row[x * sW]), classes, ignore_index) == kInvalid;
+      }
+      if (bad) invalid += bad;
+    });
+  });
+  TORCH_CHECK_INDEX(invalid.load() == 0, "labels hold ", invalid.load(), " value(s) outside [0, ", classes,
+                    ") that are not ignore_index=", ignore_index);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,8 +186,8 @@ SK_ALWAYS_INLINE void transpose_block(const S* s, int64_t ls, int64_t na, int64_
 // bias first and taps in order (a fixed order: the output is bitwise repeatable). Inlined into
 // the baseline, AVX2 and AVX-512 entry points: the column sum is the hot loop.
 template <int kBytes, typename label_t, typename acc_t, typename out_t>
-SK_ALWAYS_INLINE int64_t forward_rows_impl(const Geometry& g, const label_t* labels, const acc_t* wt,
-                                           const acc_t* bias, out_t* out, int64_t begin, int64_t end) {
+SK_ALWAYS_INLINE void forward_rows_impl(const Geometry& g, const label_t* labels, const acc_t* wt,
+                                        const acc_t* bias, out_t* out, int64_t begin, int64_t end) {
   using V = Vec<acc_t, kBytes>;
   constexpr int64_t kRegisterVecs = kRegisterBytes / kBytes;
   constexpr int64_t L = V::lanes, kBlock = kRegisterVecs * L;
@@ -176,7 +195,6 @@ SK_ALWAYS_INLINE int64_t forward_rows_impl(const Geometry& g, const label_t* lab
   const acc_t* zero_column = wt + K * C * O;
   std::vector<acc_t> acc(kChunk * O), by_channel(O * kChunk);
   std::vector<const acc_t*> columns(kChunk * K);
-  int64_t invalid = 0;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / g.Ho, oy = r - n * g.Ho;
     for (int64_t x0 = 0; x0 < g.Wo; x0 += kChunk) {
@@ -192,7 +210,6 @@ SK_ALWAYS_INLINE int64_t forward_rows_impl(const Geometry& g, const label_t* lab
             int64_t c = kNoClass;
             if (row_inside && ix >= 0 && ix < g.W)
               c = classify(static_cast<int64_t>(row[ix * g.sW]), C, g.ignore_index);
-            invalid += c == kInvalid;
             columns[x * K + t] = c >= 0 ? wt + (t * C + c) * O : zero_column;
           }
         }
@@ -229,26 +246,25 @@ SK_ALWAYS_INLINE int64_t forward_rows_impl(const Geometry& g, const label_t* lab
       }
     }
   }
-  return invalid;
 }
 
 template <typename label_t, typename acc_t, typename out_t>
-int64_t forward_rows(const Geometry& g, const label_t* labels, const acc_t* wt, const acc_t* bias, out_t* out,
+void forward_rows(const Geometry& g, const label_t* labels, const acc_t* wt, const acc_t* bias, out_t* out,
                      int64_t begin, int64_t end) {
-  return forward_rows_impl<32, label_t, acc_t, out_t>(g, labels, wt, bias, out, begin, end);
+  forward_rows_impl<32, label_t, acc_t, out_t>(g, labels, wt, bias, out, begin, end);
 }
 
 #if SEGKERNELS_CPU_AVX2
 template <typename label_t, typename acc_t, typename out_t>
-SK_TARGET_AVX2 int64_t forward_rows_avx2(const Geometry& g, const label_t* labels, const acc_t* wt,
+SK_TARGET_AVX2 void forward_rows_avx2(const Geometry& g, const label_t* labels, const acc_t* wt,
                                          const acc_t* bias, out_t* out, int64_t begin, int64_t end) {
-  return forward_rows_impl<32, label_t, acc_t, out_t>(g, labels, wt, bias, out, begin, end);
+  forward_rows_impl<32, label_t, acc_t, out_t>(g, labels, wt, bias, out, begin, end);
 }
 
 template <typename label_t, typename acc_t, typename out_t>
-SK_TARGET_AVX512 int64_t forward_rows_avx512(const Geometry& g, const label_t* labels, const acc_t* wt,
+SK_TARGET_AVX512 void forward_rows_avx512(const Geometry& g, const label_t* labels, const acc_t* wt,
                                              const acc_t* bias, out_t* out, int64_t begin, int64_t end) {
-  return forward_rows_impl<64, label_t, acc_t, out_t>(g, labels, wt, bias, out, begin, end);
+  forward_rows_impl<64, label_t, acc_t, out_t>(g, labels, wt, bias, out, begin, end);
 }
 #endif
 
@@ -266,9 +282,9 @@ Tensor one_hot_conv2d_cpu(const Tensor& labels, const Tensor& weight, const std:
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.O, "segkernels.one_hot_conv2d: bias must be (", g.O,
                       ",), got ", bias->sizes());
   }
+  check_label_values(labels, g.C, g.ignore_index);
   Tensor out = new_output({g.N, g.O, g.Ho, g.Wo}, weight.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  std::atomic<int64_t> invalid{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "one_hot_conv2d_cpu", [&] {
     using out_t = scalar_t;
     using acc_t = at::opmath_type<out_t>;
@@ -286,20 +302,16 @@ Tensor one_hot_conv2d_cpu(const Tensor& labels, const Tensor& weight, const std:
       const int64_t work = std::max<int64_t>(1, g.Wo * g.taps() * g.O);
       const CpuLevel level = cpu_level();
       at::parallel_for(0, g.N * g.Ho, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
-        int64_t bad;
 #if SEGKERNELS_CPU_AVX2
         if (level == CpuLevel::kAvx512)
-          bad = forward_rows_avx512<scalar_t, acc_t, out_t>(g, lab, w, bp, dst, begin, end);
-        else if (level == CpuLevel::kAvx2)
-          bad = forward_rows_avx2<scalar_t, acc_t, out_t>(g, lab, w, bp, dst, begin, end);
-        else
+          return forward_rows_avx512<scalar_t, acc_t, out_t>(g, lab, w, bp, dst, begin, end);
+        if (level == CpuLevel::kAvx2) return forward_rows_avx2<scalar_t, acc_t, out_t>(g, lab, w, bp, dst, begin, end);
 #endif
-          bad = forward_rows<scalar_t, acc_t, out_t>(g, lab, w, bp, dst, begin, end);
-        if (bad) invalid += bad;
+        (void)level;
+        forward_rows<scalar_t, acc_t, out_t>(g, lab, w, bp, dst, begin, end);
       });
     });
   });
-  raise_invalid(invalid.load(), g);
   return out;
 }
 
@@ -457,6 +469,7 @@ std::tuple<Tensor, Tensor> one_hot_conv2d_weight_backward_cpu(const Tensor& grad
                     ", ", g.Wo, "), got ", grad_in.sizes());
   TORCH_CHECK_VALUE(g.C * g.taps() < (int64_t{1} << 31),
                     "segkernels.one_hot_conv2d_weight_backward: classes x taps must fit int32, got ", g.C * g.taps());
+  check_label_values(labels, g.C, g.ignore_index);
   // Positions (Ho, Wo) must flatten to one stride: NCHW and channels_last gradients are read in
   // place (channels_last rows are already position-major), others are copied.
   const int64_t position_stride = g.Wo == 1 ? grad_in.stride(2) : grad_in.stride(3);
@@ -493,19 +506,18 @@ Tensor label_fractions_cpu(const Tensor& labels, int64_t classes, int64_t factor
   TORCH_CHECK_VALUE(factor >= 1, "segkernels.label_fractions: factor must be >= 1, got ", factor);
   const int64_t N = labels.size(0), H = labels.size(1), W = labels.size(2);
   const int64_t Ho = H / factor, Wo = W / factor;
+  check_label_values(labels, classes, ignore_index);
   Tensor out = new_output({N, classes, Ho, Wo}, labels.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   const int64_t sN = labels.stride(0), sH = labels.stride(1), sW = labels.stride(2);
   // avg_pool2d's divisor, applied the same way (a float count divided by factor * factor).
   const float area = static_cast<float>(factor * factor);
-  std::atomic<int64_t> invalid{0};
   float* dst = out.mutable_data_ptr<float>();
   AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "label_fractions_cpu", [&] {
     const scalar_t* lab = labels.const_data_ptr<scalar_t>();
     const int64_t work = std::max<int64_t>(1, factor * factor * Wo + classes * Wo);
     at::parallel_for(0, N * Ho, std::max<int64_t>(1, 65536 / work), [&](int64_t begin, int64_t end) {
       std::vector<int32_t> counts(Wo * classes);  // counts[ox * classes + c]
-      int64_t bad = 0;
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / Ho, oy = r - n * Ho;
         std::fill(counts.begin(), counts.end(), 0);
@@ -513,10 +525,7 @@ Tensor label_fractions_cpu(const Tensor& labels, int64_t classes, int64_t factor
           const scalar_t* row = lab + n * sN + (oy * factor + fy) * sH;
           for (int64_t x = 0; x < Wo * factor; ++x) {
             const int64_t c = classify(static_cast<int64_t>(row[x * sW]), classes, ignore_index);
-            if (c >= 0)
-              ++counts[(x / factor) * classes + c];
-            else
-              bad += c == kInvalid;
+            if (c >= 0) ++counts[(x / factor) * classes + c];
           }
         }
         for (int64_t c = 0; c < classes; ++c) {
@@ -524,11 +533,8 @@ Tensor label_fractions_cpu(const Tensor& labels, int64_t classes, int64_t factor
           for (int64_t ox = 0; ox < Wo; ++ox) plane[ox] = static_cast<float>(counts[ox * classes + c]) / area;
         }
       }
-      if (bad) invalid += bad;
     });
   });
-  TORCH_CHECK_INDEX(invalid.load() == 0, "labels hold ", invalid.load(), " value(s) outside [0, ", classes,
-                    ") that are not ignore_index=", ignore_index);
   return out;
 }
 

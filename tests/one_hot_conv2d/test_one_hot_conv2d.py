@@ -385,6 +385,28 @@ def test_labels_out_of_range_raise_index_error(device):
                 fn(labels)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_labels_no_tap_reads_are_checked_too(device):
+    # Stride 2 and a 1 x 1 kernel skip odd rows and columns; label_fractions skips the rows and
+    # columns past the last whole cell. An invalid label there is still refused, as the
+    # reference's one-hot map refuses it, and counted once.
+    labels = torch.zeros(1, 5, 5, dtype=torch.int64, device=device)
+    labels[0, 1, 1] = 7
+    weight = torch.randn(2, 3, 1, 1, device=device)
+    with pytest.raises(IndexError, match="1 value"):
+        segkernels.one_hot_conv2d(labels, weight, stride=2)
+    with pytest.raises(IndexError, match="1 value"):
+        ops.one_hot_conv2d_weight_backward(torch.ones(1, 2, 3, 3, device=device), labels, [2, 3, 1, 1], [2, 2],
+                                           [0, 0], [1, 1], IGNORE)
+    labels[0, 1, 1] = 0
+    labels[0, 4, 2] = -5
+    with pytest.raises(IndexError, match="1 value"):
+        segkernels.label_fractions(labels, 3, 2)
+    labels[0, 4, 2] = 9  # read by all nine taps of a 3 x 3 kernel: still one value
+    with pytest.raises(IndexError, match="labels hold 1 value"):
+        segkernels.one_hot_conv2d(labels, torch.randn(2, 3, 3, 3, device=device), padding=1)
+
+
 def test_direct_op_calls_are_checked():
     # The ops guard memory safety themselves (the public functions give friendlier errors first).
     labels, weight = _labels((2, 6, 7), 4), _weight(3, 4, (3, 3))

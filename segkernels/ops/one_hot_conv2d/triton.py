@@ -14,9 +14,9 @@ ops' CUDA kernels.
 - label_fractions: one program per (image, block of output cells, block of classes) counts the
   classes of each cell's factor x factor pixels in registers.
 - float16, bfloat16 and float32 (float32 accumulation); float64 runs the reference.
-- Labels outside [0, C) that are not ignore_index contribute nothing and are counted on the
-  device; the launcher reads the count once (one synchronisation) and raises IndexError, as the
-  CPU kernels do.
+- Labels outside [0, C) that are not ignore_index contribute nothing; they are counted on the
+  device over the whole map (read by a tap or not), and the launcher reads the count once (one
+  synchronisation) and raises IndexError, as the CPU kernels do.
 """
 
 from __future__ import annotations
@@ -142,8 +142,12 @@ def _fractions_kernel(lab_ptr, out_ptr, bad_ptr, cells_per_image, Wo, sN, sH, sW
         tl.atomic_add(bad_ptr, tl.sum(bad, axis=0))
 
 
-def _raise_invalid(bad: torch.Tensor, classes: int, ignore_index: int) -> None:
-    count = int(bad.item())  # the one host synchronisation of the launch
+def _raise_invalid(bad: torch.Tensor, labels: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """IndexError if any pixel of labels is invalid, read by a tap or not (as the CPU kernels and
+    the reference): the kernel's count covers the pixels it read, one pass over labels the rest.
+    The one host synchronisation of the launch."""
+    everywhere = ((labels != ignore_index) & ((labels < 0) | (labels >= classes))).sum()
+    count = int(torch.maximum(everywhere, bad.to(everywhere.dtype).sum()).item())
     if count:
         raise IndexError(f"labels hold {count} value(s) outside [0, {classes}) that are not ignore_index={ignore_index}")
 
@@ -183,13 +187,14 @@ def _one_hot_conv2d_triton(labels, weight, bias, stride, padding, dilation, igno
         labels, weight, bias if bias is not None else weight, out, bad, positions, ho, wo, h, w, *labels.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c, o, ignore_index, KH=kh, KW=kw,
         HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_O=block_o)
-    _raise_invalid(bad, c, ignore_index)
+    _raise_invalid(bad, labels, c, ignore_index)
     return out
 
 
 def _one_hot_conv2d_weight_backward_triton(grad, labels, weight_size, stride, padding, dilation, ignore_index):
     _check_dtype(grad, "grad_output")
     n, h, w, o, c, kh, kw, ho, wo = _geometry(labels, weight_size, stride, padding, dilation)
+    _raise_invalid(torch.zeros(1, dtype=torch.int32, device=labels.device), labels, c, ignore_index)
     grad = grad.contiguous()
     grad_weight = new_output(tuple(weight_size), dtype=grad.dtype, device=grad.device)
     # The bias gradient: torch's reduction (deterministic), accumulated in float32 for 16-bit grads.
@@ -226,7 +231,7 @@ def _label_fractions_triton(labels, num_classes, factor, ignore_index):
     grid = (n * triton.cdiv(cells, block), triton.cdiv(num_classes, block_c))
     _fractions_kernel[grid](labels, out, bad, cells, wo, *labels.stride(), num_classes, factor,
                             float(factor * factor), ignore_index, BLOCK=block, BLOCK_C=block_c)
-    _raise_invalid(bad, num_classes, ignore_index)
+    _raise_invalid(bad, labels, num_classes, ignore_index)
     return out
 
 
