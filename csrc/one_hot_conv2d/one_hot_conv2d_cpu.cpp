@@ -87,28 +87,41 @@ Geometry make_geometry(const Tensor& labels, at::IntArrayRef weight_size, at::In
   return g;
 }
 
-// Every pixel of labels is checked, read by a tap or not (a label map with an invalid value is
-// refused whatever the stride), in one pass before the kernels, which then treat an invalid label
-// as no class.
-void check_label_values(const Tensor& labels, int64_t classes, int64_t ignore_index) {
+// Invalid labels (outside [0, classes), not ignore_index) in rows [y0, y1) and columns [x0, x1)
+// of every image.
+int64_t count_invalid_labels(const Tensor& labels, int64_t classes, int64_t ignore_index, int64_t y0, int64_t y1,
+                             int64_t x0, int64_t x1) {
+  if (y1 <= y0 || x1 <= x0 || labels.size(0) == 0) return 0;
   std::atomic<int64_t> invalid{0};
-  const int64_t N = labels.size(0), H = labels.size(1), W = labels.size(2);
+  const int64_t rows = y1 - y0;
   const int64_t sN = labels.stride(0), sH = labels.stride(1), sW = labels.stride(2);
-  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "one_hot_conv2d_check_labels", [&] {
+  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "one_hot_conv2d_count_invalid", [&] {
     const scalar_t* lab = labels.const_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, W));
-    at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, 65536 / (x1 - x0));
+    at::parallel_for(0, labels.size(0) * rows, grain, [&](int64_t begin, int64_t end) {
       int64_t bad = 0;
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = lab + (r / H) * sN + (r % H) * sH;
-        for (int64_t x = 0; x < W; ++x)
+        const scalar_t* row = lab + (r / rows) * sN + (y0 + r % rows) * sH;
+        for (int64_t x = x0; x < x1; ++x)
           bad += classify(static_cast<int64_t>(row[x * sW]), classes, ignore_index) == kInvalid;
       }
       if (bad) invalid += bad;
     });
   });
-  TORCH_CHECK_INDEX(invalid.load() == 0, "labels hold ", invalid.load(), " value(s) outside [0, ", classes,
+  return invalid.load();
+}
+
+void raise_invalid(int64_t count, int64_t classes, int64_t ignore_index) {
+  TORCH_CHECK_INDEX(count == 0, "labels hold ", count, " value(s) outside [0, ", classes,
                     ") that are not ignore_index=", ignore_index);
+}
+
+// Every pixel of labels is checked, read by a tap or not (a label map with an invalid value is
+// refused whatever the stride), in one pass before the convolution kernels, which then treat an
+// invalid label as no class.
+void check_label_values(const Tensor& labels, int64_t classes, int64_t ignore_index) {
+  raise_invalid(count_invalid_labels(labels, classes, ignore_index, 0, labels.size(1), 0, labels.size(2)), classes,
+                ignore_index);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -506,9 +519,16 @@ Tensor label_fractions_cpu(const Tensor& labels, int64_t classes, int64_t factor
   TORCH_CHECK_VALUE(factor >= 1, "segkernels.label_fractions: factor must be >= 1, got ", factor);
   const int64_t N = labels.size(0), H = labels.size(1), W = labels.size(2);
   const int64_t Ho = H / factor, Wo = W / factor;
-  check_label_values(labels, classes, ignore_index);
+  // The kernel reads (and checks) the pixels of whole cells; the rows and columns past the last
+  // whole cell are checked here.
+  const int64_t leftover = count_invalid_labels(labels, classes, ignore_index, Ho * factor, H, 0, W) +
+                           count_invalid_labels(labels, classes, ignore_index, 0, Ho * factor, Wo * factor, W);
   Tensor out = new_output({N, classes, Ho, Wo}, labels.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) {
+    raise_invalid(leftover, classes, ignore_index);
+    return out;
+  }
+  std::atomic<int64_t> invalid{leftover};
   const int64_t sN = labels.stride(0), sH = labels.stride(1), sW = labels.stride(2);
   // avg_pool2d's divisor, applied the same way (a float count divided by factor * factor).
   const float area = static_cast<float>(factor * factor);
@@ -518,6 +538,7 @@ Tensor label_fractions_cpu(const Tensor& labels, int64_t classes, int64_t factor
     const int64_t work = std::max<int64_t>(1, factor * factor * Wo + classes * Wo);
     at::parallel_for(0, N * Ho, std::max<int64_t>(1, 65536 / work), [&](int64_t begin, int64_t end) {
       std::vector<int32_t> counts(Wo * classes);  // counts[ox * classes + c]
+      int64_t bad = 0;
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / Ho, oy = r - n * Ho;
         std::fill(counts.begin(), counts.end(), 0);
@@ -525,7 +546,10 @@ Tensor label_fractions_cpu(const Tensor& labels, int64_t classes, int64_t factor
           const scalar_t* row = lab + n * sN + (oy * factor + fy) * sH;
           for (int64_t x = 0; x < Wo * factor; ++x) {
             const int64_t c = classify(static_cast<int64_t>(row[x * sW]), classes, ignore_index);
-            if (c >= 0) ++counts[(x / factor) * classes + c];
+            if (c >= 0)
+              ++counts[(x / factor) * classes + c];
+            else
+              bad += c == kInvalid;
           }
         }
         for (int64_t c = 0; c < classes; ++c) {
@@ -533,8 +557,10 @@ Tensor label_fractions_cpu(const Tensor& labels, int64_t classes, int64_t factor
           for (int64_t ox = 0; ox < Wo; ++ox) plane[ox] = static_cast<float>(counts[ox * classes + c]) / area;
         }
       }
+      if (bad) invalid += bad;
     });
   });
+  raise_invalid(invalid.load(), classes, ignore_index);
   return out;
 }
 
