@@ -513,6 +513,30 @@ def test_triton_kernels_match_reference(config):
 
 @pytest.mark.triton
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_launchers_check_every_label_once():
+    from segkernels.ops.one_hot_conv2d import triton as tk
+
+    labels = torch.zeros(1, 5, 5, dtype=torch.int64)
+    if not triton_runs_on(labels):
+        pytest.skip("run with TRITON_INTERPRET=1 to exercise the Triton kernels on CPU tensors")
+    labels[0, 1, 1] = 7  # read by no tap at stride 2 with a 1 x 1 kernel
+    with pytest.raises(IndexError, match="labels hold 1 value"):
+        tk._one_hot_conv2d_triton(labels, torch.randn(2, 3, 1, 1), None, [2, 2], [0, 0], [1, 1], IGNORE)
+    with pytest.raises(IndexError, match="labels hold 1 value"):
+        tk._one_hot_conv2d_weight_backward_triton(torch.ones(1, 2, 3, 3), labels, [2, 3, 1, 1], [2, 2], [0, 0],
+                                                  [1, 1], IGNORE)
+    labels[0, 1, 1] = 0
+    labels[0, 2, 2] = 9  # read by all nine taps of a padded 3 x 3 kernel
+    with pytest.raises(IndexError, match="labels hold 1 value"):
+        tk._one_hot_conv2d_triton(labels, torch.randn(2, 3, 3, 3), None, [1, 1], [1, 1], [1, 1], IGNORE)
+    labels[0, 2, 2] = 0
+    labels[0, 4, 2] = -5  # past label_fractions' last whole cell
+    with pytest.raises(IndexError, match="labels hold 1 value"):
+        tk._label_fractions_triton(labels, 3, 2, IGNORE)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_kernels_compile_for_sm90():
     from segkernels.ops.one_hot_conv2d import triton as tk
 

@@ -14,8 +14,8 @@ ops' CUDA kernels.
 - label_fractions: one program per (image, block of output cells, block of classes) counts the
   classes of each cell's factor x factor pixels in registers.
 - float16, bfloat16 and float32 (float32 accumulation); float64 runs the reference.
-- Labels outside [0, C) that are not ignore_index contribute nothing; they are counted on the
-  device over the whole map (read by a tap or not), and the launcher reads the count once (one
+- Labels outside [0, C) that are not ignore_index contribute nothing; the launcher counts them
+  over the whole map (read by a tap or not, each pixel once), reads the count once (one
   synchronisation) and raises IndexError, as the CPU kernels do.
 """
 
@@ -31,19 +31,18 @@ from ..._library import new_output
 
 @triton.jit
 def _tap_class(lab_ptr, n, oy, ox, i, j, inside_p, H, W, sN, sH, sW, sh, sw, ph, pw, dh, dw, classes, ignore_index):
-    # The class at tap (i, j) of each position, -1 where the tap reads the padding or an ignored
-    # pixel, -2 for an invalid label (as classify in csrc/one_hot_conv2d/one_hot_conv2d.h).
+    # The class at tap (i, j) of each position, -1 where the tap reads the padding, an ignored
+    # pixel or an invalid label (which the launchers count over the whole map).
     iy = oy * sh - ph + i * dh
     ix = ox * sw - pw + j * dw
     inside = inside_p & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
     lab = tl.load(lab_ptr + n * sN + iy * sH + ix * sW, mask=inside, other=0).to(tl.int64)
-    counted = inside & (lab != ignore_index)
-    valid = counted & (lab >= 0) & (lab < classes)
-    return tl.where(valid, lab, tl.where(counted, -2, -1))
+    valid = inside & (lab != ignore_index) & (lab >= 0) & (lab < classes)
+    return tl.where(valid, lab, -1)
 
 
 @triton.jit
-def _forward_kernel(lab_ptr, w_ptr, b_ptr, out_ptr, bad_ptr, positions, Ho, Wo, H, W, sN, sH, sW, sh, sw, ph, pw, dh,
+def _forward_kernel(lab_ptr, w_ptr, b_ptr, out_ptr, positions, Ho, Wo, H, W, sN, sH, sW, sh, sw, ph, pw, dh,
                     dw, classes, out_channels, ignore_index, KH: tl.constexpr, KW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
     pid_p = tl.program_id(0).to(tl.int64)
@@ -61,20 +60,16 @@ def _forward_kernel(lab_ptr, w_ptr, b_ptr, out_ptr, bad_ptr, positions, Ho, Wo, 
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=omask, other=0.0).to(tl.float32)[None, :]
-    bad = tl.zeros([BLOCK_P], dtype=tl.int32)
     for i in tl.static_range(KH):
         for j in tl.static_range(KW):
             c = _tap_class(lab_ptr, n, oy, ox, i, j, pmask, H, W, sN, sH, sW, sh, sw, ph, pw, dh, dw, classes,
                            ignore_index)
-            bad += (c == -2).to(tl.int32)
             cs = tl.maximum(c, 0)
             w = tl.load(w_ptr + o[None, :] * (classes * taps) + cs[:, None] * taps + (i * KW + j),
                         mask=(c >= 0)[:, None] & omask[None, :], other=0.0)
             acc += w.to(tl.float32)
     out = out_ptr + (n * out_channels * hw + q)[:, None] + o[None, :].to(tl.int64) * hw
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & omask[None, :])
-    if pid_o == 0:
-        tl.atomic_add(bad_ptr, tl.sum(bad, axis=0))
 
 
 @triton.jit
@@ -114,7 +109,7 @@ def _weight_backward_kernel(lab_ptr, g_ptr, gw_ptr, positions, Ho, Wo, H, W, sN,
 
 
 @triton.jit
-def _fractions_kernel(lab_ptr, out_ptr, bad_ptr, cells_per_image, Wo, sN, sH, sW, classes, factor, area,
+def _fractions_kernel(lab_ptr, out_ptr, cells_per_image, Wo, sN, sH, sW, classes, factor, area,
                       ignore_index, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
@@ -126,28 +121,22 @@ def _fractions_kernel(lab_ptr, out_ptr, bad_ptr, cells_per_image, Wo, sN, sH, sW
     ox = cell - oy * Wo
     cls = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     counts = tl.zeros([BLOCK, BLOCK_C], dtype=tl.int32)
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
     for fy in range(factor):
         for fx in range(factor):
             lab = tl.load(lab_ptr + n * sN + (oy * factor + fy) * sH + (ox * factor + fx) * sW, mask=mask,
                           other=0).to(tl.int64)
-            counted = mask & (lab != ignore_index)
-            valid = counted & (lab >= 0) & (lab < classes)
-            bad += (counted & ~valid).to(tl.int32)
+            valid = mask & (lab != ignore_index) & (lab >= 0) & (lab < classes)
             counts += ((lab[:, None] == cls[None, :]) & valid[:, None]).to(tl.int32)
     out = out_ptr + (n * classes + cls[None, :].to(tl.int64)) * cells_per_image + cell[:, None]
     tl.store(out, counts.to(tl.float32) / area,  # a count over the area, as avg_pool2d
               mask=mask[:, None] & (cls < classes)[None, :])
-    if pid_c == 0:
-        tl.atomic_add(bad_ptr, tl.sum(bad, axis=0))
 
 
-def _raise_invalid(bad: torch.Tensor, labels: torch.Tensor, classes: int, ignore_index: int) -> None:
+def _raise_invalid(labels: torch.Tensor, classes: int, ignore_index: int) -> None:
     """IndexError if any pixel of labels is invalid, read by a tap or not (as the CPU kernels and
-    the reference): the kernel's count covers the pixels it read, one pass over labels the rest.
-    The one host synchronisation of the launch."""
-    everywhere = ((labels != ignore_index) & ((labels < 0) | (labels >= classes))).sum()
-    count = int(torch.maximum(everywhere, bad.to(everywhere.dtype).sum()).item())
+    the reference), each pixel counted once: one pass over the labels and the one host
+    synchronisation of the launch. The kernels treat an invalid label as no class."""
+    count = int(((labels != ignore_index) & ((labels < 0) | (labels >= classes))).sum().item())
     if count:
         raise IndexError(f"labels hold {count} value(s) outside [0, {classes}) that are not ignore_index={ignore_index}")
 
@@ -175,7 +164,6 @@ def _one_hot_conv2d_triton(labels, weight, bias, stride, padding, dilation, igno
     n, h, w, o, c, kh, kw, ho, wo = _geometry(labels, weight.shape, stride, padding, dilation)
     weight = weight.contiguous()
     out = new_output((n, o, ho, wo), dtype=weight.dtype, device=weight.device)
-    bad = torch.zeros(1, dtype=torch.int32, device=weight.device)
     positions = n * ho * wo
     if out.numel() == 0:
         return out
@@ -184,17 +172,17 @@ def _one_hot_conv2d_triton(labels, weight, bias, stride, padding, dilation, igno
     block_o = min(triton.next_power_of_2(o), 16 if interpreting else 64)
     grid = (triton.cdiv(positions, block_p), triton.cdiv(o, block_o))
     _forward_kernel[grid](
-        labels, weight, bias if bias is not None else weight, out, bad, positions, ho, wo, h, w, *labels.stride(),
+        labels, weight, bias if bias is not None else weight, out, positions, ho, wo, h, w, *labels.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c, o, ignore_index, KH=kh, KW=kw,
         HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_O=block_o)
-    _raise_invalid(bad, labels, c, ignore_index)
+    _raise_invalid(labels, c, ignore_index)
     return out
 
 
 def _one_hot_conv2d_weight_backward_triton(grad, labels, weight_size, stride, padding, dilation, ignore_index):
     _check_dtype(grad, "grad_output")
     n, h, w, o, c, kh, kw, ho, wo = _geometry(labels, weight_size, stride, padding, dilation)
-    _raise_invalid(torch.zeros(1, dtype=torch.int32, device=labels.device), labels, c, ignore_index)
+    _raise_invalid(labels, c, ignore_index)
     grad = grad.contiguous()
     grad_weight = new_output(tuple(weight_size), dtype=grad.dtype, device=grad.device)
     # The bias gradient: torch's reduction (deterministic), accumulated in float32 for 16-bit grads.
@@ -223,15 +211,14 @@ def _label_fractions_triton(labels, num_classes, factor, ignore_index):
     out = new_output((n, num_classes, ho, wo), dtype=torch.float32, device=labels.device)
     if out.numel() == 0:
         return out
-    bad = torch.zeros(1, dtype=torch.int32, device=labels.device)
     interpreting = _library.triton_interpreting()
     block = 32 if interpreting else 128
     block_c = min(triton.next_power_of_2(num_classes), 16 if interpreting else 32)
     cells = ho * wo
     grid = (n * triton.cdiv(cells, block), triton.cdiv(num_classes, block_c))
-    _fractions_kernel[grid](labels, out, bad, cells, wo, *labels.stride(), num_classes, factor,
+    _fractions_kernel[grid](labels, out, cells, wo, *labels.stride(), num_classes, factor,
                             float(factor * factor), ignore_index, BLOCK=block, BLOCK_C=block_c)
-    _raise_invalid(bad, labels, num_classes, ignore_index)
+    _raise_invalid(labels, num_classes, ignore_index)
     return out
 
 
