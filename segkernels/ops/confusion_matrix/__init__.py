@@ -65,17 +65,18 @@ def confusion_matrix(
         raise ArgumentTypeError(f"labels must be an integer tensor, got {labels.dtype}")
     check_device(labels, input.device, "labels")
     align_corners = check_bool(align_corners, "align_corners")
-    if (input.is_floating_point() and input.dim() == 4 and labels.dim() == 3
-            and input.shape[0] == labels.shape[0] and tuple(input.shape[2:]) != tuple(labels.shape[1:])):
-        return _from_low_resolution(input, labels, num_classes, ignore_index, align_corners)
     if input.is_floating_point():
-        if input.dim() < 2 or tuple(labels.shape) != (input.shape[0], *input.shape[2:]):
+        low_resolution = (input.dim() == 4 and labels.dim() == 3 and input.shape[0] == labels.shape[0]
+                          and tuple(input.shape[2:]) != tuple(labels.shape[1:]))
+        if not low_resolution and (input.dim() < 2 or tuple(labels.shape) != (input.shape[0], *input.shape[2:])):
             raise ArgumentValueError(
                 f"logits (N, C, *spatial) need labels (N, *spatial): got input {tuple(input.shape)} "
                 f"and labels {tuple(labels.shape)}"
             )
         if input.shape[1] != num_classes:
             raise ArgumentValueError(f"logits have {input.shape[1]} channels but num_classes={num_classes}")
+        if low_resolution:
+            return _from_low_resolution(input, labels, num_classes, ignore_index, align_corners)
     else:
         if not is_integer_tensor(input):
             raise ArgumentTypeError(f"input must be float logits or an integer prediction map, got {input.dtype}")
@@ -102,6 +103,7 @@ _CHUNK_PIXELS = 1 << 22
 
 
 def _from_low_resolution(logits, labels, num_classes, ignore_index, align_corners):
+    """Logits (N, C, h, w), C checked, against labels (N, H, W) of another size."""
     h, w = logits.shape[2:]
     H, W = labels.shape[1:]
     if H < h or W < w:
@@ -109,8 +111,6 @@ def _from_low_resolution(logits, labels, num_classes, ignore_index, align_corner
             f"logits (N, C, h, w) need labels (N, H, W) of their size or larger (logits are upsampled, labels never "
             f"downsampled): got input {tuple(logits.shape)} and labels {tuple(labels.shape)}"
         )
-    if logits.shape[1] != num_classes:
-        raise ArgumentValueError(f"logits have {logits.shape[1]} channels but num_classes={num_classes}")
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=logits.device)
     if H * W == 0:  # no pixel to count
         return matrix

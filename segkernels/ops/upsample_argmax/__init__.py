@@ -28,7 +28,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _size(size) -> list:
-    if isinstance(size, torch.Size) or isinstance(size, (tuple, list)):
+    if isinstance(size, (tuple, list)):  # torch.Size included
         if len(size) != 2:
             raise ArgumentValueError(f"size must be (H, W), got {tuple(size)!r}")
         return [check_int(s, "size", 1) for s in size]
