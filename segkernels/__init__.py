@@ -17,6 +17,7 @@ from .ops.max_unpool import (
     max_unpool3d,
 )
 from .ops.confusion_matrix import confusion_matrix
+from .ops.cross_entropy import cross_entropy
 from .metrics import median_frequency_weights, segmentation_scores
 from .ops.kd_loss import kd_loss, seg_kd_loss
 from .ops.ps_assemble import ps_assemble, ps_assemble_dense
@@ -38,6 +39,7 @@ __all__ = [
     "max_unpool2d",
     "max_unpool3d",
     "confusion_matrix",
+    "cross_entropy",
     "segmentation_scores",
     "median_frequency_weights",
     "nn",

@@ -39,6 +39,7 @@ LABEL_CASES = {
     "confusion_matrix logits": lambda y: segkernels.confusion_matrix(_logits(), y, 3),
     "confusion_matrix predictions": lambda y: segkernels.confusion_matrix(torch.zeros_like(y), y, 3),
     "median_frequency_weights": lambda y: segkernels.median_frequency_weights(y, 3),
+    "cross_entropy": lambda y: segkernels.cross_entropy(torch.randn(2, 3, 2, 3), y),
 }
 
 

@@ -21,6 +21,7 @@ PRODUCTION_OPS = {
     "channel_gram", "lasso_gram",
     "one_hot_conv2d", "one_hot_conv2d_weight_backward", "label_fractions",
     "upsample_argmax",
+    "cross_entropy", "cross_entropy_backward",
 }
 
 

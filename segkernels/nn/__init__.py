@@ -3,7 +3,7 @@ networks built from them."""
 
 from .instancefcn import InstanceFCNHead
 from .label_structure import LabelAutoencoder, LabelStructureLoss, LabelStructureOutput, OneHotConv2d
-from .losses import ChannelWiseKDLoss, KDLoss, SelfRegulationLoss
+from .losses import ChannelWiseKDLoss, CrossEntropyLoss, KDLoss, SelfRegulationLoss
 from .pooling import MaxPool2d, MaxPool3d, MaxUnpool2d, MaxUnpool3d
 from .segnet import SegNet
 
@@ -13,6 +13,7 @@ __all__ = [
     "MaxUnpool2d",
     "MaxUnpool3d",
     "SegNet",
+    "CrossEntropyLoss",
     "KDLoss",
     "ChannelWiseKDLoss",
     "SelfRegulationLoss",

@@ -1,5 +1,6 @@
-"""Distillation modules over kd_loss: KDLoss, ChannelWiseKDLoss and the Self-Regulation losses
-(Zhang et al., "Self-Regulation for Semantic Segmentation", ICCV 2021)."""
+"""Loss modules: CrossEntropyLoss over low-resolution logits, and the distillation modules over
+kd_loss: KDLoss, ChannelWiseKDLoss and the Self-Regulation losses (Zhang et al.,
+"Self-Regulation for Semantic Segmentation", ICCV 2021)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,35 @@ from .._checks import (
     is_integer_tensor,
     labels_out_of_range,
 )
+from ..ops.cross_entropy import cross_entropy
 from ..ops.kd_loss import kd_loss
 from ..ops.kd_loss.reference import cross_entropy_or_zero
 
-__all__ = ["KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss", "presence_targets"]
+__all__ = ["CrossEntropyLoss", "KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss", "presence_targets"]
+
+
+class CrossEntropyLoss(nn.Module):
+    """nn.CrossEntropyLoss for dense maps whose labels may be larger than the logits:
+    segkernels.cross_entropy (the logits bilinearly upsampled to the labels inside the loss,
+    never formed). forward(input (N, C, h, w), target (N, H, W)). weight is a buffer, as in
+    nn.CrossEntropyLoss, so .to() moves it."""
+
+    def __init__(self, weight: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, align_corners: bool = False):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.reduction = check_choice(reduction, "reduction", ("mean", "sum", "none"))
+        self.label_smoothing = check_real(label_smoothing, "label_smoothing", minimum=0.0)
+        self.align_corners = bool(align_corners)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+                             align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, align_corners={self.align_corners}")
 
 
 class KDLoss(nn.Module):

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ... import _library
+from .reference import axis_table
 
 
 @triton.jit
@@ -69,29 +70,6 @@ def _upsample_argmax_kernel(
         best = tl.where(take, v, best)
         pred = tl.where(take, c, pred)
     tl.store(out_ptr + row * out_w + cols, pred, mask=mask)
-
-
-def axis_table(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype, device) -> tuple:
-    """The per-output-index taps (i0, i1, w0, w1) of one axis, as linear_tap in
-    csrc/upsample_argmax/upsample_argmax.h computes them: in dtype (the logits' accumulation
-    type, float32 or float64), an unchanged axis copied."""
-    o = torch.arange(out_size, dtype=torch.int64)
-    if in_size == out_size:
-        one = torch.ones(out_size, dtype=dtype)
-        return tuple(t.to(device) for t in (o, o, one, one * 0))
-    of = o.to(dtype)
-    if align_corners:
-        scale = torch.tensor(in_size - 1, dtype=dtype) / (out_size - 1) if out_size > 1 else torch.zeros((), dtype=dtype)
-        src = scale * of
-    else:
-        # One rounding of scale * (i + 0.5) - 0.5 (an FMA, as in the header): exact in float64
-        # for a float32 scale, then rounded once.
-        scale = torch.tensor(in_size, dtype=dtype) / out_size
-        src = (scale.double() * (of.double() + 0.5) - 0.5).to(dtype).clamp_min(0.0)
-    i0 = src.long().clamp_max(in_size - 1)
-    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
-    w1 = (src - i0.to(dtype)).clamp(0.0, 1.0)
-    return tuple(t.to(device) for t in (i0, i1, 1.0 - w1, w1))
 
 
 def _upsample_argmax_triton(logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
