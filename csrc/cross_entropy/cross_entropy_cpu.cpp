@@ -262,8 +262,8 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input, const 
     });
     invalid = bad.load();
   });
-  TORCH_CHECK_INDEX(invalid == 0, "segkernels.cross_entropy: target holds ", invalid, " values outside [0, ",
-                    input.size(1), ") that are not ignore_index=", ignore_index);
+  TORCH_CHECK_INDEX(invalid == 0, invalid, " labels outside [0, ", input.size(1),
+                    ") that are not ignore_index=", ignore_index);
   return {loss, weight_sum, log_sum};
 }
 

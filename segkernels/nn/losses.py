@@ -12,6 +12,7 @@ from torch import nn
 
 from .._checks import (
     ArgumentTypeError,
+    check_bool,
     ArgumentValueError,
     check_choice,
     check_ignore_index,
@@ -22,9 +23,10 @@ from .._checks import (
     is_integer_tensor,
     labels_out_of_range,
 )
-from ..ops.cross_entropy import cross_entropy
+from ..ops.cross_entropy import cross_entropy, mean_or_zero
 from ..ops.kd_loss import kd_loss
 from ..ops.kd_loss.reference import cross_entropy_or_zero
+from ..ops.upsample_argmax import upsample_argmax
 
 __all__ = ["CrossEntropyLoss", "KDLoss", "ChannelWiseKDLoss", "SelfRegulationLoss", "presence_targets"]
 
@@ -118,7 +120,9 @@ class SelfRegulationLoss(nn.Module):
     + weights[3] * SR-F.
 
     forward(class_maps, presence_logits, labels) -> (total, parts):
-        class_maps: E >= 2 exits' logits (N, C, H, W) at label resolution, deepest first.
+        class_maps: E >= 2 exits' logits (N, C, h, w), deepest first, at the labels' resolution
+            or below it (h <= H, w <= W): then bilinearly upsampled to the labels inside the
+            losses (segkernels.cross_entropy, align_corners as given), never formed.
         presence_logits: E image-level presence logits (N, C), same order.
         labels: (N, H, W) integer, in [0, C) or ignore_index where unlabelled. Out of range:
             IndexError on the CPU; on CUDA (no host synchronisation) NaN total and parts.
@@ -126,16 +130,20 @@ class SelfRegulationLoss(nn.Module):
 
     - MEA-seg: per-exit pixel cross-entropy with the labels.
     - MEA-cls: per-exit multi-label BCE of the presence logits against the classes in the labels.
-    - SR-F, sr_f="hard" (the official code): the shallowest exit's argmax (detached) is a hard
-      label for every deeper exit (pixel CE; ignored pixels stay ignored). sr_f="soft" (the
-      paper): tempered soft cross-entropy from the shallowest exit (teacher, detached) to every
-      deeper exit, T^2-scaled, mean over labelled pixels, through one multi-student kd_loss.
+    - SR-F, sr_f="hard" (the official code): the shallowest exit's argmax (detached; of its
+      upsampled logits, segkernels.upsample_argmax, for low-resolution maps) is a hard label for
+      every deeper exit (pixel CE; ignored pixels stay ignored). sr_f="soft" (the paper):
+      tempered soft cross-entropy from the shallowest exit (teacher, detached) to every deeper
+      exit, T^2-scaled, through one multi-student kd_loss: mean over labelled pixels, or over
+      every position for low-resolution maps (the labels do not name those positions; the maps
+      must then share one size).
     - SR-L: BCE of each shallow exit's presence logits against sigmoid of the deepest exit's
       (detached).
     """
 
     def __init__(self, num_classes: int, weights: Tuple[float, float, float, float] = (0.2, 0.8, 1.0, 1.0),
-                 sr_f: str = "hard", temperature: float = 1.0, ignore_index: int = 255) -> None:
+                 sr_f: str = "hard", temperature: float = 1.0, ignore_index: int = 255,
+                 align_corners: bool = False) -> None:
         super().__init__()
         self.num_classes = check_int(num_classes, "num_classes", 1)
         if len(tuple(weights)) != 4:
@@ -145,6 +153,7 @@ class SelfRegulationLoss(nn.Module):
         # Checked in both modes: "hard" does not use it, but a NaN or negative value is a mistake.
         self.temperature = check_temperature(temperature)
         self.ignore_index = check_ignore_index(ignore_index)
+        self.align_corners = check_bool(align_corners, "align_corners")
 
     def forward(self, class_maps: Sequence[torch.Tensor], presence_logits: Sequence[torch.Tensor],
                 labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -162,9 +171,10 @@ class SelfRegulationLoss(nn.Module):
         n, c = labels.shape[0], self.num_classes
         for i, m in enumerate(maps):
             check_tensor(m, f"class_maps[{i}]")
-            if m.dim() != 4 or m.shape[1] != c or m.shape[0] != n or tuple(m.shape[2:]) != tuple(labels.shape[1:]):
-                raise ArgumentValueError(f"class_maps[{i}] must be (N, C, H, W) = ({n}, {c}, "
-                                         f"{tuple(labels.shape[1:])}), got {tuple(m.shape)}")
+            if (m.dim() != 4 or m.shape[1] != c or m.shape[0] != n or not 1 <= m.shape[2] <= labels.shape[1]
+                    or not 1 <= m.shape[3] <= labels.shape[2]):
+                raise ArgumentValueError(f"class_maps[{i}] must be (N, C, h, w) = ({n}, {c}, h, w) with (h, w) at "
+                                         f"most the labels' {tuple(labels.shape[1:])}, got {tuple(m.shape)}")
         for i, p in enumerate(pres):
             check_tensor(p, f"presence_logits[{i}]")
             if tuple(p.shape) != (n, c):
@@ -179,16 +189,27 @@ class SelfRegulationLoss(nn.Module):
             raise labels_out_of_range(c, ii)
         labels = labels.masked_fill(bad, ii)
         target = presence_targets(labels, c, ii)
-        mea_seg = sum(cross_entropy_or_zero(m, labels, ii) for m in maps)
+        size = tuple(labels.shape[1:])
+        ac = self.align_corners
+
+        def hard_ce(m, y):  # the mean over labelled pixels, 0 when none; upsampled inside for small maps
+            if tuple(m.shape[2:]) == size:
+                return cross_entropy_or_zero(m, y, ii)
+            return mean_or_zero(m, y, None, ii, ac, name="labels")
+
+        mea_seg = sum(hard_ce(m, labels) for m in maps)
         mea_cls = sum(_bce(p, target.to(p.dtype)) for p in pres)
         shallow = maps[-1].detach()
         if self.sr_f == "hard":
-            pseudo = shallow.argmax(1)
+            pseudo = shallow.argmax(1) if tuple(shallow.shape[2:]) == size else upsample_argmax(
+                shallow, size, align_corners=ac)
             pseudo = torch.where(labels == ii, labels, pseudo)
-            sr_f = sum(cross_entropy_or_zero(m, pseudo, ii) for m in maps[:-1])
-        else:
+            sr_f = sum(hard_ce(m, pseudo) for m in maps[:-1])
+        elif all(tuple(m.shape[2:]) == size for m in maps):
             sr_f = kd_loss(maps[:-1], shallow, temperature=self.temperature, labels=labels, ignore_index=ii,
                            divergence="ce").sum()
+        else:
+            sr_f = kd_loss(maps[:-1], shallow, temperature=self.temperature, divergence="ce").sum()
         deep = torch.sigmoid(pres[0].detach())
         sr_l = sum(_bce(p, deep) for p in pres[1:])
         w = self.weights

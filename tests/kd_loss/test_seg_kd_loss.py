@@ -95,3 +95,45 @@ def test_seg_kd_class_weight_requiring_grad_is_refused():
     w = torch.ones(3, requires_grad=True)
     with pytest.raises(ValueError, match="class_weight must not require grad"):
         segkernels.seg_kd_loss(s, t, torch.zeros(1, 2, 2, dtype=torch.long), class_weight=w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_seg_kd_loss_with_full_resolution_labels(device, dtype, align_corners):
+    # Labels larger than the logits: the hard term on the upsampled logits (never formed), the
+    # soft term at the logits' resolution over every position; the teacher gets its gradient.
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 17, 23), generator=g)
+    labels[0, :4] = 255
+    labels[1] = 255  # a fully ignored image
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    kw = dict(temperature=2.0, hard_weight=0.7, soft_weight=1.3, class_weight=w, align_corners=align_corners)
+    s64, t64 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    ref = reference_seg_kd_loss(s64, t64, labels, **kw)
+    ref_grads = torch.autograd.grad(ref, (s64, t64))
+    sd = s.to(dtype).to(device).requires_grad_()
+    td = t.to(dtype).to(device).requires_grad_()
+    out = segkernels.seg_kd_loss(sd, td, labels.to(torch.uint8).to(device), **{**kw, "class_weight": w.to(dtype).to(device)})
+    grads = torch.autograd.grad(out, (sd, td))
+    rtol, atol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (3e-2, 1e-2)}[dtype]
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=rtol, atol=atol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=rtol, atol=atol)
+    labels[:] = 255  # no labelled pixel: the hard term is 0, not NaN
+    out = segkernels.seg_kd_loss(sd, td, labels.to(device), temperature=2.0, soft_weight=0.0)
+    assert out.item() == 0.0
+
+
+def test_seg_kd_loss_full_resolution_label_errors():
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[1, 2, 3] = 7
+    with pytest.raises(IndexError, match=r"labels holds 1 labels outside \[0, 3\)"):
+        segkernels.seg_kd_loss(s, t, labels)
+    with pytest.raises(ValueError, match="labels"):
+        segkernels.seg_kd_loss(s, t, torch.zeros(2, 2, 8, dtype=torch.long))  # smaller in one axis
+    with pytest.raises(TypeError, match="align_corners"):
+        segkernels.seg_kd_loss(s, t, labels.clamp_max(2), align_corners="yes")

@@ -113,3 +113,27 @@ def test_self_regulation_matches_transcription(sr_f):
         for module in (segkernels.nn.KDLoss, segkernels.nn.ChannelWiseKDLoss):
             with pytest.raises(ValueError, match="temperature"):
                 module(temperature=bad)
+
+
+@pytest.mark.parametrize("sr_f", ["hard", "soft"])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_self_regulation_with_full_resolution_labels(sr_f, align_corners):
+    # Exits at 1/2 to 1/3 of the labels' size: the pixel losses run on the logits upsampled to
+    # the labels inside segkernels.cross_entropy, as the transcription of the upsampled maps.
+    c, e = 5, 3
+    maps = [torch.randn(2, c, 4, 3, dtype=torch.float64, requires_grad=True) for _ in range(e)]
+    pres = [torch.randn(2, c, dtype=torch.float64, requires_grad=True) for _ in range(e)]
+    labels = _labels((2, c, 11, 9), "cpu")
+    loss_fn = segkernels.nn.SelfRegulationLoss(c, sr_f=sr_f, temperature=2.0, align_corners=align_corners)
+    total, parts = loss_fn(maps, pres, labels.to(torch.uint8))
+    up = [F.interpolate(m, size=(11, 9), mode="bilinear", align_corners=align_corners) for m in maps]
+    weights = (0.2, 0.8, 1.0, 0.0 if sr_f == "soft" else 1.0)
+    ref = _sr_transcription(up, pres, labels, c, weights, "hard", 2.0, 255)
+    if sr_f == "soft":  # over every position of the exits' own maps
+        pt = F.softmax(maps[-1].detach() / 2.0, 1)
+        ref = ref + sum((-(pt * F.log_softmax(m / 2.0, 1)).sum(1) * 4.0).mean() for m in maps[:-1])
+    assert_close(total, ref)
+    for a, b in zip(torch.autograd.grad(total, maps + pres), torch.autograd.grad(ref, maps + pres)):
+        assert_close(a, b)
+    with pytest.raises(ValueError, match=r"class_maps\[0\].*at most the labels'"):
+        loss_fn([torch.randn(2, c, 12, 9)] + maps[1:], pres, labels)

@@ -235,6 +235,7 @@ def seg_kd_loss(
     soft_weight: float = 1.0,
     class_weight: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Hinton's total in one pass: hard_weight * F.cross_entropy(student, labels,
     weight=class_weight, ignore_index=ignore_index) + soft_weight * kd_loss(student, teacher,
@@ -248,6 +249,13 @@ def seg_kd_loss(
     class_weight gets no gradient (as in F.cross_entropy, it must not require one). Returns a
     scalar in the input dtype (float32 under torch.autocast, with mixed dtypes promoted, as
     F.cross_entropy and F.kl_div are).
+
+    Labels (N, H, W) larger than (N, C, h, w) logits (an FCN's output against full-resolution
+    labels): the hard term is segkernels.cross_entropy of the logits bilinearly upsampled to
+    the labels (align_corners as F.interpolate; the same weighted mean over labelled
+    full-resolution pixels, 0 when there is none), never forming them, and the soft term is
+    the distillation at the logits' resolution over every position (the labels do not name
+    those positions). Two passes then, not one.
     """
     _check_logits(teacher, "teacher")
     _check_like_teacher(student, "student", teacher)
@@ -256,7 +264,10 @@ def seg_kd_loss(
     temperature = check_temperature(temperature)
     _check_temperature_range(temperature, dtype, True)
     ignore_index = check_ignore_index(ignore_index)
-    labels = _check_labels(labels, teacher)
+    align_corners = check_bool(align_corners, "align_corners")
+    upsampled = _labels_larger(labels, teacher)
+    if not upsampled:
+        labels = _check_labels(labels, teacher)
     hard_weight = check_real(hard_weight, "hard_weight")
     soft_weight = check_real(soft_weight, "soft_weight")
     if class_weight is not None:
@@ -271,6 +282,9 @@ def seg_kd_loss(
             raise ArgumentValueError(
                 "class_weight must not require grad: seg_kd_loss gives it none (as F.cross_entropy)"
             )
+    if upsampled:
+        return _seg_kd_loss_upsampled(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight,
+                                      ignore_index, align_corners).to(out_dtype)
     try:
         if not _use_kernels("seg_kd_loss", teacher):
             return reference_seg_kd_loss(student, teacher, labels, temperature=temperature, hard_weight=hard_weight,
@@ -284,3 +298,20 @@ def seg_kd_loss(
     except IndexError as exc:  # a label outside [0, C): the CPU kernel's and F.cross_entropy's check
         raise ArgumentIndexError(f"labels: {exc}") from None
     return loss.to(out_dtype)
+
+
+def _labels_larger(labels, teacher: torch.Tensor) -> bool:
+    """Whether labels are a full-resolution (N, H, W) map for (N, C, h, w) logits of a smaller
+    map (the upsampled hard term); anything else is checked as same-size labels."""
+    return (isinstance(labels, torch.Tensor) and teacher.dim() == 4 and labels.dim() == 3
+            and labels.shape[0] == teacher.shape[0] and tuple(labels.shape[1:]) != tuple(teacher.shape[2:])
+            and labels.shape[1] >= teacher.shape[2] and labels.shape[2] >= teacher.shape[3])
+
+
+def _seg_kd_loss_upsampled(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight,
+                           ignore_index, align_corners):
+    from ..cross_entropy import mean_or_zero
+
+    hard = mean_or_zero(student, labels, class_weight, ignore_index, align_corners, name="labels")
+    soft = kd_loss(student, teacher, temperature=temperature)
+    return hard_weight * hard + soft_weight * soft.to(hard.dtype)

@@ -93,11 +93,20 @@ def reference_seg_kd_loss(
     soft_weight: float = 1.0,
     class_weight: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """hard_weight * F.cross_entropy + soft_weight * reference_kd_loss (eager PyTorch), with the
     contract's one departure from F.cross_entropy: a hard term of 0, not NaN, when no position
-    counts (all ignored, an empty batch, or weights summing to 0 over the counted positions)."""
+    counts (all ignored, an empty batch, or weights summing to 0 over the counted positions).
+
+    Labels larger than (N, C, h, w) logits: the hard term on the logits bilinearly upsampled to
+    the labels (F.interpolate), the soft term at the logits' resolution over every position."""
     weight = class_weight.to(student.dtype) if class_weight is not None else None
+    if student.dim() == 4 and tuple(labels.shape[1:]) != tuple(student.shape[2:]):
+        up = F.interpolate(student, size=tuple(labels.shape[1:]), mode="bilinear", align_corners=align_corners)
+        hard = cross_entropy_or_zero(up, labels, ignore_index, weight)
+        soft = reference_kd_loss(student, teacher, temperature=temperature)
+        return hard_weight * hard + soft_weight * soft
     hard = cross_entropy_or_zero(student, labels, ignore_index, weight)
     soft = reference_kd_loss(student, teacher, temperature=temperature, labels=labels, ignore_index=ignore_index)
     return hard_weight * hard + soft_weight * soft
