@@ -1,6 +1,7 @@
 """Modules over the segkernels ops: drop-ins for their torch.nn namesakes, the losses, and the
 networks built from them."""
 
+from .blocks import FRRU, BilinearUpsample, ChainedResidualPooling
 from .instancefcn import InstanceFCNHead
 from .label_structure import LabelAutoencoder, LabelStructureLoss, LabelStructureOutput, OneHotConv2d
 from .losses import ChannelWiseKDLoss, CrossEntropyLoss, KDLoss, SelfRegulationLoss
@@ -18,6 +19,9 @@ __all__ = [
     "ChannelWiseKDLoss",
     "SelfRegulationLoss",
     "InstanceFCNHead",
+    "ChainedResidualPooling",
+    "FRRU",
+    "BilinearUpsample",
     "OneHotConv2d",
     "LabelAutoencoder",
     "LabelStructureLoss",
