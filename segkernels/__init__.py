@@ -18,7 +18,7 @@ from .ops.max_unpool import (
 )
 from .ops.confusion_matrix import confusion_matrix
 from .ops.cross_entropy import cross_entropy
-from .dense import shift_and_stitch
+from .dense import offset_max_pool2d, shift_and_stitch
 from .metrics import median_frequency_weights, segmentation_scores
 from .ops.kd_loss import kd_loss, seg_kd_loss
 from .ops.ps_assemble import ps_assemble, ps_assemble_dense
@@ -52,6 +52,7 @@ __all__ = [
     "label_fractions",
     "upsample_argmax",
     "shift_and_stitch",
+    "offset_max_pool2d",
     "channel_gram",
     "lasso_gram",
     "pruning",

@@ -1,4 +1,5 @@
-"""Dense evaluation of a strided network: OverFeat's and FCN's shift-and-stitch."""
+"""Dense evaluation of a strided network: OverFeat's and FCN's shift-and-stitch, and OverFeat's
+offset max-pooling."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import ArgumentTypeError, ArgumentValueError, check_int, check_tensor
+from ._checks import ArgumentTypeError, ArgumentValueError, check_float_tensor, check_int, check_tensor
+from .ops.max_unpool import max_pool2d_with_indices
 
-__all__ = ["shift_and_stitch"]
+__all__ = ["shift_and_stitch", "offset_max_pool2d"]
 
 
 def shift_and_stitch(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, factor: int, *,
@@ -57,3 +59,27 @@ def shift_and_stitch(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     out = out.view(factor, factor, n, c2, h, w)  # (dy, dx, N, C', i, j)
     # dense[n, c, factor * i + dy, factor * j + dx] = out[dy, dx, n, c, i, j]
     return out.permute(2, 3, 4, 0, 5, 1).reshape(n, c2, h * factor, w * factor)
+
+
+def offset_max_pool2d(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """OverFeat's offset max-pooling: a k x k, stride-k max-pooling at each of the k^2 offsets.
+
+    Returns (N, k * k, C, ho, wo) with ho = (H - k + 1) // k (wo likewise), where entry
+    dy * k + dx is ``F.max_pool2d(x[..., dy:dy + ho * k, dx:dx + wo * k], k, k)``. Those are
+    exactly the stride-1 k x k windows at rows and columns below k * ho and k * wo, so one
+    stride-1 pooling pass (separable, compact indices for the backward) gives them all,
+    rearranged by offset. Differentiable (the gradient goes where F.max_pool2d's would).
+    """
+    check_float_tensor(x, "x")
+    if x.dim() != 4:
+        raise ArgumentValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    k = check_int(kernel_size, "kernel_size", 1)
+    n, c, H, W = x.shape
+    ho, wo = (H - k + 1) // k, (W - k + 1) // k
+    if ho < 1 or wo < 1:
+        raise ArgumentValueError(f"x's map {(H, W)} is too small for offset pooling with kernel_size={k} "
+                                 f"(needs at least {2 * k - 1} rows and columns)")
+    windows = max_pool2d_with_indices(x[..., :k * ho + k - 1, :k * wo + k - 1], k, 1, compact=True)[0]
+    # windows[..., k * i + dy, k * j + dx] is offset (dy, dx)'s output (i, j).
+    out = windows.reshape(n, c, ho, k, wo, k).permute(0, 3, 5, 1, 2, 4)
+    return out.reshape(n, k * k, c, ho, wo)

@@ -181,3 +181,43 @@ def test_bilinear_kernel_is_fcns():
     k = torch.tensor([0.25, 0.75, 0.75, 0.25])
     torch.testing.assert_close(bilinear_kernel(2), torch.outer(k, k))
     assert bilinear_kernel(3).shape == (5, 5)
+
+
+# ------------------------------------------------------------------------------------------
+# offset_max_pool2d
+
+
+def _offsets_by_definition(x, k):
+    H, W = x.shape[2:]
+    ho, wo = (H - k + 1) // k, (W - k + 1) // k
+    return torch.stack([F.max_pool2d(x[..., dy:dy + ho * k, dx:dx + wo * k], k, k)
+                        for dy in range(k) for dx in range(k)], 1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [D, torch.float32, torch.bfloat16])
+def test_offset_max_pool2d_is_k2_poolings(k, dtype):
+    x = torch.randn(2, 3, 17, 14, dtype=D)
+    x[x < 0.2] = 0  # ties
+    x = x.to(dtype).requires_grad_()
+    out = segkernels.offset_max_pool2d(x, k)
+    ref = _offsets_by_definition(x, k)
+    assert out.shape == (2, k * k, 3, (17 - k + 1) // k, (14 - k + 1) // k)
+    assert torch.equal(out, ref)
+    g = torch.randn(out.shape, dtype=D).to(dtype)
+    ga, gb = torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0]
+    if dtype == torch.bfloat16:  # summed in float32 here, in bfloat16 by ATen
+        torch.testing.assert_close(ga.float(), gb.float(), rtol=2e-2, atol=2e-2)
+    else:
+        torch.testing.assert_close(ga, gb)
+
+
+def test_offset_max_pool2d_errors():
+    with pytest.raises(ValueError, match="too small"):
+        segkernels.offset_max_pool2d(torch.randn(1, 2, 4, 9), 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        segkernels.offset_max_pool2d(torch.randn(1, 2, 9, 9), 0)
+    with pytest.raises(TypeError, match="x must be a floating"):
+        segkernels.offset_max_pool2d(torch.zeros(1, 2, 9, 9, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"x must be \(N, C, H, W\)"):
+        segkernels.offset_max_pool2d(torch.randn(2, 9, 9), 3)

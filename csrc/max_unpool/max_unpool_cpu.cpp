@@ -527,11 +527,75 @@ Tensor max_unpool_cpu(const Tensor& input, const Tensor& indices, at::IntArrayRe
   return a.out;
 }
 
+// Max-pool backward for overlapping windows on NCHW maps: each plane's gradient summed entry
+// by entry in output order, the order PyTorch's CPU kernel adds them in, one task per plane
+// (no element is shared between tasks: deterministic, no atomics). The gather of
+// gather_into_full visits every window covering each element instead, kh * kw of them at
+// stride 1. An entry whose index is out of range or outside its window adds nothing, as there.
+template <typename scalar_t, typename index_t>
+void pool_backward_scatter_planes(UnpoolArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.geometry;
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t FP = g.full_plane(), PP = g.pooled_plane(), K = g.window_size();
+  const bool compact = IndexKind<index_t>::compact;
+  const scalar_t* go = a.values.const_data_ptr<scalar_t>();
+  const index_t* idx = a.indices.const_data_ptr<index_t>();
+  scalar_t* gi = a.out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, a.outer, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, FP)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : FP);
+    for (int64_t o = begin; o < end; ++o) {
+      acc_t* acc = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(gi + o * FP) : buf.data();
+      std::fill(acc, acc + FP, acc_t(0));
+      const scalar_t* gp = go + o * PP;
+      const index_t* ip = idx + o * PP;
+      int64_t e = 0;
+      for (int64_t pz = 0; pz < az.pooled; ++pz) {
+        for (int64_t py = 0; py < ay.pooled; ++py) {
+          for (int64_t px = 0; px < ax.pooled; ++px, ++e) {
+            const int64_t id = static_cast<int64_t>(ip[e]);
+            int64_t z, y, x;
+            if (compact) {
+              if (id >= K) continue;
+              z = tap_coord(az, pz, id / (ay.kernel * ax.kernel));
+              y = tap_coord(ay, py, (id / ax.kernel) % ay.kernel);
+              x = tap_coord(ax, px, id % ax.kernel);
+              if (z < 0 || z >= az.full || y < 0 || y >= ay.full || x < 0 || x >= ax.full) continue;
+            } else {
+              if (id < 0 || id >= FP) continue;
+              z = id / (ay.full * ax.full);
+              y = (id / ax.full) % ay.full;
+              x = id % ax.full;
+              if (window_tap(az, pz, z) < 0 || window_tap(ay, py, y) < 0 || window_tap(ax, px, x) < 0) continue;
+            }
+            acc[(z * ay.full + y) * ax.full + x] += static_cast<acc_t>(gp[e]);
+          }
+        }
+      }
+      if (!std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t i = 0; i < FP; ++i) gi[o * FP + i] = static_cast<scalar_t>(acc[i]);
+      }
+    }
+  });
+}
+
 Tensor max_pool_backward_cpu(const Tensor& grad_output, const Tensor& indices, at::IntArrayRef kernel,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                              at::IntArrayRef input_size) {
   UnpoolArgs a = prepare_unpool(grad_output, indices, kernel, stride, padding, dilation, input_size, "max_pool_backward");
-  if (a.out.numel() > 0) gather_into_full<true>(a);
+  if (a.out.numel() == 0) return a.out;
+  if (a.geometry.inner == 1 && !all_axes_disjoint(a.geometry)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.values.scalar_type(), "max_pool_backward_cpu", [&] {
+      if (a.indices.scalar_type() == at::kByte)
+        pool_backward_scatter_planes<scalar_t, uint8_t>(a);
+      else
+        pool_backward_scatter_planes<scalar_t, int64_t>(a);
+    });
+    return a.out;
+  }
+  gather_into_full<true>(a);
   return a.out;
 }
 

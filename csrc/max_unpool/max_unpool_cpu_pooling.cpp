@@ -204,6 +204,96 @@ void pool_row_cpu(const Geometry& g, const scalar_t* in, scalar_t* vout, index_t
   }
 }
 
+// Wide or overlapping windows on NCHW 2-D maps without dilation (RefineNet's 5 x 5 stride-1
+// pooling, 3 x 3 stride-2 stems): the maximum over each window's columns per input row first,
+// then over its rows: kh + kw compares per output instead of kh * kw, in loops over output
+// columns that vectorise. The first maximum in the window's scan order (rows, then columns) is
+// the first one of the first row that reaches the window's maximum, and the last NaN is the
+// last one of the last row holding a NaN: pool_max_element's rule, so the same values and indices.
+bool separable_applies(const Geometry& g) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  return g.inner == 1 && az.full == 1 && az.kernel == 1 && ay.dilation == 1 && ax.dilation == 1 &&
+         (ay.kernel > 2 || ax.kernel > 2);
+}
+
+template <typename scalar_t, typename index_t>
+void pool_plane_separable(const Geometry& g, const scalar_t* in, scalar_t* vout, index_t* iout,
+                          const std::vector<int64_t>& x_taps, at::opmath_type<scalar_t>* rowmax, int32_t* rowtap,
+                          at::opmath_type<scalar_t>* best, int32_t* best_ty) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  const int64_t H = ay.full, W = ax.full, Ho = ay.pooled, Wo = ax.pooled;
+  const int64_t kw = ax.kernel, sx = ax.stride, pad = ax.padding;
+  const bool compact = IndexKind<index_t>::compact;
+  // Output columns whose window lies inside the row: every tap valid, no bounds to check.
+  const int64_t lo = std::min<int64_t>(Wo, ceil_div(pad, sx));
+  const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(Wo, W - kw + pad >= 0 ? floor_div(W - kw + pad, sx) + 1 : 0));
+  for (int64_t y = 0; y < H; ++y) {
+    const scalar_t* row = in + y * W;
+    acc_t* __restrict__ m = rowmax + y * Wo;
+    int32_t* __restrict__ t = rowtap + y * Wo;
+    const auto border = [&](int64_t px) {
+      const int64_t tx0 = x_taps[2 * px], tx1 = x_taps[2 * px + 1];
+      acc_t mv = -std::numeric_limits<acc_t>::infinity();
+      int32_t a = static_cast<int32_t>(tx0);
+      for (int64_t tx = tx0; tx < tx1; ++tx) {
+        const acc_t v = static_cast<acc_t>(row[px * sx - pad + tx]);
+        const bool take = v > mv || v != v;
+        mv = take ? v : mv;
+        a = take ? static_cast<int32_t>(tx) : a;
+      }
+      m[px] = mv;
+      t[px] = a;
+    };
+    for (int64_t px = 0; px < lo; ++px) border(px);
+    for (int64_t px = hi; px < Wo; ++px) border(px);
+    const scalar_t* r0 = row - pad;
+    for (int64_t px = lo; px < hi; ++px) {
+      m[px] = static_cast<acc_t>(r0[px * sx]);
+      t[px] = 0;
+    }
+    for (int64_t tx = 1; tx < kw; ++tx) {
+      const scalar_t* r = r0 + tx;
+      for (int64_t px = lo; px < hi; ++px) {
+        const acc_t v = static_cast<acc_t>(r[px * sx]);
+        const bool take = v > m[px] || v != v;
+        m[px] = take ? v : m[px];
+        t[px] = take ? static_cast<int32_t>(tx) : t[px];
+      }
+    }
+  }
+  for (int64_t py = 0; py < Ho; ++py) {
+    int64_t ty0, ty1;
+    valid_taps(ay, py, ty0, ty1);
+    const int64_t y0 = tap_coord(ay, py, 0);
+    const acc_t* first = rowmax + (y0 + ty0) * Wo;
+    for (int64_t px = 0; px < Wo; ++px) {
+      best[px] = first[px];
+      best_ty[px] = static_cast<int32_t>(ty0);
+    }
+    for (int64_t ty = ty0 + 1; ty < ty1; ++ty) {
+      const acc_t* __restrict__ r = rowmax + (y0 + ty) * Wo;
+      for (int64_t px = 0; px < Wo; ++px) {
+        const acc_t v = r[px];
+        const bool take = v > best[px] || v != v;
+        best[px] = take ? v : best[px];
+        best_ty[px] = take ? static_cast<int32_t>(ty) : best_ty[px];
+      }
+    }
+    scalar_t* vo = vout + py * Wo;
+    index_t* io = iout + py * Wo;
+    for (int64_t px = 0; px < Wo; ++px) {
+      const int64_t ty = best_ty[px];
+      const int64_t tx = rowtap[(y0 + ty) * Wo + px];
+      vo[px] = static_cast<scalar_t>(best[px]);
+      io[px] = static_cast<index_t>(compact ? ty * kw + tx : (y0 + ty) * W + px * sx - pad + tx);
+    }
+  }
+}
+
 std::tuple<Tensor, Tensor> max_pool_with_indices_cpu(const Tensor& input, at::IntArrayRef kernel,
                                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                                      at::IntArrayRef dilation, bool ceil_mode, bool compact) {
@@ -218,11 +308,28 @@ std::tuple<Tensor, Tensor> max_pool_with_indices_cpu(const Tensor& input, at::In
   std::vector<int64_t> x_taps(2 * g.ax[2].pooled);
   for (int64_t px = 0; px < g.ax[2].pooled; ++px) valid_taps(g.ax[2], px, x_taps[2 * px], x_taps[2 * px + 1]);
   const bool avx2 = cpu_has_avx2();
+  const bool separable = separable_applies(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "max_pool_with_indices_cpu", [&] {
     const scalar_t* src = a.input.const_data_ptr<scalar_t>();
     scalar_t* vout = a.values.mutable_data_ptr<scalar_t>();
     auto run = [&](auto* iout) {
       using index_t = std::remove_pointer_t<decltype(iout)>;
+      if (separable) {  // one task per plane (N * C of them)
+        const Axis& ay = g.ax[1];
+        const Axis& ax = g.ax[2];
+        const int64_t planes = a.values.size(0) * a.values.size(1);
+        const int64_t in_plane = ay.full * ax.full, out_plane = ay.pooled * ax.pooled;
+        at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in_plane)),
+                         [&](int64_t begin, int64_t end) {
+          using acc_t = at::opmath_type<scalar_t>;
+          std::vector<acc_t> rowmax(ay.full * ax.pooled), best(ax.pooled);
+          std::vector<int32_t> rowtap(ay.full * ax.pooled), best_ty(ax.pooled);
+          for (int64_t o = begin; o < end; ++o)
+            pool_plane_separable<scalar_t, index_t>(g, src + o * in_plane, vout + o * out_plane, iout + o * out_plane,
+                                                    x_taps, rowmax.data(), rowtap.data(), best.data(), best_ty.data());
+        });
+        return;
+      }
       at::parallel_for(0, rows, row_grain(row_len), [&](int64_t begin, int64_t end) {
         std::vector<at::opmath_type<scalar_t>> best(g.inner);
         std::vector<int64_t> arg(g.inner);

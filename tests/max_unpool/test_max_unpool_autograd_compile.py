@@ -160,3 +160,19 @@ def test_autocast_keeps_input_dtype(device):
     assert v.dtype == torch.float32 and out.dtype == torch.float32
     rv, ri = F.max_pool2d(x, 2, return_indices=True)
     assert_close(out, F.max_unpool2d(rv, ri, 2), exact=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("compact", [False, True])
+def test_overlapping_pool_backward_is_atens_sum_bit_for_bit(dtype, compact):
+    # The CPU backward of overlapping windows adds each plane's entries in output order, as
+    # ATen's kernel does: the same sums, bit for bit (float32 and float64; 16-bit inputs are
+    # summed in float32 and rounded once, ATen rounds after every addition).
+    for geometry in [GEOMETRIES_2D[1], GEOMETRIES_2D[2], *GEOMETRIES_2D[-3:]]:
+        x = _random_input(SHAPES_2D[0], dtype, "cpu", "ties").requires_grad_(True)
+        values, _ = _pool(x, geometry, compact=compact)
+        g = torch.randn_like(values)
+        (grad,) = torch.autograd.grad(values, x, g)
+        x2 = x.detach().clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(_aten_pool(x2, geometry)[0], x2, g)
+        assert torch.equal(grad, ref), geometry

@@ -17,6 +17,11 @@ GEOMETRIES_2D = [
     ((3, 3), (3, 3), (1, 0), (1, 1), True),
     ((2, 2), (1, 1), (0, 0), (2, 2), False),
     ((2, 2), (2, 2), (1, 1), (1, 1), True),
+    # Overlapping windows (the separable forward and the per-plane backward): RefineNet's 5 x 5
+    # stride-1 pooling, an even window, and a wide window with ceil_mode.
+    ((5, 5), (1, 1), (2, 2), (1, 1), False),
+    ((4, 3), (1, 1), (1, 1), (1, 1), False),
+    ((5, 4), (2, 1), (2, 2), (1, 1), True),
 ]
 GEOMETRIES_3D = [
     ((2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), False),
