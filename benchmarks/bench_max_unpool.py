@@ -107,3 +107,32 @@ def test_pool_with_indices(benchmark, impl, name, shape, nd, dtype):
     run_benchmark(benchmark, fn, op=f"max_pool{nd}d with indices", impl=impl, case=case, bytes_moved=moved,
                   device=DEVICE, baseline=None if impl == "torch" else baseline,
                   formulation=f"F.max_pool{nd}d(return_indices=True)" if impl == "torch" else None)
+
+
+# Overlapping windows (issue 21): RefineNet's chained-residual-pooling pooling, 5 x 5, stride 1,
+# padding 2, forward + backward, against F.max_pool2d (which keeps int64 indices and the
+# input for its backward).
+OVERLAP_SHAPE = (2, 128, 96, 128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("impl", ["torch", "segkernels-compact"])
+def test_pool_overlapping_fwd_bwd(benchmark, impl, dtype):
+    shape = (scaled_batch(OVERLAP_SHAPE[0]),) + OVERLAP_SHAPE[1:]
+    x = torch.randn(shape, device=DEVICE, dtype=dtype).requires_grad_()
+    g = torch.randn(shape, device=DEVICE, dtype=dtype)
+
+    def baseline():
+        return torch.autograd.grad(F.max_pool2d(x, 5, 1, 2), x, g)
+
+    def ours():
+        return torch.autograd.grad(segkernels.max_pool2d_with_indices(x, 5, 1, 2, compact=True)[0], x, g)
+
+    # Forward: read x, write values and indices; backward: read the gradient and the indices,
+    # write the input gradient.
+    n, e = x.numel(), x.element_size()
+    moved = n * e + n * (e + 1) + n * (e + 1) + n * e
+    case = f"5x5/1/2 {tuple(shape)} {str(dtype).replace('torch.', '')}"
+    run_benchmark(benchmark, baseline if impl == "torch" else ours, op="max_pool2d overlapping fwd+bwd", impl=impl,
+                  case=case, bytes_moved=moved, device=DEVICE, baseline=None if impl == "torch" else baseline,
+                  formulation="F.max_pool2d(5, 1, 2) forward + backward" if impl == "torch" else None)

@@ -25,7 +25,7 @@ from .ops.ps_assemble import ps_assemble, ps_assemble_dense
 from .ops.one_hot_conv2d import label_fractions, one_hot_conv2d
 from .ops.upsample_argmax import upsample_argmax
 from .pruning import channel_gram, lasso_gram
-from . import pruning
+from . import adapt, pruning
 from . import nn  # noqa: E402  (modules over the ops above)
 
 __version__ = "0.1.0"
@@ -56,4 +56,5 @@ __all__ = [
     "channel_gram",
     "lasso_gram",
     "pruning",
+    "adapt",
 ]
