@@ -91,3 +91,14 @@ def test_label_structure_example_tiny_run(capsys):
         cells = [float(v) for v in row.split("|")[2:5]]  # seed 0, seed 1, mean
         assert all(0.0 <= v <= 100.0 for v in cells)
         assert abs(cells[2] - (cells[0] + cells[1]) / 2) <= 0.051
+
+
+def test_domain_transfer_example_tiny_run(capsys):
+    example = load_example(os.path.join(os.path.dirname(__file__), "..", "examples", "domain_transfer.py"),
+                           "domain_transfer")
+    assert example.main(["--tiny"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["source only", "AdaBN (recalibrate_batchnorm)", "GAM (AdaBN + ActivationMatching)"]
+    for row in rows:
+        assert all(0.0 <= float(v) <= 100.0 for v in row.split("|")[2:4])

@@ -66,5 +66,72 @@ SK_HD acc_t teacher_gradient(acc_t pt, acc_t lpt, acc_t lps, acc_t total, bool k
   return pt != acc_t(0) ? v : acc_t(0);
 }
 
+// The divergences, as the ops' `divergence` argument numbers them.
+enum Divergence : int { kKL = 0, kCE = 1, kReverseKL = 2, kJS = 3 };
+
+// log(1 + y) for y in [0, 1], branch-free so that it vectorises: 2 atanh(s), s = y / (2 + y) in
+// [0, 1/3], by its series to s^15 (relative error below 1e-7).
+SK_HD float log1p_unit(float y) {
+  const float s = y / (2.0f + y);
+  const float s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+SK_HD double log1p_unit(double y) { return std::log1p(y); }
+
+// log M for the generalised Jensen-Shannon divergence, M = beta p_t + (1 - beta) p_s, from the
+// log-probabilities: the log-sum-exp of log beta + lpt and log(1 - beta) + lps. Finite wherever
+// either is (both probabilities may underflow to 0 while their logs stay finite), -inf only
+// where both are -inf; NaN passes through.
+template <typename acc_t>
+SK_HD acc_t js_log_mixture(acc_t lpt, acc_t lps, acc_t log_beta, acc_t log_1m_beta) {
+  const acc_t a = log_beta + lpt, b = log_1m_beta + lps;
+  const acc_t hi = a > b ? a : b, lo = a > b ? b : a;
+  const acc_t d = lo - hi;  // <= 0; NaN where hi is -inf (both -inf) or either is NaN
+  const acc_t r = hi + log1p_unit(exp_nonpos(d == d ? d : acc_t(0)));
+  return (a != a || b != b) ? a + b : r;
+}
+
+// One position's (or row element's) share of a divergence and what its gradients need, for
+// the divergences whose student gradient needs the position's total (reverse KL, JS):
+// - term: its contribution to the divergence;
+// - su: ps * u, u being d D / d ps (up to a constant that cancels), summed into U;
+// - tu: pt * h, h being d D / d pt (JS's), summed into the teacher's total.
+// The student gradient by the logit / T is ps (u - U); the teacher's pt (h - U_t) (JS) or pt - ps
+// (reverse KL). Every product with a zero probability is 0, never 0 * -inf.
+template <typename acc_t>
+struct Share {
+  acc_t term, u, su, h, tu;
+};
+
+template <typename acc_t, int DIV>
+SK_HD Share<acc_t> two_pass_share(acc_t pt, acc_t lpt, acc_t ps, acc_t lps, acc_t beta, acc_t log_beta,
+                                  acc_t log_1m_beta) {
+  Share<acc_t> r;
+  const bool has_s = ps != acc_t(0), has_t = pt != acc_t(0);
+  if (DIV == kReverseKL) {
+    r.u = lps - lpt;
+    r.su = has_s ? ps * r.u : acc_t(0);
+    r.term = r.su;
+    r.h = acc_t(0);
+    r.tu = acc_t(0);
+  } else {  // kJS
+    const acc_t lm = js_log_mixture(lpt, lps, log_beta, log_1m_beta);
+    r.u = (acc_t(1) - beta) * (lps - lm);
+    r.h = beta * (lpt - lm);
+    r.su = has_s ? ps * r.u : acc_t(0);
+    r.tu = has_t ? pt * r.h : acc_t(0);
+    r.term = r.su + r.tu;
+  }
+  return r;
+}
+
 }  // namespace kd_loss
 }  // namespace segkernels

@@ -140,9 +140,12 @@ void check_labels(const char* op, const Tensor& labels, const Tensor& teacher) {
 // with teacher_grad the teacher's gradient of each student's map sum (else none).
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> kd_loss_cpu(
     at::TensorList students_in, const Tensor& teacher_in, const std::optional<Tensor>& labels_in, double temperature,
-    bool spatial, bool kl, bool scale_by_t2, int64_t ignore_index, bool teacher_grad) {
+    bool spatial, int64_t divergence, bool scale_by_t2, int64_t ignore_index, bool teacher_grad, double beta) {
   std::vector<Tensor> students(students_in.begin(), students_in.end());
   check_inputs("kd_loss", students, teacher_in);
+  TORCH_CHECK_VALUE(divergence >= kKL && divergence <= kJS, "segkernels.kd_loss: divergence must be 0 (kl), 1 (ce), ",
+                    "2 (reverse_kl) or 3 (js), got ", divergence);
+  TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "segkernels.kd_loss: beta must be in (0, 1), got ", beta);
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "segkernels.kd_loss: temperature must be ",
                     "positive and finite, got ", temperature);
   TORCH_CHECK_VALUE(!(spatial && labels_in.has_value()),
@@ -194,10 +197,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> kd_loss_cpu(
     acc_t* lossp = loss.mutable_data_ptr<acc_t>();
     const int64_t* lp = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
     if (spatial) {
-      SK_KD_DISPATCH(run_spatial<scalar_t>, kl, N * C, P, K, sp.data(), tp, gp.data(), lossp, inv_t, scale, tg);
+      SK_KD_DISPATCH(run_spatial<scalar_t>, static_cast<int>(divergence), N * C, P, K, sp.data(), tp, gp.data(), lossp,
+                     inv_t, scale, tg, static_cast<acc_t>(beta));
     } else {
-      SK_KD_DISPATCH(run_channel<scalar_t>, !cl, kl, N, C, P, K, sp.data(), tp, gp.data(), lossp, lp, ignore_index,
-                     inv_t, scale, tg);
+      SK_KD_DISPATCH(run_channel<scalar_t>, !cl, static_cast<int>(divergence), N, C, P, K, sp.data(), tp, gp.data(),
+                     lossp, lp, ignore_index, inv_t, scale, tg, static_cast<acc_t>(beta));
     }
   });
   return {loss, grads, teacher_grads};

@@ -31,9 +31,12 @@ inline c10::BFloat16 store_as<c10::BFloat16, float>(float v) {
 }
 
 // The channel-axis kernel. CONTIG: NCHW (positions contiguous, stride 1) or channels-last
-// (stride C); KL or CE; HARD adds seg_kd_loss's cross-entropy part.
-template <typename scalar_t, typename acc_t, bool CONTIG, bool KL, bool HARD>
+// (stride C); DIV a Divergence (kd_loss.h); HARD adds seg_kd_loss's cross-entropy part (KL only).
+template <typename scalar_t, typename acc_t, bool CONTIG, int DIV, bool HARD>
 struct ChannelKernel {
+  static constexpr bool KL = DIV == kKL;
+  // Reverse KL and JS: the student's gradient needs each position's total, a pass of its own.
+  static constexpr bool TWO_PASS = DIV == kReverseKL || DIV == kJS;
   int64_t N, C, P;
   int64_t K;
   const scalar_t* const* s;  // K students
@@ -45,6 +48,7 @@ struct ChannelKernel {
   acc_t inv_t, scale;  // 1 / T and T^2 (or 1)
   const HardPart<acc_t>* hard;
   scalar_t* const* tg;  // K teacher gradients (one per student), or null when not asked for
+  acc_t beta = acc_t(0.5), log_beta = acc_t(0), log_1m_beta = acc_t(0);  // JS's mixture weight
 
   int64_t off(int64_t c, int64_t p) const { return CONTIG ? c * P + p : p * C + c; }
   int64_t step() const { return CONTIG ? 1 : C; }
@@ -85,6 +89,65 @@ struct ChannelKernel {
     for (int64_t i = 0; i < len; ++i) {
       lz[i] = std::log(rz[i]);
       rz[i] = acc_t(1) / rz[i];
+    }
+  }
+
+  // Reverse KL and JS over one tile for one student: a pass for each position's totals (the
+  // divergence, U = sum ps u and, for JS, the teacher's sum pt h), then one for the gradients
+  // ps (u - U) and, when asked, the teacher's (pt - ps, or pt (h - U_t)). Writes acc (the
+  // divergence per position, unscaled).
+  void two_pass_tile(const scalar_t* sb, const scalar_t* tb, scalar_t* gb, scalar_t* tgb, int64_t p0, int64_t len,
+                     const acc_t* et, const acc_t* es, const acc_t* mt, const acc_t* lzt, const acc_t* rzt,
+                     const acc_t* ms, const acc_t* lzs, const acc_t* rzs, const acc_t* vm, acc_t gscale, int64_t tile,
+                     acc_t* acc) const {
+    const int64_t sp = step();
+    acc_t us[kMaxTile], ut[kMaxTile];
+    for (int64_t i = 0; i < len; ++i) us[i] = ut[i] = acc_t(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* __restrict etc = et + c * tile;
+      const acc_t* __restrict esc = es + c * tile;
+      const scalar_t* __restrict sc = sb + off(c, p0);
+      const scalar_t* __restrict tc = tb + off(c, p0);
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t lps = shifted_logit(load_acc(sc[i * sp]), ms[i], inv_t) - lzs[i];
+        const acc_t lpt = shifted_logit(load_acc(tc[i * sp]), mt[i], inv_t) - lzt[i];
+        const Share<acc_t> sh = two_pass_share<acc_t, DIV>(etc[i] * rzt[i], lpt, esc[i] * rzs[i], lps, beta,
+                                                           log_beta, log_1m_beta);
+        us[i] += sh.su;
+        ut[i] += sh.tu;
+      }
+    }
+    for (int64_t i = 0; i < len; ++i) acc[i] = us[i] + ut[i];
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* __restrict etc = et + c * tile;
+      const acc_t* __restrict esc = es + c * tile;
+      const scalar_t* __restrict sc = sb + off(c, p0);
+      const scalar_t* __restrict tc = tb + off(c, p0);
+      scalar_t* __restrict gc = gb + off(c, p0);
+      scalar_t* __restrict tgc = tgb ? tgb + off(c, p0) : nullptr;
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t lps = shifted_logit(load_acc(sc[i * sp]), ms[i], inv_t) - lzs[i];
+        const acc_t lpt = shifted_logit(load_acc(tc[i * sp]), mt[i], inv_t) - lzt[i];
+        const acc_t pt = etc[i] * rzt[i], ps = esc[i] * rzs[i];
+        const Share<acc_t> sh = two_pass_share<acc_t, DIV>(pt, lpt, ps, lps, beta, log_beta, log_1m_beta);
+        const acc_t gv = ps != acc_t(0) ? gscale * ps * (sh.u - us[i]) : acc_t(0);
+        gc[i * sp] = store_as<scalar_t>(vm[i] != acc_t(0) ? gv : acc_t(0));
+      }
+      if (tgc) {
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t lps = shifted_logit(load_acc(sc[i * sp]), ms[i], inv_t) - lzs[i];
+          const acc_t lpt = shifted_logit(load_acc(tc[i * sp]), mt[i], inv_t) - lzt[i];
+          const acc_t pt = etc[i] * rzt[i], ps = esc[i] * rzs[i];
+          acc_t tv;
+          if (DIV == kReverseKL) {
+            tv = gscale * (pt - ps);
+          } else {
+            const Share<acc_t> sh = two_pass_share<acc_t, DIV>(pt, lpt, ps, lps, beta, log_beta, log_1m_beta);
+            tv = pt != acc_t(0) ? gscale * pt * (sh.h - ut[i]) : acc_t(0);
+          }
+          tgc[i * sp] = store_as<scalar_t>(vm[i] != acc_t(0) ? tv : acc_t(0));
+        }
+      }
     }
   }
 
@@ -138,6 +201,13 @@ struct ChannelKernel {
             }
           }
           const acc_t gscale = scale * inv_t * (HARD ? hard->soft_coef : acc_t(1));
+          if constexpr (TWO_PASS) {
+            two_pass_tile(sb, tb, gb, tg ? tg[k] + nb : nullptr, p0, len, et, es, mt, lzt, rzt, ms, lzs, rzs, vm,
+                          gscale, tile, acc);
+            acc_t* lrow = loss + (k * N + n) * P + p0;
+            for (int64_t i = 0; i < len; ++i) lrow[i] = vm[i] != acc_t(0) ? scale * acc[i] : acc_t(0);
+            continue;
+          }
           for (int64_t c = 0; c < C; ++c) {
             const acc_t* __restrict etc = et + c * tile;
             const acc_t* __restrict esc = es + c * tile;
@@ -195,8 +265,10 @@ struct ChannelKernel {
   }
 };
 
-template <typename scalar_t, typename acc_t, bool KL>
+template <typename scalar_t, typename acc_t, int DIV>
 struct SpatialKernel {
+  static constexpr bool KL = DIV == kKL;
+  static constexpr bool TWO_PASS = DIV == kReverseKL || DIV == kJS;
   int64_t rows, L, K;  // rows = N * C, each of length L (contiguous)
   const scalar_t* const* s;
   const scalar_t* t;
@@ -204,6 +276,7 @@ struct SpatialKernel {
   acc_t* loss;  // (K, rows)
   acc_t inv_t, scale;
   scalar_t* const* tg;  // K teacher gradients, or null when not asked for
+  acc_t beta = acc_t(0.5), log_beta = acc_t(0), log_1m_beta = acc_t(0);  // JS's mixture weight
 
   // Float sums and maxima only vectorise when split over independent lanes (the compiler may
   // not reassociate them itself): each loop below keeps kLanes partial results.
@@ -350,7 +423,63 @@ struct SpatialKernel {
     });
   }
 
+  // Reverse KL and JS: per row, the online statistics of teacher and student, a pass for the
+  // row's totals (in double), then one for the gradients (kd_loss.h, two_pass_share).
+  void run_two_pass() const {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* tr = t + r * L;
+        acc_t mt, lzt;
+        stats(tr, mt, lzt);
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* sr = s[k] + r * L;
+          scalar_t* gr = g[k] + r * L;
+          acc_t ms, lzs;
+          stats(sr, ms, lzs);
+          const acc_t gscale = scale * inv_t;
+          const auto share = [&](int64_t i, acc_t& pt, acc_t& ps) {
+            const acc_t lpt = shifted_logit(load_acc(tr[i]), mt, inv_t) - lzt;
+            const acc_t lps = shifted_logit(load_acc(sr[i]), ms, inv_t) - lzs;
+            pt = exp_nonpos(lpt);
+            ps = exp_nonpos(lps);
+            return two_pass_share<acc_t, DIV>(pt, lpt, ps, lps, beta, log_beta, log_1m_beta);
+          };
+          double us = 0, ut = 0;
+          for (int64_t c0 = 0; c0 < L; c0 += kChunk) {  // partial sums per chunk, added in double
+            const int64_t c1 = std::min<int64_t>(L, c0 + kChunk);
+            acc_t pu = 0, pv = 0;
+            for (int64_t i = c0; i < c1; ++i) {
+              acc_t pt, ps;
+              const Share<acc_t> sh = share(i, pt, ps);
+              pu += sh.su;
+              pv += sh.tu;
+            }
+            us += static_cast<double>(pu);
+            ut += static_cast<double>(pv);
+          }
+          const acc_t u_total = static_cast<acc_t>(us), t_total = static_cast<acc_t>(ut);
+          scalar_t* tgr = tg ? tg[k] + r * L : nullptr;
+          for (int64_t i = 0; i < L; ++i) {
+            acc_t pt, ps;
+            const Share<acc_t> sh = share(i, pt, ps);
+            gr[i] = store_as<scalar_t>(ps != acc_t(0) ? gscale * ps * (sh.u - u_total) : acc_t(0));
+            if (tgr) {
+              const acc_t tv = DIV == kReverseKL ? gscale * (pt - ps)
+                                                 : (pt != acc_t(0) ? gscale * pt * (sh.h - t_total) : acc_t(0));
+              tgr[i] = store_as<scalar_t>(tv);
+            }
+          }
+          loss[k * rows + r] = static_cast<acc_t>(us + ut) * scale;
+        }
+      }
+    });
+  }
+
   void run() const {
+    if constexpr (TWO_PASS) {
+      run_two_pass();
+      return;
+    }
     if (L <= kStoredRow) {
       run_stored();
       return;
@@ -400,18 +529,44 @@ struct SpatialKernel {
   }
 };
 
+template <typename scalar_t, typename acc_t, bool CONTIG, int DIV>
+void run_channel_as(int64_t N, int64_t C, int64_t P, int64_t K, const scalar_t* const* s, const scalar_t* t,
+                    scalar_t* const* g, acc_t* loss, const int64_t* labels, int64_t ignore, acc_t inv_t, acc_t scale,
+                    scalar_t* const* tg, acc_t beta) {
+  ChannelKernel<scalar_t, acc_t, CONTIG, DIV, false> kernel{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale,
+                                                            nullptr, tg};
+  kernel.beta = beta;
+  kernel.log_beta = std::log(beta);
+  kernel.log_1m_beta = std::log1p(-beta);
+  kernel.run();
+}
+
+template <typename scalar_t, typename acc_t, bool CONTIG>
+void run_channel_layout(int divergence, int64_t N, int64_t C, int64_t P, int64_t K, const scalar_t* const* s,
+                        const scalar_t* t, scalar_t* const* g, acc_t* loss, const int64_t* labels, int64_t ignore,
+                        acc_t inv_t, acc_t scale, scalar_t* const* tg, acc_t beta) {
+  switch (divergence) {
+    case kKL:
+      return run_channel_as<scalar_t, acc_t, CONTIG, kKL>(N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, tg, beta);
+    case kCE:
+      return run_channel_as<scalar_t, acc_t, CONTIG, kCE>(N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, tg, beta);
+    case kReverseKL:
+      return run_channel_as<scalar_t, acc_t, CONTIG, kReverseKL>(N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale,
+                                                                 tg, beta);
+    default:
+      return run_channel_as<scalar_t, acc_t, CONTIG, kJS>(N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, tg, beta);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
-void run_channel(bool contig, bool kl, int64_t N, int64_t C, int64_t P, int64_t K, const scalar_t* const* s,
+void run_channel(bool contig, int divergence, int64_t N, int64_t C, int64_t P, int64_t K, const scalar_t* const* s,
                  const scalar_t* t, scalar_t* const* g, acc_t* loss, const int64_t* labels, int64_t ignore,
-                 acc_t inv_t, acc_t scale, scalar_t* const* tg) {
-  if (contig && kl)
-    ChannelKernel<scalar_t, acc_t, true, true, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr, tg}.run();
-  else if (contig)
-    ChannelKernel<scalar_t, acc_t, true, false, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr, tg}.run();
-  else if (kl)
-    ChannelKernel<scalar_t, acc_t, false, true, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr, tg}.run();
+                 acc_t inv_t, acc_t scale, scalar_t* const* tg, acc_t beta) {
+  if (contig)
+    run_channel_layout<scalar_t, acc_t, true>(divergence, N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, tg, beta);
   else
-    ChannelKernel<scalar_t, acc_t, false, false, false>{N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, nullptr, tg}.run();
+    run_channel_layout<scalar_t, acc_t, false>(divergence, N, C, P, K, s, t, g, loss, labels, ignore, inv_t, scale, tg,
+                                               beta);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -420,16 +575,32 @@ void run_hard(bool contig, int64_t N, int64_t C, int64_t P, const scalar_t* s, c
               scalar_t* tg) {
   scalar_t* const* tgp = tg ? &tg : nullptr;
   if (contig)
-    ChannelKernel<scalar_t, acc_t, true, true, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard, tgp}.run();
+    ChannelKernel<scalar_t, acc_t, true, kKL, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard, tgp}.run();
   else
-    ChannelKernel<scalar_t, acc_t, false, true, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard, tgp}.run();
+    ChannelKernel<scalar_t, acc_t, false, kKL, true>{N, C, P, 1, &s, t, &g, nullptr, labels, ignore, inv_t, scale, hard, tgp}.run();
+}
+
+template <typename scalar_t, typename acc_t, int DIV>
+void run_spatial_as(int64_t rows, int64_t L, int64_t K, const scalar_t* const* s, const scalar_t* t,
+                    scalar_t* const* g, acc_t* loss, acc_t inv_t, acc_t scale, scalar_t* const* tg, acc_t beta) {
+  SpatialKernel<scalar_t, acc_t, DIV> kernel{rows, L, K, s, t, g, loss, inv_t, scale, tg};
+  kernel.beta = beta;
+  kernel.log_beta = std::log(beta);
+  kernel.log_1m_beta = std::log1p(-beta);
+  kernel.run();
 }
 
 template <typename scalar_t, typename acc_t>
-void run_spatial(bool kl, int64_t rows, int64_t L, int64_t K, const scalar_t* const* s, const scalar_t* t,
-                 scalar_t* const* g, acc_t* loss, acc_t inv_t, acc_t scale, scalar_t* const* tg) {
-  if (kl)
-    SpatialKernel<scalar_t, acc_t, true>{rows, L, K, s, t, g, loss, inv_t, scale, tg}.run();
-  else
-    SpatialKernel<scalar_t, acc_t, false>{rows, L, K, s, t, g, loss, inv_t, scale, tg}.run();
+void run_spatial(int divergence, int64_t rows, int64_t L, int64_t K, const scalar_t* const* s, const scalar_t* t,
+                 scalar_t* const* g, acc_t* loss, acc_t inv_t, acc_t scale, scalar_t* const* tg, acc_t beta) {
+  switch (divergence) {
+    case kKL:
+      return run_spatial_as<scalar_t, acc_t, kKL>(rows, L, K, s, t, g, loss, inv_t, scale, tg, beta);
+    case kCE:
+      return run_spatial_as<scalar_t, acc_t, kCE>(rows, L, K, s, t, g, loss, inv_t, scale, tg, beta);
+    case kReverseKL:
+      return run_spatial_as<scalar_t, acc_t, kReverseKL>(rows, L, K, s, t, g, loss, inv_t, scale, tg, beta);
+    default:
+      return run_spatial_as<scalar_t, acc_t, kJS>(rows, L, K, s, t, g, loss, inv_t, scale, tg, beta);
+  }
 }

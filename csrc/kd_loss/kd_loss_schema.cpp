@@ -11,8 +11,10 @@ TORCH_LIBRARY_FRAGMENT(segkernels, m) {
   // teacher_grad the teacher's gradient of each student's map sum (an empty list without).
   // seg_kd_loss: hard CE + soft KD in one pass; returns the 0-d loss, the student's gradient of
   // it, and with teacher_grad the teacher's (an empty tensor without).
-  m.def("kd_loss(Tensor[] students, Tensor teacher, Tensor? labels, float temperature, bool spatial, bool kl, "
-        "bool scale_by_t2, int ignore_index, bool teacher_grad=False) -> (Tensor, Tensor[], Tensor[])");
+  // divergence: 0 KL(teacher || student), 1 soft cross-entropy, 2 KL(student || teacher), 3 the
+  // generalised Jensen-Shannon divergence with mixture weight beta (for the teacher).
+  m.def("kd_loss(Tensor[] students, Tensor teacher, Tensor? labels, float temperature, bool spatial, int divergence, "
+        "bool scale_by_t2, int ignore_index, bool teacher_grad=False, float beta=0.5) -> (Tensor, Tensor[], Tensor[])");
   m.def("seg_kd_loss(Tensor student, Tensor teacher, Tensor labels, Tensor? class_weight, float temperature, "
         "float hard_weight, float soft_weight, int ignore_index, bool teacher_grad=False) -> (Tensor, Tensor, Tensor)");
 }

@@ -193,10 +193,14 @@ def test_opcheck(device):
     (s1, s2), t = _inputs(shape, torch.float32, device, k=2)
     labels = _labels(shape, device)
     op = torch.ops.segkernels.kd_loss.default
-    run_opcheck(op, ([s1, s2], t, labels, 2.0, False, True, True, 255))
-    run_opcheck(op, ([s1], t, None, 0.5, True, False, False, 255))
+    run_opcheck(op, ([s1, s2], t, labels, 2.0, False, 0, True, 255))
+    run_opcheck(op, ([s1], t, None, 0.5, True, 1, False, 255))
     cl = [to_layout(s1.detach(), "channels_last").requires_grad_()]
-    run_opcheck(op, (cl, to_layout(t, "channels_last"), None, 1.0, False, True, True, 255))
+    run_opcheck(op, (cl, to_layout(t, "channels_last"), None, 1.0, False, 0, True, 255))
+    # reverse KL and JS (beta 0.3), with and without the teacher's gradient
+    run_opcheck(op, ([s1, s2], t, labels, 2.0, False, 2, True, 255, True))
+    run_opcheck(op, ([s1], t, labels, 2.0, False, 3, True, 255, True, 0.3))
+    run_opcheck(op, ([s1], t, None, 3.0, True, 3, True, 255, False, 0.7))
     w = torch.rand(4, device=device)
     run_opcheck(torch.ops.segkernels.seg_kd_loss.default, (s1, t, labels, w, 2.0, 1.0, 0.5, 255))
     run_opcheck(torch.ops.segkernels.seg_kd_loss.default, (s1, t, labels, None, 1.0, 1.0, 1.0, 255))
@@ -373,7 +377,10 @@ def test_argument_errors():
         (ValueError, "temperature must be positive", lambda: segkernels.kd_loss(s, t, temperature=math.inf)),
         (TypeError, "temperature", lambda: segkernels.kd_loss(s, t, temperature="2")),
         (ValueError, "axis must be", lambda: segkernels.kd_loss(s, t, axis="pixel")),
-        (ValueError, "divergence must be", lambda: segkernels.kd_loss(s, t, divergence="js")),
+        (ValueError, "divergence must be", lambda: segkernels.kd_loss(s, t, divergence="jsd")),
+        (ValueError, "beta must be in the open interval", lambda: segkernels.kd_loss(s, t, divergence="js", beta=1.0)),
+        (ValueError, "beta must be in the open interval", lambda: segkernels.kd_loss(s, t, beta=0.0)),
+        (TypeError, "beta must be a real number", lambda: segkernels.kd_loss(s, t, beta="0.5")),
         (ValueError, "reduction must be", lambda: segkernels.kd_loss(s, t, reduction="batchmean")),
         (ValueError, "only supported with axis='channel'",
          lambda: segkernels.kd_loss(s, t, axis="spatial", labels=lab)),

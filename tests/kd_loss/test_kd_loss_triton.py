@@ -67,13 +67,13 @@ def test_triton_channel_kernel_under_interpreter(layout):
     labels = _labels(shape, "cpu")
     labels[1] = 255  # a fully ignored image
     for kl in (True, False):
-        loss, grads, _ = _kd_loss_triton(students, teacher, labels, 2.0, False, kl, True, 255)
+        loss, grads, _ = _kd_loss_triton(students, teacher, labels, 2.0, False, 0 if kl else 1, True, 255)
         ref, ref_grads = _reference_op(students, teacher, labels, 2.0, False, kl, True, 255)
         assert_close(loss, ref)
         for g, r in zip(grads, ref_grads):  # T * (p_s - p_t): absolute error ~ T * eps
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
         assert (torch.stack(grads)[:, 1] == 0).all() and (loss[:, 1] == 0).all()
-    loss, grads, _ = _kd_loss_triton(students[:1], teacher * 1e4, None, 0.1, False, True, False, 255)
+    loss, grads, _ = _kd_loss_triton(students[:1], teacher * 1e4, None, 0.1, False, 0, False, 255)
     ref, ref_grads = _reference_op(students[:1], teacher * 1e4, None, 0.1, False, True, False, 255)
     # log-probabilities of magnitude 3e5 resolve to 0.03 in float32 (loss not T^2-scaled here)
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=0.1)
@@ -93,7 +93,7 @@ def test_triton_spatial_kernel_under_interpreter():
     teacher[0, 1, :8] = float("-inf")  # a whole leading segment of a row without mass
     students[1][1, 2, 9:] = float("-inf")  # and a whole trailing one, on the student side
     for kl in (True, False):
-        loss, grads, _ = _kd_loss_triton(students, teacher, None, 3.0, True, kl, True, 255)
+        loss, grads, _ = _kd_loss_triton(students, teacher, None, 3.0, True, 0 if kl else 1, True, 255)
         ref, ref_grads = _reference_op(students, teacher, None, 3.0, True, kl, True, 255)
         assert_close(loss, ref)
         for g, r in zip(grads, ref_grads):
@@ -149,7 +149,7 @@ def test_triton_extremes_match_the_reference():
     long_spanning[0, 0, 5], long_spanning[0, 0, 1500] = big, -big
     for temperature, ss, ls in ((1e-10, students, long_s), (4.0, spanning, long_spanning)):
         for spatial, s, t in ((False, ss, teacher), (True, ss, teacher), (True, [ls], long_t)):
-            loss, grads, _ = _kd_loss_triton(s, t, None, temperature, spatial, True, False, 255)
+            loss, grads, _ = _kd_loss_triton(s, t, None, temperature, spatial, 0, False, 255)
             ref, ref_grads = _reference_op(s, t, None, temperature, spatial, True, False, 255)
             assert torch.isfinite(loss).all(), (temperature, spatial)
             torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
@@ -175,7 +175,7 @@ def test_triton_nan_teacher_under_interpreter(spatial):
 
     s, teacher = _nan_teacher_case("cpu")
     _triton_or_skip(teacher)
-    loss, _, _ = _kd_loss_triton([s], teacher, None, 1.0, spatial, True, True, 255)
+    loss, _, _ = _kd_loss_triton([s], teacher, None, 1.0, spatial, 0, True, 255)
     assert loss.isnan().sum() == 1
 
 
@@ -191,20 +191,22 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
             t = torch.randn(2, 5, 4, 6).to(dtype)
             students = [torch.randn(2, 5, 4, 6).to(dtype) for _ in range(5)]  # groups of 4 and 1
             labels = torch.randint(0, 5, (2, 4, 6))
-            for kl in (True, False):
-                mod._kd_loss_triton(students, t, labels, 2.0, False, kl, True, 255)
-                mod._kd_loss_triton(students[:2], t, None, 2.0, True, kl, True, 255)
-            mod._kd_loss_triton(students[:1], t.contiguous(memory_format=torch.channels_last), None, 2.0, False, True,
+            for divergence in (0, 1, 2, 3):  # kl, ce, reverse_kl, js
+                mod._kd_loss_triton(students, t, labels, 2.0, False, divergence, True, 255)
+                mod._kd_loss_triton(students[:2], t, None, 2.0, True, divergence, True, 255)
+            mod._kd_loss_triton(students[:1], t.contiguous(memory_format=torch.channels_last), None, 2.0, False, 0,
                                 True, 255)
             for weight in (None, torch.rand(5)):
                 mod._seg_kd_loss_triton(students[0], t, labels, weight, 2.0, 1.0, 1.0, 255)
             # The teacher's gradient: the channel kernel's second pass and the spatial pass 3.
-            mod._kd_loss_triton(students[:2], t, labels, 2.0, False, True, True, 255, True)
-            mod._kd_loss_triton(students[:1], t, None, 2.0, True, False, True, 255, True)
+            for divergence in (0, 1, 2, 3):
+                mod._kd_loss_triton(students[:2], t, labels, 2.0, False, divergence, True, 255, True, 0.3)
+                mod._kd_loss_triton(students[:1], t, None, 2.0, True, divergence, True, 255, True, 0.3)
             mod._seg_kd_loss_triton(students[0], t, labels, None, 2.0, 1.0, 1.0, 255, True)
 
     launches = record_triton_launches(mod, run)
     assert all(kw.get("enable_fp_fusion") is False for _, _, kw in launches)
     assert compile_launches_for_sm90(launches) == {
-        "_kd_channel_kernel", "_kd_spatial_stats_kernel", "_kd_spatial_apply_kernel", "_kd_spatial_teacher_kernel"
+        "_kd_channel_kernel", "_kd_spatial_stats_kernel", "_kd_spatial_apply_kernel", "_kd_spatial_teacher_kernel",
+        "_kd_spatial_sums_kernel", "_kd_spatial_grads_kernel",
     }

@@ -88,7 +88,7 @@ def test_mutual_distillation():
 
 
 def test_teacher_gradient_is_computed_only_when_asked_for(monkeypatch):
-    # The extra pass is paid only by a teacher that requires grad: the op's last argument.
+    # The extra pass is paid only by a teacher that requires grad: the op's teacher_grad argument.
     from segkernels import _library
 
     asked = []
@@ -96,7 +96,7 @@ def test_teacher_gradient_is_computed_only_when_asked_for(monkeypatch):
 
     def spy(op, *args):
         if op is torch.ops.segkernels.kd_loss.default:
-            asked.append(args[-1])
+            asked.append(args[-2])  # teacher_grad (beta follows it)
         return call(op, *args)
 
     monkeypatch.setattr(_library, "call_below_autograd", spy)
@@ -121,7 +121,7 @@ def test_triton_teacher_gradient_under_interpreter(spatial):
     students, teacher = [s1.detach(), s2.detach()], t.detach()
     labels = None if spatial else _labels(shape, "cpu")
     for kl in (True, False):
-        _maps, _grads, tgrads = _kd_loss_triton(students, teacher, labels, 2.0, spatial, kl, True, 255, True)
+        _maps, _grads, tgrads = _kd_loss_triton(students, teacher, labels, 2.0, spatial, 0 if kl else 1, True, 255, True)
         for k, s in enumerate(students):
             t64 = teacher.double().requires_grad_()
             m = reference_kd_loss(s.double(), t64, temperature=2.0, axis="spatial" if spatial else "channel",
@@ -143,8 +143,8 @@ def test_opcheck_and_compile_with_the_teacher_gradient(device):
 
     students, teacher = _pair((2, 4, 3, 5), torch.float32, device, k=2)
     labels = _labels((2, 4, 3, 5), device)
-    run_opcheck(torch.ops.segkernels.kd_loss.default, (students, teacher, labels, 2.0, False, True, True, 255, True))
-    run_opcheck(torch.ops.segkernels.kd_loss.default, (students[:1], teacher, None, 2.0, True, False, True, 255, True))
+    run_opcheck(torch.ops.segkernels.kd_loss.default, (students, teacher, labels, 2.0, False, 0, True, 255, True))
+    run_opcheck(torch.ops.segkernels.kd_loss.default, (students[:1], teacher, None, 2.0, True, 1, True, 255, True))
     run_opcheck(torch.ops.segkernels.seg_kd_loss.default,
                 (students[0], teacher, labels, None, 2.0, 1.0, 0.5, 255, True))
     compiled = torch.compile(lambda s, t: segkernels.kd_loss(s, t, temperature=2.0, labels=labels), fullgraph=True)

@@ -48,6 +48,16 @@ __all__ = ["kd_loss", "seg_kd_loss", "reference_kd_loss", "reference_seg_kd_loss
 
 GPU_KERNEL = "triton"  # what runs CUDA tensors (see _library.use_kernel)
 
+# The divergences, in the order of the ops' `divergence` argument (csrc/kd_loss/kd_loss.h).
+DIVERGENCES = ("kl", "ce", "reverse_kl", "js")
+
+
+def _check_beta(beta) -> float:
+    beta = check_real(beta, "beta")
+    if not 0.0 < beta < 1.0:
+        raise ArgumentValueError(f"beta must be in the open interval (0, 1), got {beta!r}")
+    return beta
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 
@@ -138,6 +148,7 @@ def kd_loss(
     divergence: str = "kl",
     reduction: str = "mean",
     scale_by_t2: bool = True,
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Tempered-softmax distillation loss between dense logit maps, fused (one pass each way).
 
@@ -155,13 +166,19 @@ def kd_loss(
             "spatial": a distribution over all positions of every (n, c) (channel-wise KD).
         labels: optional (N, *spatial) integer map (axis="channel" only); positions equal to
             ignore_index contribute nothing and get a zero gradient.
-        divergence: "kl" = sum p_t (log p_t - log p_s) (0 where p_t = 0); "ce" = -sum p_t log p_s.
-            A NaN teacher logit gives NaN where it reaches (its position, or its (n, c) row), as
-            F.kl_div does.
+        divergence: "kl" = sum p_t (log p_t - log p_s) (0 where p_t = 0); "ce" = -sum p_t log p_s;
+            "reverse_kl" = KL(P_s || P_t) = sum p_s (log p_s - log p_t); "js" = the generalised
+            Jensen-Shannon divergence beta KL(P_t || M) + (1 - beta) KL(P_s || M),
+            M = beta P_t + (1 - beta) P_s, with log M = logsumexp(log beta + log p_t,
+            log(1 - beta) + log p_s): finite where a class's probability underflows under both
+            distributions. A NaN teacher logit gives NaN where it reaches (its position, or its
+            (n, c) row), as F.kl_div does.
         reduction: "mean" (over valid positions for axis="channel", over N * C rows for
             "spatial"; 0 with a zero gradient when there is none), "sum", or "none" (the
             (N, *spatial) or (N, C) map).
         scale_by_t2: multiply the loss by T^2 (keeps the gradient scale independent of T).
+        beta: the teacher's weight in "js"'s mixture, in the open interval (0, 1) (0.5 is the
+            usual JSD); ValueError outside it.
 
     Returns:
         The loss in the input dtype: a scalar, the map for reduction="none", with a leading (K,)
@@ -183,7 +200,8 @@ def kd_loss(
     scale_by_t2 = check_bool(scale_by_t2, "scale_by_t2")
     _check_temperature_range(temperature, dtype, scale_by_t2)
     check_choice(axis, "axis", ("channel", "spatial"))
-    check_choice(divergence, "divergence", ("kl", "ce"))
+    check_choice(divergence, "divergence", DIVERGENCES)
+    beta = _check_beta(beta)
     check_choice(reduction, "reduction", ("mean", "sum", "none"))
     ignore_index = check_ignore_index(ignore_index)
     if labels is not None:
@@ -195,13 +213,13 @@ def kd_loss(
     if not _use_kernels("kd_loss", teacher):
         return reference_kd_loss(students if multi else students[0], teacher, temperature=temperature, axis=axis,
                                  labels=labels, ignore_index=ignore_index, divergence=divergence,
-                                 reduction=reduction, scale_by_t2=scale_by_t2).to(out_dtype)
+                                 reduction=reduction, scale_by_t2=scale_by_t2, beta=beta).to(out_dtype)
     rows = not spatial and teacher.dim() == 2
     if rows:
         students, teacher = [_rows_as_map(x) for x in students], _rows_as_map(teacher)
         labels = labels.view(1, -1, 1) if labels is not None else None
-    args = (labels, temperature, spatial, divergence == "kl", scale_by_t2, ignore_index,
-            _library.may_need_gradient(teacher))
+    args = (labels, temperature, spatial, DIVERGENCES.index(divergence), scale_by_t2, ignore_index,
+            _library.may_need_gradient(teacher), beta)
     op = torch.ops.segkernels.kd_loss.default
     if torch.compiler.is_compiling():  # the op with its registered autograd
         maps = op(students, teacher, *args)[0]

@@ -4,6 +4,7 @@ them when no compiled kernel can run."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 __all__ = ["reference_kd_loss", "reference_seg_kd_loss", "cross_entropy_or_zero"]
 
 
-def _reference_one(s, t, temperature, axis, labels, ignore_index, divergence, scale_by_t2):
+def _reference_one(s, t, temperature, axis, labels, ignore_index, divergence, scale_by_t2, beta=0.5):
     if axis == "spatial":
         s, t, dim = (s.flatten(2), t.flatten(2), 2) if s.dim() > 2 else (s.unsqueeze(2), t.unsqueeze(2), 2)
     else:
@@ -20,10 +21,18 @@ def _reference_one(s, t, temperature, axis, labels, ignore_index, divergence, sc
     lps = F.log_softmax(s / temperature, dim=dim)
     lpt = F.log_softmax(t / temperature, dim=dim)
     pt = lpt.exp()
+    ps = lps.exp()
+    zero = torch.zeros_like(pt)
     if divergence == "kl":
-        term = torch.where(pt != 0, pt * (lpt - lps), torch.zeros_like(pt))
-    else:
-        term = torch.where(pt != 0, -pt * lps, torch.zeros_like(pt))
+        term = torch.where(pt != 0, pt * (lpt - lps), zero)
+    elif divergence == "ce":
+        term = torch.where(pt != 0, -pt * lps, zero)
+    elif divergence == "reverse_kl":
+        term = torch.where(ps != 0, ps * (lps - lpt), zero)
+    else:  # "js": beta KL(P_t || M) + (1 - beta) KL(P_s || M), M = beta P_t + (1 - beta) P_s
+        lm = torch.logaddexp(math.log(beta) + lpt, math.log1p(-beta) + lps)
+        term = beta * torch.where(pt != 0, pt * (lpt - lm), zero) + (1 - beta) * torch.where(ps != 0, ps * (lps - lm),
+                                                                                               zero)
     per = term.sum(dim)  # (N, *spatial) or (N, C)
     if scale_by_t2:
         per = per * (temperature * temperature)
@@ -43,18 +52,20 @@ def reference_kd_loss(
     divergence: str = "kl",
     reduction: str = "mean",
     scale_by_t2: bool = True,
+    beta: float = 0.5,
 ) -> torch.Tensor:
-    """log_softmax / softmax / sum of p_t (log p_t - log p_s), in eager PyTorch (see kd_loss)."""
+    """log_softmax / softmax / the divergence's sum over the softmax axis, in eager PyTorch (see
+    kd_loss); "js" takes log M as the log-sum-exp of log beta + log p_t and log(1 - beta) + log p_s."""
     if isinstance(student, (list, tuple)):
         return torch.stack(
             [
                 reference_kd_loss(s, teacher, temperature=temperature, axis=axis, labels=labels,
                                   ignore_index=ignore_index, divergence=divergence, reduction=reduction,
-                                  scale_by_t2=scale_by_t2)
+                                  scale_by_t2=scale_by_t2, beta=beta)
                 for s in student
             ]
         )
-    per = _reference_one(student, teacher, temperature, axis, labels, ignore_index, divergence, scale_by_t2)
+    per = _reference_one(student, teacher, temperature, axis, labels, ignore_index, divergence, scale_by_t2, beta)
     if reduction == "none":
         return per
     total = per.sum()

@@ -4,6 +4,7 @@ the Triton module registers the CUDA kernels."""
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 import torch
@@ -44,12 +45,14 @@ def _per_map(v: torch.Tensor, like: torch.Tensor, spatial: bool) -> torch.Tensor
     return v.reshape(*v.shape, *([1] * (like.dim() - 2))) if spatial else v.unsqueeze(1)
 
 
-def formula_grads(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index, teacher_grad):
+def formula_grads(students, teacher, labels, temperature, spatial, divergence, scale_by_t2, ignore_index,
+                  teacher_grad, beta=0.5):
     """The kernels' outputs' gradients written as differentiable torch ops: each student's
     gradient of the sum of its loss map, and (teacher_grad) the teacher's, per student. The
     backward uses them when it records a graph (double backward, torch.func's nested
     transforms), where the kernels' saved gradients are constants that would miss the second
-    derivative."""
+    derivative. divergence numbers as the op's (0 kl, 1 ce, 2 reverse_kl, 3 js); the formulas
+    are kd_loss.h's: gradient = (1 / T) p (u - sum p u) with u = d D / d p."""
     acc = _acc_dtype(teacher.dtype)
     scale = temperature * temperature if scale_by_t2 else 1.0
     gscale = scale / temperature
@@ -58,6 +61,11 @@ def formula_grads(students, teacher, labels, temperature, spatial, kl, scale_by_
         x = x.to(acc)
         flat = x.flatten(2) if spatial else x
         return torch.log_softmax(flat / temperature, dim=2 if spatial else 1).view(x.shape)
+
+    def centred(p, u):  # p (u - sum p u), 0 where p is
+        has_p = p != 0
+        pu = torch.where(has_p, p * u, 0.0)
+        return torch.where(has_p, p * (u - _per_map(_axis_sum(pu, spatial), p, spatial)), 0.0)
 
     lpt = log_p(teacher)
     pt = lpt.exp()
@@ -68,11 +76,23 @@ def formula_grads(students, teacher, labels, temperature, spatial, kl, scale_by_
     grads, tgrads = [], []
     for s in students:
         lps = log_p(s)
-        g = gscale * (lps.exp() - pt)
+        ps = lps.exp()
+        if divergence in (0, 1):
+            g = gscale * (ps - pt)
+        elif divergence == 2:
+            g = gscale * centred(ps, torch.where(ps != 0, lps - lpt, 0.0))
+        else:
+            lm = torch.logaddexp(math.log(beta) + lpt, math.log1p(-beta) + lps)
+            g = gscale * centred(ps, torch.where(ps != 0, (1 - beta) * (lps - lm), 0.0))
         if teacher_grad:
-            per_unit = torch.where(has, lpt - lps if kl else -lps, 0.0)
-            total = _axis_sum(pt * per_unit, spatial)
-            tg = gscale * torch.where(has, pt * (per_unit - _per_map(total, pt, spatial)), 0.0)
+            if divergence in (0, 1):
+                per_unit = torch.where(has, lpt - lps if divergence == 0 else -lps, 0.0)
+                total = _axis_sum(pt * per_unit, spatial)
+                tg = gscale * torch.where(has, pt * (per_unit - _per_map(total, pt, spatial)), 0.0)
+            elif divergence == 2:
+                tg = gscale * (pt - ps)
+            else:
+                tg = gscale * centred(pt, torch.where(has, beta * (lpt - lm), 0.0))
         if valid is not None:
             g = torch.where(valid, g, 0.0)
             if teacher_grad:
@@ -85,11 +105,11 @@ def formula_grads(students, teacher, labels, temperature, spatial, kl, scale_by_
 
 def _kd_input_grads(ctx, grad_maps, students, teacher, labels, grads, tgrads, teacher_needed):
     """(teacher gradient or None, student gradients) for the incoming gradient of the maps."""
-    temperature, spatial, kl, scale_by_t2, ignore_index = ctx.params
+    temperature, spatial, divergence, scale_by_t2, ignore_index, beta = ctx.params
     # A graph of the backward (or a teacher gradient the forward was not asked for): the formula.
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling()) or (teacher_needed and not tgrads):
-        grads, tgrads = formula_grads(students, teacher, labels, temperature, spatial, kl, scale_by_t2,
-                                      ignore_index, teacher_needed)
+        grads, tgrads = formula_grads(students, teacher, labels, temperature, spatial, divergence, scale_by_t2,
+                                      ignore_index, teacher_needed, beta)
     out = [g * _per_map(grad_maps[k].to(g.dtype), g, spatial) for k, g in enumerate(grads)]
     tgrad = None
     if teacher_needed:
@@ -109,7 +129,7 @@ def _seg_formula_grads(student, teacher, labels, class_weight, temperature, hard
     w = torch.where(valid, w, 0.0)
     wsum = w.sum()
     hard_coef = torch.where(wsum != 0, hard_weight / torch.where(wsum != 0, wsum, 1.0), 0.0)
-    (g,), tgs = formula_grads([student], teacher, labels, temperature, False, True, True, ignore_index, teacher_grad)
+    (g,), tgs = formula_grads([student], teacher, labels, temperature, False, 0, True, ignore_index, teacher_grad)
     onehot = torch.nn.functional.one_hot(safe, student.shape[1]).movedim(-1, 1).to(acc)
     hard = torch.softmax(student.to(acc), 1) - onehot
     g = g.to(acc) * soft_coef + (hard_coef * w).unsqueeze(1) * hard
@@ -121,7 +141,8 @@ if _library.kernels_available():
     _ops = torch.ops.segkernels
 
     @torch.library.register_fake("segkernels::kd_loss")
-    def _(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index, teacher_grad=False):
+    def _(students, teacher, labels, temperature, spatial, divergence, scale_by_t2, ignore_index, teacher_grad=False,
+          beta=0.5):
         cl = not spatial and all(_is_channels_last(x) for x in list(students) + [teacher])
         loss = teacher.new_empty(_map_sizes(len(students), teacher, spatial), dtype=_acc_dtype(teacher.dtype))
         grads = [_new_grad(s, cl) for s in students]
@@ -140,9 +161,10 @@ if _library.kernels_available():
     # gradient outputs are not differentiable: marked so, or autograd would hand the backward
     # an input-sized tensor of zeros for each of them.
     def _op_setup(ctx, inputs, output):
-        students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index, *_ = inputs
+        students, teacher, labels, temperature, spatial, divergence, scale_by_t2, ignore_index, *rest = inputs
         _maps, grads, tgrads = output
-        ctx.params = (temperature, spatial, kl, scale_by_t2, ignore_index)
+        beta = rest[1] if len(rest) > 1 else 0.5
+        ctx.params = (temperature, spatial, divergence, scale_by_t2, ignore_index, beta)
         ctx.K = len(students)
         ctx.save_for_backward(teacher, labels, *students, *grads, *tgrads)
         ctx.mark_non_differentiable(*grads, *tgrads)
@@ -154,12 +176,12 @@ if _library.kernels_available():
         n = len(ctx.needs_input_grad)
         K = ctx.K
         if grad_maps is None:
-            return ([None] * K, None, None, None, None, None, None, None, None)[:n]
+            return ([None] * K, None, None, None, None, None, None, None, None, None)[:n]
         teacher, labels, *rest = ctx.saved_tensors
         students, grads, tgrads = rest[:K], rest[K:2 * K], rest[2 * K:]
         tgrad, out = _kd_input_grads(ctx, grad_maps, students, teacher, labels, grads, tgrads,
                                      ctx.needs_input_grad[1])
-        return (out, tgrad, None, None, None, None, None, None, None)[:n]
+        return (out, tgrad, None, None, None, None, None, None, None, None)[:n]
 
     torch.library.register_autograd("segkernels::kd_loss", _op_backward, setup_context=_op_setup)
 
@@ -170,19 +192,20 @@ if _library.kernels_available():
         generate_vmap_rule = True
 
         @staticmethod
-        def forward(teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index, teacher_grad, *students):
+        def forward(teacher, labels, temperature, spatial, divergence, scale_by_t2, ignore_index, teacher_grad, beta,
+                    *students):
             maps, grads, tgrads = _library.call_below_autograd(
-                _ops.kd_loss.default, list(students), teacher, labels, temperature, spatial, kl, scale_by_t2,
-                ignore_index, teacher_grad,
+                _ops.kd_loss.default, list(students), teacher, labels, temperature, spatial, divergence, scale_by_t2,
+                ignore_index, teacher_grad, beta,
             )
             return (maps, *grads, *tgrads)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index, _tg, *students = inputs
+            teacher, labels, temperature, spatial, divergence, scale_by_t2, ignore_index, _tg, beta, *students = inputs
             K = len(students)
             grads, tgrads = output[1:1 + K], output[1 + K:]
-            ctx.params = (temperature, spatial, kl, scale_by_t2, ignore_index)
+            ctx.params = (temperature, spatial, divergence, scale_by_t2, ignore_index, beta)
             ctx.K = K
             ctx.save_for_backward(teacher, labels, *students, *grads, *tgrads)
             ctx.save_for_forward(*grads, *tgrads)
@@ -193,15 +216,15 @@ if _library.kernels_available():
         def backward(ctx, grad_maps, *_):
             K = ctx.K
             if grad_maps is None:
-                return (None,) * (8 + K)
+                return (None,) * (9 + K)
             teacher, labels, *rest = ctx.saved_tensors
             students, grads, tgrads = rest[:K], rest[K:2 * K], rest[2 * K:]
             tgrad, out = _kd_input_grads(ctx, grad_maps, students, teacher, labels, grads, tgrads,
                                          ctx.needs_input_grad[0])
-            return (tgrad, None, None, None, None, None, None, None, *out)
+            return (tgrad, None, None, None, None, None, None, None, None, *out)
 
         @staticmethod
-        def jvp(ctx, t_teacher, _t_labels, _t1, _t2, _t3, _t4, _t5, _t6, *t_students):
+        def jvp(ctx, t_teacher, _t_labels, _t1, _t2, _t3, _t4, _t5, _t6, _t7, *t_students):
             # The maps are sums over the softmax axis: their tangent is each input's saved
             # gradient times its tangent, summed over that axis.
             K, spatial = ctx.K, ctx.params[1]
@@ -292,15 +315,15 @@ if _library.kernels_available():
     # vmap. kd_loss returns unreduced maps: the vmapped dim folds into the batch dim N. seg_kd_loss
     # returns one mean per call, so the vmapped samples run one call each.
     @torch.library.register_vmap("segkernels::kd_loss")
-    def _(info, in_dims, students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index,
-          teacher_grad=False):
+    def _(info, in_dims, students, teacher, labels, temperature, spatial, divergence, scale_by_t2, ignore_index,
+          teacher_grad=False, beta=0.5):
         s_dims, t_dim, l_dim = in_dims[0], in_dims[1], in_dims[2]
         folded, size = _library.fold_batch(info, [*s_dims, t_dim], [*students, teacher])
         lab = None
         if labels is not None:
             (lab,), _ = _library.fold_batch(info, [l_dim], [labels])
-        maps, grads, tgrads = _ops.kd_loss.default(folded[:-1], folded[-1], lab, temperature, spatial, kl,
-                                                   scale_by_t2, ignore_index, teacher_grad)
+        maps, grads, tgrads = _ops.kd_loss.default(folded[:-1], folded[-1], lab, temperature, spatial, divergence,
+                                                   scale_by_t2, ignore_index, teacher_grad, beta)
         maps = maps.reshape(maps.shape[0], size, maps.shape[1] // size, *maps.shape[2:])
         grads = [_library.unfold_batch(g, size) for g in grads]
         tgrads = [_library.unfold_batch(g, size) for g in tgrads]

@@ -15,6 +15,8 @@ kernels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -70,6 +72,91 @@ def _teacher_grad(pt, lpt, lps, total, KL: tl.constexpr):
     else:
         per_unit = -lps
     return tl.where(has, pt * (per_unit - total), 0.0)
+
+@triton.jit
+def _log_mixture(lpt, lps, log_beta, log_1m_beta):
+    # log(beta p_t + (1 - beta) p_s) as kd_loss.h's js_log_mixture: a log-sum-exp of the logs,
+    # finite where either is; -inf only where both are; NaN passes through.
+    a = log_beta + lpt
+    b = log_1m_beta + lps
+    hi = tl.maximum(a, b)
+    d = tl.minimum(a, b) - hi
+    d = tl.where(d == d, d, 0.0)
+    r = hi + tl.log(1.0 + tl.exp(d))
+    return tl.where((a != a) | (b != b), a + b, r)
+
+@triton.jit
+def _share(pt, lpt, ps, lps, beta, log_beta, log_1m_beta, DIV: tl.constexpr):
+    # kd_loss.h's two_pass_share for reverse KL (DIV 2) and JS (DIV 3): (ps u, pt h, u, h), the
+    # products 0 where their probability is (never 0 * -inf).
+    has_s = ps != 0
+    has_t = pt != 0
+    if DIV == 2:
+        u = lps - lpt
+        h = u * 0.0
+    else:
+        lm = _log_mixture(lpt, lps, log_beta, log_1m_beta)
+        u = (1.0 - beta) * (lps - lm)
+        h = beta * (lpt - lm)
+    su = tl.where(has_s, ps * tl.where(has_s, u, 0.0), 0.0)
+    tu = tl.where(has_t, pt * tl.where(has_t, h, 0.0), 0.0)
+    return su, tu, u, h
+
+@triton.jit
+def _channel_student_two_pass(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, valid, mt, lzt, C, stride_c, inv_t,
+                              gscale, lscale, beta, log_beta, log_1m_beta, loss_ptr, loss_off, DIV: tl.constexpr,
+                              TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    # Reverse KL and JS: a pass for each position's totals, then the gradients ps (u - U) and
+    # the teacher's (pt - ps, or pt (h - U_t)); the C++ kernels' two_pass_tile.
+    ms = tl.full([BLOCK], float("-inf"), tl.float32)
+    zs = tl.zeros([BLOCK], tl.float32)
+    for c in range(0, C):
+        x = tl.load(s_ptr + base + (base * 0 + c) * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+        ms, zs = _online_update(ms, zs, x, inv_t)
+    lzs = tl.log(zs)
+    us = tl.zeros([BLOCK], tl.float32)
+    ut = tl.zeros([BLOCK], tl.float32)
+    for c in range(0, C):
+        c_off = (base * 0 + c) * stride_c
+        x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
+        lps = _shifted(x, ms, inv_t) - lzs
+        lpt = _shifted(y, mt, inv_t) - lzt
+        su, tu, u, h = _share(tl.exp(lpt), lpt, tl.exp(lps), lps, beta, log_beta, log_1m_beta, DIV)
+        us += su
+        ut += tu
+    for c in range(0, C):
+        c_off = (base * 0 + c) * stride_c
+        x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
+        lps = _shifted(x, ms, inv_t) - lzs
+        lpt = _shifted(y, mt, inv_t) - lzt
+        pt = tl.exp(lpt)
+        ps = tl.exp(lps)
+        su, tu, u, h = _share(pt, lpt, ps, lps, beta, log_beta, log_1m_beta, DIV)
+        gv = tl.where(ps != 0, gscale * ps * (u - us), 0.0)
+        tl.store(g_ptr + base + c_off + offs, tl.where(valid, gv, 0.0).to(g_ptr.dtype.element_ty), mask=mask)
+        if TEACHER_GRAD:
+            if DIV == 2:
+                tv = gscale * (pt - ps)
+            else:
+                tv = tl.where(pt != 0, gscale * pt * (h - ut), 0.0)
+            tl.store(tg_ptr + base + c_off + offs, tl.where(valid, tv, 0.0).to(tg_ptr.dtype.element_ty), mask=mask)
+    acc = tl.where(valid, us + ut, 0.0)
+    tl.store(loss_ptr + loss_off + tl.arange(0, BLOCK), acc * lscale, mask=mask)
+
+@triton.jit
+def _student(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale, lscale,
+             hard_coef, w_ptr, loss_ptr, loss_off, beta, log_beta, log_1m_beta, DIV: tl.constexpr,
+             HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    if DIV >= 2:
+        _channel_student_two_pass(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, valid, mt, lzt, C, stride_c, inv_t,
+                                  gscale, lscale, beta, log_beta, log_1m_beta, loss_ptr, loss_off, DIV, TEACHER_GRAD,
+                                  BLOCK)
+    else:
+        _channel_student(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t,
+                         gscale, lscale, hard_coef, w_ptr, loss_ptr, loss_off, DIV == 0, HARD, HAS_WEIGHT,
+                         TEACHER_GRAD, BLOCK)
 
 @triton.jit
 def _channel_student(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
@@ -137,8 +224,8 @@ def _channel_student(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, valid, lab, 
 @triton.jit
 def _kd_channel_kernel(
     t_ptr, s0, s1, s2, s3, g0, g1, g2, g3, tg0, tg1, tg2, tg3, loss_ptr, lab_ptr, w_ptr, coef_ptr,
-    C, P, stride_n, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
-    K: tl.constexpr, KL: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
+    C, P, stride_n, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale, beta, log_beta, log_1m_beta,
+    K: tl.constexpr, DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One flat grid axis: a second axis would cap the batch at 65535 (CUDA's grid y limit).
@@ -184,20 +271,21 @@ def _kd_channel_kernel(
         loss_off = n * P + pid_p * BLOCK
     # As int64 (pid * 0 + ...): 3 * loss_stride_k (= 3 * N * P) may pass 2**31.
     koff = pid * 0 + loss_stride_k
-    _channel_student(s0, g0, tg0, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                     lscale, hard_coef, w_ptr, loss_ptr, loss_off, KL, HARD, HAS_WEIGHT, TEACHER_GRAD, BLOCK)
+    _student(s0, g0, tg0, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale, lscale,
+             hard_coef, w_ptr, loss_ptr, loss_off, beta, log_beta, log_1m_beta, DIV, HARD, HAS_WEIGHT, TEACHER_GRAD,
+             BLOCK)
     if K > 1:
-        _channel_student(s1, g1, tg1, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                         lscale, hard_coef, w_ptr, loss_ptr, loss_off + koff, KL, HARD, HAS_WEIGHT, TEACHER_GRAD,
-                         BLOCK)
+        _student(s1, g1, tg1, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale, lscale,
+                 hard_coef, w_ptr, loss_ptr, loss_off + koff, beta, log_beta, log_1m_beta, DIV, HARD, HAS_WEIGHT,
+                 TEACHER_GRAD, BLOCK)
     if K > 2:
-        _channel_student(s2, g2, tg2, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                         lscale, hard_coef, w_ptr, loss_ptr, loss_off + 2 * koff, KL, HARD,
-                         HAS_WEIGHT, TEACHER_GRAD, BLOCK)
+        _student(s2, g2, tg2, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale, lscale,
+                 hard_coef, w_ptr, loss_ptr, loss_off + 2 * koff, beta, log_beta, log_1m_beta, DIV, HARD,
+                 HAS_WEIGHT, TEACHER_GRAD, BLOCK)
     if K > 3:
-        _channel_student(s3, g3, tg3, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale,
-                         lscale, hard_coef, w_ptr, loss_ptr, loss_off + 3 * koff, KL, HARD,
-                         HAS_WEIGHT, TEACHER_GRAD, BLOCK)
+        _student(s3, g3, tg3, t_ptr, base, offs, mask, valid, lab, mt, lzt, C, stride_c, inv_t, gscale, lscale,
+                 hard_coef, w_ptr, loss_ptr, loss_off + 3 * koff, beta, log_beta, log_1m_beta, DIV, HARD,
+                 HAS_WEIGHT, TEACHER_GRAD, BLOCK)
 
 @triton.jit
 def _segment_stats(x_ptr, row, start, end, inv_t, BLOCK: tl.constexpr):
@@ -320,11 +408,83 @@ def _kd_spatial_teacher_kernel(
         tgv = gscale * _teacher_grad(tl.exp(lpt), lpt, lps, total, KL)
         tl.store(tg_ptr + row + idx, tgv.to(tg_ptr.dtype.element_ty), mask=m)
 
+@triton.jit
+def _kd_spatial_sums_kernel(
+    t_ptr, s_ptr, fin_ptr, part_ptr, L, SEG, S, stats, K1, inv_t, beta, log_beta, log_1m_beta,
+    DIV: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Reverse KL and JS on axis="spatial", pass 2: one segment's sums of ps u and pt h (the
+    # row's totals, merged afterwards); stats: the student's slot in fin.
+    r = tl.program_id(0).to(tl.int64)
+    sg = tl.program_id(1).to(tl.int64)
+    row = r * L
+    start = sg * SEG
+    end = tl.minimum(start + SEG, L)
+    fin = fin_ptr + r * (2 * K1)
+    mt = tl.load(fin)
+    lzt = tl.load(fin + 1)
+    ms = tl.load(fin + stats)
+    lzs = tl.load(fin + stats + 1)
+    us = tl.zeros([BLOCK], tl.float32)
+    ut = tl.zeros([BLOCK], tl.float32)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < end
+        x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+        lps = _shifted(x, ms, inv_t) - lzs
+        lpt = _shifted(y, mt, inv_t) - lzt
+        su, tu, u, h = _share(tl.exp(lpt), lpt, tl.exp(lps), lps, beta, log_beta, log_1m_beta, DIV)
+        us += tl.where(m, su, 0.0)
+        ut += tl.where(m, tu, 0.0)
+    tl.store(part_ptr + (r * S + sg) * 2, tl.sum(us, axis=0))
+    tl.store(part_ptr + (r * S + sg) * 2 + 1, tl.sum(ut, axis=0))
+
+@triton.jit
+def _kd_spatial_grads_kernel(
+    t_ptr, s_ptr, g_ptr, tg_ptr, fin_ptr, total_ptr, L, SEG, stats, K1, inv_t, gscale, beta, log_beta, log_1m_beta,
+    DIV: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Reverse KL and JS on axis="spatial", pass 3: with the rows' totals known, one segment's
+    # student gradient ps (u - U) and, when asked, the teacher's.
+    r = tl.program_id(0).to(tl.int64)
+    sg = tl.program_id(1).to(tl.int64)
+    row = r * L
+    start = sg * SEG
+    end = tl.minimum(start + SEG, L)
+    fin = fin_ptr + r * (2 * K1)
+    mt = tl.load(fin)
+    lzt = tl.load(fin + 1)
+    ms = tl.load(fin + stats)
+    lzs = tl.load(fin + stats + 1)
+    us = tl.load(total_ptr + r * 2)
+    ut = tl.load(total_ptr + r * 2 + 1)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < end
+        x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+        lps = _shifted(x, ms, inv_t) - lzs
+        lpt = _shifted(y, mt, inv_t) - lzt
+        pt = tl.exp(lpt)
+        ps = tl.exp(lps)
+        su, tu, u, h = _share(pt, lpt, ps, lps, beta, log_beta, log_1m_beta, DIV)
+        gv = tl.where(ps != 0, gscale * ps * (u - us), 0.0)
+        tl.store(g_ptr + row + idx, gv.to(g_ptr.dtype.element_ty), mask=m)
+        if TEACHER_GRAD:
+            if DIV == 2:
+                tv = gscale * (pt - ps)
+            else:
+                tv = tl.where(pt != 0, gscale * pt * (h - ut), 0.0)
+            tl.store(tg_ptr + row + idx, tv.to(tg_ptr.dtype.element_ty), mask=m)
+
 _SPATIAL_PROGRAMS = 1024  # rows are split into segments until about this many programs run
 
-def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_by_t2, ignore_index,
-                    teacher_grad=False):
+def _kd_loss_triton(students, teacher, labels, temperature, spatial, divergence, scale_by_t2, ignore_index,
+                    teacher_grad=False, beta=0.5):
     K = len(students)
+    kl = divergence == 0
+    mix = (beta, math.log(beta), math.log1p(-beta))
     cl, tensors = _layout(list(students) + [teacher], spatial)
     students, teacher = tensors[:-1], tensors[-1]
     N, C = teacher.shape[0], teacher.shape[1]
@@ -370,6 +530,21 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
             top_safe = torch.where(top == float("-inf"), torch.zeros_like(top), top)
             lz = torch.log((z * torch.exp(((m * 0.5 - top_safe.unsqueeze(1) * 0.5) * inv_t) * 2.0)).sum(1))
             fin = torch.stack([top, lz], dim=-1).contiguous()
+            if divergence >= 2:  # reverse KL, JS: totals first, then the gradients
+                for j, k in enumerate(group):
+                    part = torch.empty(rows * segments * 2, dtype=torch.float32, device=teacher.device)
+                    _kd_spatial_sums_kernel[(rows, segments)](
+                        teacher, students[k], fin, part, P, seg, segments, 2 * (j + 1), kg + 1, inv_t, *mix,
+                        DIV=divergence, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+                    )
+                    totals = part.view(rows, segments, 2).sum(1).contiguous()
+                    _kd_spatial_grads_kernel[(rows, segments)](
+                        teacher, students[k], grads[k], tgrads[k] if teacher_grad else grads[k], fin, totals, P, seg,
+                        2 * (j + 1), kg + 1, inv_t, gscale, *mix, DIV=divergence, TEACHER_GRAD=teacher_grad,
+                        BLOCK=block, num_warps=4, enable_fp_fusion=False,
+                    )
+                    loss[k].copy_(totals.sum(-1).mul(scale).view(N, C))
+                continue
             part = torch.empty(kg * rows * segments, dtype=torch.float32, device=teacher.device)
             _kd_spatial_apply_kernel[(rows, segments)](
                 teacher, *sp, *gp, fin, part, P, seg, segments, rows, inv_t, gscale,
@@ -388,8 +563,8 @@ def _kd_loss_triton(students, teacher, labels, temperature, spatial, kl, scale_b
             stride_c = 1 if cl else P
             _kd_channel_kernel[(triton.cdiv(P, block) * N,)](
                 teacher, *sp, *gp, *tgp, lk, lab, teacher, teacher,
-                C, P, C * P, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale,
-                K=len(group), KL=kl, HAS_LABELS=labels is not None, HARD=False, HAS_WEIGHT=False,
+                C, P, C * P, stride_c, stride_p, loss_stride_k, ignore_index, inv_t, scale, gscale, *mix,
+                K=len(group), DIV=divergence, HAS_LABELS=labels is not None, HARD=False, HAS_WEIGHT=False,
                 TEACHER_GRAD=teacher_grad, BLOCK=block, enable_fp_fusion=False,
             )
     return loss, grads, tgrads
@@ -437,7 +612,8 @@ def _seg_kd_loss_triton(student, teacher, labels, class_weight, temperature, har
         teacher, student, student, student, student, grad, grad, grad, grad, *([tgrad] * 4 if teacher_grad else [grad] * 4),
         partials, labels, weight, coef,
         C, P, C * P, 1 if cl else P, C if cl else 1, 0, ignore_index, 1.0 / temperature,
-        temperature * temperature, temperature, K=1, KL=True, HAS_LABELS=True, HARD=True,
+        temperature * temperature, temperature, 0.5, math.log(0.5), math.log(0.5), K=1, DIV=0, HAS_LABELS=True,
+        HARD=True,
         HAS_WEIGHT=class_weight is not None, TEACHER_GRAD=teacher_grad, BLOCK=block, enable_fp_fusion=False,
     )
     return partials.sum().to(acc), grad, tgrad
