@@ -24,7 +24,8 @@ from .._checks import (
     labels_out_of_range,
 )
 from ..ops.cross_entropy import cross_entropy, mean_or_zero
-from ..ops.kd_loss import kd_loss
+from ..ops.kd_loss import DIVERGENCES, kd_loss
+from ..ops.kd_loss import _check_beta as check_beta
 from ..ops.kd_loss.reference import cross_entropy_or_zero
 from ..ops.upsample_argmax import upsample_argmax
 
@@ -63,21 +64,23 @@ class KDLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, *, ignore_index: int = 255, divergence: str = "kl",
-                 reduction: str = "mean", scale_by_t2: bool = True) -> None:
+                 reduction: str = "mean", scale_by_t2: bool = True, beta: float = 0.5) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.ignore_index = ignore_index
-        self.divergence = divergence
+        self.divergence = check_choice(divergence, "divergence", DIVERGENCES)
         self.reduction = reduction
         self.scale_by_t2 = scale_by_t2
+        self.beta = check_beta(beta)
 
     def forward(self, student, teacher: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         return kd_loss(student, teacher, temperature=self.temperature, axis="channel", labels=labels,
                        ignore_index=self.ignore_index, divergence=self.divergence, reduction=self.reduction,
-                       scale_by_t2=self.scale_by_t2)
+                       scale_by_t2=self.scale_by_t2, beta=self.beta)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, divergence={self.divergence!r}, reduction={self.reduction!r}"
+        beta = f", beta={self.beta}" if self.divergence == "js" else ""
+        return f"temperature={self.temperature}, divergence={self.divergence!r}{beta}, reduction={self.reduction!r}"
 
 
 class ChannelWiseKDLoss(nn.Module):
@@ -85,19 +88,21 @@ class ChannelWiseKDLoss(nn.Module):
     positions; mean over the N * C rows, times T^2. forward(student, teacher)."""
 
     def __init__(self, temperature: float = 4.0, *, divergence: str = "kl", reduction: str = "mean",
-                 scale_by_t2: bool = True) -> None:
+                 scale_by_t2: bool = True, beta: float = 0.5) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.divergence = divergence
+        self.divergence = check_choice(divergence, "divergence", DIVERGENCES)
         self.reduction = reduction
         self.scale_by_t2 = scale_by_t2
+        self.beta = check_beta(beta)
 
     def forward(self, student, teacher: torch.Tensor) -> torch.Tensor:
         return kd_loss(student, teacher, temperature=self.temperature, axis="spatial", divergence=self.divergence,
-                       reduction=self.reduction, scale_by_t2=self.scale_by_t2)
+                       reduction=self.reduction, scale_by_t2=self.scale_by_t2, beta=self.beta)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, divergence={self.divergence!r}, reduction={self.reduction!r}"
+        beta = f", beta={self.beta}" if self.divergence == "js" else ""
+        return f"temperature={self.temperature}, divergence={self.divergence!r}{beta}, reduction={self.reduction!r}"
 
 
 def presence_targets(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:

@@ -170,3 +170,42 @@ def test_triton_kernels(div, spatial):
         torch.testing.assert_close(maps[k].double(), ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(grads[k].double(), gs, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(tgrads[k].double(), gt, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["ce", "reverse_kl", "js"])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 6), (7, 5)], ids=str)
+def test_seg_kd_loss_soft_part_divergences(divergence, shape):
+    from segkernels.ops.kd_loss import reference_seg_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(shape, generator=g, dtype=D, requires_grad=True)
+    t = torch.randn(shape, generator=g, dtype=D, requires_grad=True)
+    labels = torch.randint(0, 5, (shape[0], *shape[2:]), generator=g)
+    labels.view(-1)[:3] = 255
+    w = torch.rand(5, generator=g, dtype=D) + 0.5
+    kw = dict(temperature=2.0, class_weight=w, divergence=divergence, beta=0.3, hard_weight=0.8, soft_weight=0.7)
+    ours, ref = segkernels.seg_kd_loss(s, t, labels, **kw), reference_seg_kd_loss(s, t, labels, **kw)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, (s, t)), torch.autograd.grad(ref, (s, t))):
+        torch.testing.assert_close(a, b)
+    labels[:] = 255  # no labelled position: both parts 0
+    assert segkernels.seg_kd_loss(s, t, labels, **kw).item() == 0.0
+    labels[0] = 9
+    with pytest.raises(IndexError, match="labels"):
+        segkernels.seg_kd_loss(s, t, labels, **kw)
+
+
+def test_modules_take_divergence_and_beta():
+    students, teacher = _inputs((2, 5, 4, 6), torch.float32, "cpu")
+    s = students[0]
+    m = segkernels.nn.KDLoss(2.0, divergence="js", beta=0.3)
+    torch.testing.assert_close(m(s, teacher), segkernels.kd_loss(s, teacher, temperature=2.0, divergence="js",
+                                                                  beta=0.3))
+    assert "beta=0.3" in repr(m)
+    c = segkernels.nn.ChannelWiseKDLoss(4.0, divergence="reverse_kl")
+    torch.testing.assert_close(c(s, teacher), segkernels.kd_loss(s, teacher, temperature=4.0, axis="spatial",
+                                                                  divergence="reverse_kl"))
+    with pytest.raises(ValueError, match="beta"):
+        segkernels.nn.KDLoss(divergence="js", beta=1.5)
+    with pytest.raises(ValueError, match="divergence"):
+        segkernels.nn.ChannelWiseKDLoss(divergence="jsd")

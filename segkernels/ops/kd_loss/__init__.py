@@ -34,8 +34,9 @@ from ..._checks import (
     check_labels,
     check_real,
     check_temperature,
+    labels_out_of_range,
 )
-from .reference import reference_kd_loss, reference_seg_kd_loss
+from .reference import cross_entropy_or_zero, reference_kd_loss, reference_seg_kd_loss
 from .registration import _acc_dtype
 
 if _library.kernels_available():
@@ -254,6 +255,8 @@ def seg_kd_loss(
     class_weight: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
     align_corners: bool = False,
+    divergence: str = "kl",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Hinton's total in one pass: hard_weight * F.cross_entropy(student, labels,
     weight=class_weight, ignore_index=ignore_index) + soft_weight * kd_loss(student, teacher,
@@ -274,6 +277,11 @@ def seg_kd_loss(
     full-resolution pixels, 0 when there is none), never forming them, and the soft term is
     the distillation at the logits' resolution over every position (the labels do not name
     those positions). Two passes then, not one.
+
+    divergence and beta choose the soft part's divergence as in kd_loss ("kl" by default;
+    "ce", "reverse_kl", "js"). Other than "kl", the hard and soft parts run as two fused ops
+    (segkernels.cross_entropy's kernel for (N, C, H, W) logits, then kd_loss), with the same
+    means and the same 0 for a part with no labelled position.
     """
     _check_logits(teacher, "teacher")
     _check_like_teacher(student, "student", teacher)
@@ -283,6 +291,8 @@ def seg_kd_loss(
     _check_temperature_range(temperature, dtype, True)
     ignore_index = check_ignore_index(ignore_index)
     align_corners = check_bool(align_corners, "align_corners")
+    check_choice(divergence, "divergence", DIVERGENCES)
+    beta = _check_beta(beta)
     upsampled = _labels_larger(labels, teacher)
     if not upsampled:
         labels = _check_labels(labels, teacher)
@@ -302,7 +312,10 @@ def seg_kd_loss(
             )
     if upsampled:
         return _seg_kd_loss_upsampled(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight,
-                                      ignore_index, align_corners).to(out_dtype)
+                                      ignore_index, align_corners, divergence, beta).to(out_dtype)
+    if divergence != "kl":
+        return _seg_kd_loss_two_ops(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight,
+                                    ignore_index, divergence, beta).to(out_dtype)
     try:
         if not _use_kernels("seg_kd_loss", teacher):
             return reference_seg_kd_loss(student, teacher, labels, temperature=temperature, hard_weight=hard_weight,
@@ -327,9 +340,28 @@ def _labels_larger(labels, teacher: torch.Tensor) -> bool:
 
 
 def _seg_kd_loss_upsampled(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight,
-                           ignore_index, align_corners):
+                           ignore_index, align_corners, divergence="kl", beta=0.5):
     from ..cross_entropy import mean_or_zero
 
     hard = mean_or_zero(student, labels, class_weight, ignore_index, align_corners, name="labels")
-    soft = kd_loss(student, teacher, temperature=temperature)
+    soft = kd_loss(student, teacher, temperature=temperature, divergence=divergence, beta=beta)
+    return hard_weight * hard + soft_weight * soft.to(hard.dtype)
+
+
+def _seg_kd_loss_two_ops(student, teacher, labels, class_weight, temperature, hard_weight, soft_weight, ignore_index,
+                         divergence, beta):
+    """seg_kd_loss with a divergence other than "kl": the hard part, then kd_loss."""
+    from ..cross_entropy import mean_or_zero
+
+    if student.dim() == 4:
+        hard = mean_or_zero(student, labels, class_weight, ignore_index, False, name="labels")
+    else:
+        bad = ((labels < 0) | (labels >= student.shape[1])) & (labels != ignore_index)
+        if student.device.type == "cpu" and bool(bad.any()):
+            raise labels_out_of_range(student.shape[1], ignore_index)
+        weight = class_weight.to(student.dtype) if class_weight is not None else None
+        hard = cross_entropy_or_zero(student, labels.masked_fill(bad, ignore_index), ignore_index, weight)
+        hard = torch.where(bad.any(), float("nan"), hard)
+    soft = kd_loss(student, teacher, temperature=temperature, labels=labels, ignore_index=ignore_index,
+                   divergence=divergence, beta=beta)
     return hard_weight * hard + soft_weight * soft.to(hard.dtype)

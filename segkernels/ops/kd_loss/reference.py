@@ -105,6 +105,8 @@ def reference_seg_kd_loss(
     class_weight: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
     align_corners: bool = False,
+    divergence: str = "kl",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """hard_weight * F.cross_entropy + soft_weight * reference_kd_loss (eager PyTorch), with the
     contract's one departure from F.cross_entropy: a hard term of 0, not NaN, when no position
@@ -116,9 +118,10 @@ def reference_seg_kd_loss(
     if student.dim() == 4 and tuple(labels.shape[1:]) != tuple(student.shape[2:]):
         up = F.interpolate(student, size=tuple(labels.shape[1:]), mode="bilinear", align_corners=align_corners)
         hard = cross_entropy_or_zero(up, labels, ignore_index, weight)
-        soft = reference_kd_loss(student, teacher, temperature=temperature)
+        soft = reference_kd_loss(student, teacher, temperature=temperature, divergence=divergence, beta=beta)
         return hard_weight * hard + soft_weight * soft
     hard = cross_entropy_or_zero(student, labels, ignore_index, weight)
-    soft = reference_kd_loss(student, teacher, temperature=temperature, labels=labels, ignore_index=ignore_index)
+    soft = reference_kd_loss(student, teacher, temperature=temperature, labels=labels, ignore_index=ignore_index,
+                             divergence=divergence, beta=beta)
     return hard_weight * hard + soft_weight * soft
 
