@@ -116,3 +116,29 @@ def test_seg_kd_loss_fwd_bwd(benchmark, impl, dtype):
     run_benchmark(benchmark, step, op="seg_kd_loss fwd+bwd", impl=impl, case=case_name, bytes_moved=moved,
                   device=DEVICE, rounds=3,
                   formulation="F.cross_entropy(ignore_index=255) + the mmrazor/CIRKD KD" if impl == "torch" else None)
+
+
+# Issue 20's divergences, pixel-wise on Cityscapes (8, 19, 512, 1024) float32, T = 4: "js" against
+# its eager formula (segkernels' reference: log_softmax, logaddexp for log M, the two KL terms),
+# and "reverse_kl" beside "kl" (the target: within 20% of its speed).
+@pytest.mark.parametrize("impl", ["reference", "segkernels"])
+@pytest.mark.parametrize("divergence", ["js", "reverse_kl", "kl"])
+def test_kd_loss_divergences_fwd_bwd(benchmark, impl, divergence):
+    if impl == "reference" and divergence == "kl":
+        pytest.skip("kl's baseline is mmrazor's formula (test_kd_loss_fwd_bwd)")
+    shape, students, teacher, labels = _make((8, 19, 512, 1024), torch.float32, 1, True)
+    s = students[0]
+    kw = dict(temperature=T, labels=labels, divergence=divergence)
+    fn = reference_kd_loss if impl == "reference" else segkernels.kd_loss
+
+    def step():
+        return torch.autograd.grad(fn(s, teacher, **kw), [s])
+
+    moved = 3 * teacher.numel() * teacher.element_size() + labels.numel() * 8
+    formulation = None
+    if impl == "reference":
+        formulation = ("the eager formula: log_softmax of both, reverse KL as sum p_s (log p_s - log p_t), JS with "
+                       "log M = logaddexp(log beta + log p_t, log(1 - beta) + log p_s)")
+    run_benchmark(benchmark, step, op=f"kd_loss {divergence} fwd+bwd", impl=impl,
+                  case=f"pixel KD Cityscapes {tuple(shape)} float32", bytes_moved=moved, device=DEVICE, rounds=3,
+                  formulation=formulation)
