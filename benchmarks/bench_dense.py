@@ -4,20 +4,12 @@ the official block (nn.MaxPool2d(5, 1, 2) and 1 x 1 convolutions), forward + bac
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import segkernels
 from common import bench_device, run_benchmark, scaled_batch
+from peers import PlainCRP, offsets_by_definition
 
 DEVICE = bench_device()
-
-
-def offsets_by_definition(x, k):
-    H, W = x.shape[2:]
-    ho, wo = (H - k + 1) // k, (W - k + 1) // k
-    return torch.stack([F.max_pool2d(x[..., dy:dy + ho * k, dx:dx + wo * k], k, k)
-                        for dy in range(k) for dx in range(k)], 1)
 
 
 @pytest.mark.parametrize("impl", ["torch", "segkernels"])
@@ -30,22 +22,6 @@ def test_offset_max_pool2d(benchmark, impl):
     run_benchmark(benchmark, fn, op="offset_max_pool2d", impl=impl, case=f"k=3 {tuple(shape)} float32",
                   bytes_moved=moved, device=DEVICE,
                   formulation="9 F.max_pool2d(3, 3) calls on the offset slices, stacked" if impl == "torch" else None)
-
-
-class PlainCRP(nn.Module):
-    """Light-weight RefineNet's CRPBlock as the official code writes it."""
-
-    def __init__(self, convs):
-        super().__init__()
-        self.convs = convs
-        self.pool = nn.MaxPool2d(5, 1, 2)
-
-    def forward(self, x):
-        top = x
-        for conv in self.convs:
-            top = conv(self.pool(top))
-            x = top + x
-        return x
 
 
 @pytest.mark.parametrize("impl", ["torch", "segkernels"])

@@ -13,6 +13,9 @@ benchmarks, and the official pruning pipeline the pruning tests compare with.
   sklearn's defaults (tol=1e-4, max_iter=1000, fit_intercept=True) refitted along the search:
   alpha doubled from 1e-3 until fewer than c' channels survive, then bisected until
   c' <= nnz <= 1.1 c'; then LinearRegression on every row's patches of the kept channels.
+- Chained residual pooling: light-weight RefineNet's CRPBlock (nn.MaxPool2d(5, 1, 2) and 1 x 1
+  convolutions without bias), as the official code writes it.
+- Offset max-pooling: OverFeat's definition, one F.max_pool2d(k, k) per offset slice.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def mmrazor_kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -101,3 +105,27 @@ def official_channel_pruning(patches: torch.Tensor, targets: torch.Tensor, weigh
     cols = (keep[:, None] * K + np.arange(K)).reshape(-1)
     fit = LinearRegression().fit(patches[:, cols].double().numpy(), targets.double().numpy())
     return torch.from_numpy(keep), fit.coef_, fit.intercept_
+
+
+class PlainCRP(nn.Module):
+    """Light-weight RefineNet's CRPBlock over the given 1 x 1 convolutions (official code)."""
+
+    def __init__(self, convs, kernel_size: int = 5):
+        super().__init__()
+        self.convs = convs
+        self.pool = nn.MaxPool2d(kernel_size, 1, kernel_size // 2)
+
+    def forward(self, x):
+        top = x
+        for conv in self.convs:
+            top = conv(self.pool(top))
+            x = top + x
+        return x
+
+
+def offsets_by_definition(x: torch.Tensor, k: int) -> torch.Tensor:
+    """OverFeat's offset max-pooling: (N, k * k, C, ho, wo), one F.max_pool2d per offset."""
+    H, W = x.shape[2:]
+    ho, wo = (H - k + 1) // k, (W - k + 1) // k
+    return torch.stack([F.max_pool2d(x[..., dy:dy + ho * k, dx:dx + wo * k], k, k)
+                        for dy in range(k) for dx in range(k)], 1)

@@ -22,7 +22,6 @@ import argparse
 import copy
 import importlib.util
 import os
-import statistics
 from typing import Dict, List, Optional
 
 import torch
@@ -158,15 +157,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.seeds is None:
         args.seeds = 1 if args.tiny else 5
     runs = [run_seed(seed, args) for seed in range(args.seeds)]
-    names = list(runs[0])
     print(f"Domain transfer, {args.train} synthetic scenes of {args.size} x {args.size} per domain, "
           f"{args.classes} classes; target mIoU (%); commit {E2E.source_commit()}, {E2E.machine()}")
     print()
-    print("| model | " + " | ".join(f"seed {s}" for s in range(args.seeds)) + " | mean |")
-    print("|---|" + "---:|" * (args.seeds + 1))
-    for name in names:
-        values = [r[name] for r in runs]
-        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {statistics.mean(values):.1f} |")
+    E2E.print_seed_table(runs)
     return 0
 
 

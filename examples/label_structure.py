@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
 import time
 from typing import Dict, List, Optional
@@ -157,15 +156,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.seeds = 1 if args.tiny else 5
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = [run_seed(seed, args) for seed in range(args.seeds)]
-    names = list(runs[0])
     print(f"Label-structure regularisation, {args.train} synthetic scenes of {args.size} x {args.size}, "
           f"{args.classes} classes, {args.epochs} epochs; commit {E2E.source_commit()}, {E2E.machine()}")
     print()
-    print("| model | " + " | ".join(f"seed {s}" for s in range(args.seeds)) + " | mean |")
-    print("|---|" + "---:|" * (args.seeds + 1))
-    for name in names:
-        values = [r[name] for r in runs]
-        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {statistics.mean(values):.1f} |")
+    E2E.print_seed_table(runs)
     return 0
 
 

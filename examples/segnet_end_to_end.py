@@ -157,6 +157,18 @@ def evaluate(model, data, classes, batch_size) -> Dict[str, float]:
     }
 
 
+def print_seed_table(runs) -> None:
+    """The examples' per-seed table: one row a model, one column a seed, then their mean."""
+    import statistics
+
+    seeds = len(runs)
+    print("| model | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |")
+    print("|---|" + "---:|" * (seeds + 1))
+    for name in runs[0]:
+        values = [r[name] for r in runs]
+        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {statistics.mean(values):.1f} |")
+
+
 def source_commit() -> str:
     """The commit this run's code comes from (+dirty when the package or example differ from it)."""
     here = os.path.dirname(os.path.abspath(__file__))

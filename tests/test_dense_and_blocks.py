@@ -11,6 +11,7 @@ from torch import nn
 
 import segkernels
 from helpers import requires_kernels
+from peers import PlainCRP, offsets_by_definition
 from segkernels.nn.blocks import bilinear_kernel
 
 pytestmark = requires_kernels
@@ -84,22 +85,6 @@ def test_shift_and_stitch_errors():
 
 # ------------------------------------------------------------------------------------------
 # ChainedResidualPooling
-
-
-class PlainCRP(nn.Module):
-    """Light-weight RefineNet's CRPBlock as the official code writes it."""
-
-    def __init__(self, convs, k):
-        super().__init__()
-        self.convs = convs
-        self.pool = nn.MaxPool2d(k, 1, k // 2)
-
-    def forward(self, x):
-        top = x
-        for conv in self.convs:
-            top = conv(self.pool(top))
-            x = top + x
-        return x
 
 
 @pytest.mark.parametrize("dtype", [D, torch.float32])
@@ -187,13 +172,6 @@ def test_bilinear_kernel_is_fcns():
 # offset_max_pool2d
 
 
-def _offsets_by_definition(x, k):
-    H, W = x.shape[2:]
-    ho, wo = (H - k + 1) // k, (W - k + 1) // k
-    return torch.stack([F.max_pool2d(x[..., dy:dy + ho * k, dx:dx + wo * k], k, k)
-                        for dy in range(k) for dx in range(k)], 1)
-
-
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [D, torch.float32, torch.bfloat16])
 def test_offset_max_pool2d_is_k2_poolings(k, dtype):
@@ -201,7 +179,7 @@ def test_offset_max_pool2d_is_k2_poolings(k, dtype):
     x[x < 0.2] = 0  # ties
     x = x.to(dtype).requires_grad_()
     out = segkernels.offset_max_pool2d(x, k)
-    ref = _offsets_by_definition(x, k)
+    ref = offsets_by_definition(x, k)
     assert out.shape == (2, k * k, 3, (17 - k + 1) // k, (14 - k + 1) // k)
     assert torch.equal(out, ref)
     g = torch.randn(out.shape, dtype=D).to(dtype)

@@ -4,18 +4,7 @@
 // .cpp. Every inner loop runs over contiguous columns with selects instead of branches, so that
 // it vectorises, exp_nonpos included.
 
-// Loads in the accumulation type; bfloat16 converted here (a shift) so that it inlines into the
-// row loads for this file's target.
-template <typename T>
-inline at::opmath_type<T> load_acc(T v) {
-  return static_cast<at::opmath_type<T>>(v);
-}
-inline float load_acc(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+#include "cpu_convert.h"  // load_acc, compiled for this file's target
 
 // Low-resolution row y of image n, every class, upsampled along the columns to W (the first of
 // F.interpolate's two blends): out[c * W + X].

@@ -4,31 +4,7 @@
 // run time. Every inner loop runs over contiguous positions with restrict pointers and selects
 // instead of branches so that it vectorises, exp_nonpos included.
 
-// Loads and stores in the accumulation type. bfloat16 is converted here (a shift, and
-// round-to-nearest-even) so that the conversion is compiled for this file's target and inlined
-// into the vector loops.
-template <typename T>
-inline at::opmath_type<T> load_acc(T v) {
-  return static_cast<at::opmath_type<T>>(v);
-}
-inline float load_acc(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-template <typename T, typename A>
-inline T store_as(A v) {
-  return static_cast<T>(v);
-}
-template <>
-inline c10::BFloat16 store_as<c10::BFloat16, float>(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const uint16_t out = v != v ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
-  return c10::BFloat16(out, c10::BFloat16::from_bits());
-}
+#include "cpu_convert.h"  // load_acc, store_as, compiled for this file's target
 
 // The channel-axis kernel. CONTIG: NCHW (positions contiguous, stride 1) or channels-last
 // (stride C); DIV a Divergence (kd_loss.h); HARD adds seg_kd_loss's cross-entropy part (KL only).

@@ -381,22 +381,24 @@ def _kd_spatial_apply_kernel(
         tl.store(part_ptr + (3 * rows + r) * S + sg, v)
 
 @triton.jit
+def _segment_and_stats(fin_ptr, L, SEG, stats, K1):
+    # The (row, segment) of a program of the spatial passes, and the row's teacher and student
+    # (max, log-sum) from fin (stats: the student's slot; K1 slots a row).
+    r = tl.program_id(0).to(tl.int64)
+    sg = tl.program_id(1).to(tl.int64)
+    start = sg * SEG
+    fin = fin_ptr + r * (2 * K1)
+    return (r, sg, r * L, start, tl.minimum(start + SEG, L), tl.load(fin), tl.load(fin + 1), tl.load(fin + stats),
+            tl.load(fin + stats + 1))
+
+@triton.jit
 def _kd_spatial_teacher_kernel(
     t_ptr, s_ptr, tg_ptr, fin_ptr, total_ptr, L, SEG, stats, K1, inv_t, gscale,
     KL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Pass 3 of axis="spatial", only when the teacher needs its gradient: with the rows' totals
     # known, one segment of one student's teacher gradient. stats: the student's slot in fin.
-    r = tl.program_id(0).to(tl.int64)
-    sg = tl.program_id(1).to(tl.int64)
-    row = r * L
-    start = sg * SEG
-    end = tl.minimum(start + SEG, L)
-    fin = fin_ptr + r * (2 * K1)
-    mt = tl.load(fin)
-    lzt = tl.load(fin + 1)
-    ms = tl.load(fin + stats)
-    lzs = tl.load(fin + stats + 1)
+    r, sg, row, start, end, mt, lzt, ms, lzs = _segment_and_stats(fin_ptr, L, SEG, stats, K1)
     total = tl.load(total_ptr + r)
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
@@ -415,16 +417,7 @@ def _kd_spatial_sums_kernel(
 ):
     # Reverse KL and JS on axis="spatial", pass 2: one segment's sums of ps u and pt h (the
     # row's totals, merged afterwards); stats: the student's slot in fin.
-    r = tl.program_id(0).to(tl.int64)
-    sg = tl.program_id(1).to(tl.int64)
-    row = r * L
-    start = sg * SEG
-    end = tl.minimum(start + SEG, L)
-    fin = fin_ptr + r * (2 * K1)
-    mt = tl.load(fin)
-    lzt = tl.load(fin + 1)
-    ms = tl.load(fin + stats)
-    lzs = tl.load(fin + stats + 1)
+    r, sg, row, start, end, mt, lzt, ms, lzs = _segment_and_stats(fin_ptr, L, SEG, stats, K1)
     us = tl.zeros([BLOCK], tl.float32)
     ut = tl.zeros([BLOCK], tl.float32)
     for off in range(start, end, BLOCK):
@@ -447,16 +440,7 @@ def _kd_spatial_grads_kernel(
 ):
     # Reverse KL and JS on axis="spatial", pass 3: with the rows' totals known, one segment's
     # student gradient ps (u - U) and, when asked, the teacher's.
-    r = tl.program_id(0).to(tl.int64)
-    sg = tl.program_id(1).to(tl.int64)
-    row = r * L
-    start = sg * SEG
-    end = tl.minimum(start + SEG, L)
-    fin = fin_ptr + r * (2 * K1)
-    mt = tl.load(fin)
-    lzt = tl.load(fin + 1)
-    ms = tl.load(fin + stats)
-    lzs = tl.load(fin + stats + 1)
+    r, sg, row, start, end, mt, lzt, ms, lzs = _segment_and_stats(fin_ptr, L, SEG, stats, K1)
     us = tl.load(total_ptr + r * 2)
     ut = tl.load(total_ptr + r * 2 + 1)
     for off in range(start, end, BLOCK):
