@@ -1,8 +1,9 @@
-// CPU kernel of upsample_argmax (upsample_argmax.h): one task per run of output rows. Per row,
-// the vertical taps are fixed; the horizontal ones come from a per-column table built once.
-// For each class, the interpolated value of every column of the row is compared with the
-// running maximum (torch.argmax's rule): the upsampled logits never exist, only a row of
-// maxima and indices.
+// CPU kernel of upsample_argmax (upsample_argmax.h): one task per run of output rows.
+// F.interpolate blends along the columns, then along the rows; a task runs over its output
+// rows in order and blends each input row along the columns once (a two-row cache, as
+// cross_entropy's kernel does), so an output row is two contiguous blends per class instead of
+// four gathers per value. For each class the blended row is compared with the running maximum
+// (torch.argmax's rule): the upsampled logits never exist, only a row of maxima and indices.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,9 +11,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common_host.h"
+
+// Lets the selects in the inner loops become vector blends (they have no side effects).
+#pragma GCC optimize("no-trapping-math")
 #include "confusion_matrix/confusion_matrix.h"
 #include "upsample_argmax/upsample_argmax.h"
 
@@ -39,37 +45,36 @@ struct AxisTable {
   }
 };
 
-template <typename scalar_t>
-void argmax_rows(const scalar_t* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, int64_t C, int64_t Ho,
-                 int64_t Wo, const AxisTable<at::opmath_type<scalar_t>>& ty,
-                 const AxisTable<at::opmath_type<scalar_t>>& tx, int64_t* out, int64_t begin, int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> best(Wo);
-  std::vector<int64_t> col0(Wo), col1(Wo);
-  for (int64_t X = 0; X < Wo; ++X) {
-    col0[X] = tx.i0[X] * sW;
-    col1[X] = tx.i1[X] * sW;
-  }
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t n = r / Ho, Y = r - n * Ho;
-    const acc_t wy0 = ty.w0[Y], wy1 = ty.w1[Y];
-    int64_t* arg = out + r * Wo;
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* row0 = x + n * sN + c * sC + ty.i0[Y] * sH;
-      const scalar_t* row1 = x + n * sN + c * sC + ty.i1[Y] * sH;
-      for (int64_t X = 0; X < Wo; ++X) {
-        const acc_t v = bilinear<acc_t>(row0[col0[X]], row0[col1[X]], row1[col0[X]], row1[col1[X]], wy0, wy1,
-                                        tx.w0[X], tx.w1[X]);
-        if (c == 0) {
-          best[X] = v;
-          arg[X] = 0;
-        } else if (confusion_matrix::argmax_takes(v, best[X])) {
-          best[X] = v;
-          arg[X] = c;
-        }
-      }
-    }
-  }
+namespace generic {
+#include "upsample_argmax/upsample_argmax_cpu_kernels.h"
+}  // namespace generic
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SEGKERNELS_UA_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "upsample_argmax/upsample_argmax_cpu_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace avx512 {
+#include "upsample_argmax/upsample_argmax_cpu_kernels.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+// The widest build the CPU runs; float16 stays on the baseline (its conversions are out-of-line
+// c10 code, slow to call from AVX loops).
+template <typename scalar_t, typename... Args>
+void argmax_rows_dispatch(Args&&... args) {
+#ifdef SEGKERNELS_UA_X86
+  const CpuLevel level = std::is_same_v<scalar_t, c10::Half> ? CpuLevel::kBaseline : cpu_level();
+  if (level == CpuLevel::kAvx512) return avx512::argmax_rows<scalar_t>(std::forward<Args>(args)...);
+  if (level == CpuLevel::kAvx2) return avx2::argmax_rows<scalar_t>(std::forward<Args>(args)...);
+#endif
+  generic::argmax_rows<scalar_t>(std::forward<Args>(args)...);
 }
 
 Tensor upsample_argmax_cpu(const Tensor& logits, at::IntArrayRef size, bool align_corners) {
@@ -92,8 +97,8 @@ Tensor upsample_argmax_cpu(const Tensor& logits, at::IntArrayRef size, bool alig
     int64_t* dst = out.mutable_data_ptr<int64_t>();
     const int64_t work = std::max<int64_t>(1, C * Wo);
     at::parallel_for(0, N * Ho, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
-      argmax_rows<scalar_t>(x, logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), C, Ho, Wo,
-                            ty, tx, dst, begin, end);
+      argmax_rows_dispatch<scalar_t>(x, logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), C, h, w, Ho,
+                            Wo, ty, tx, dst, begin, end);
     });
   });
   return out;
