@@ -46,7 +46,7 @@ def _compare(student_list, teacher, dtype, multi=False, teacher_grad=True, **kw)
     s64 = [s.detach().to(dtype).double().requires_grad_() for s in student_list]  # the same rounded inputs
     t64 = teacher.detach().to(dtype).double().requires_grad_(teacher_grad)
     ref = reference_kd_loss(s64 if multi else s64[0], t64, **kw)
-    g = torch.randn(ref.shape, dtype=D) if ref.dim() else torch.ones((), dtype=D)
+    g = torch.randn(ref.shape, dtype=D).to(ref.device) if ref.dim() else torch.ones((), dtype=D, device=ref.device)
     ref_grads = torch.autograd.grad(ref, s64 + ([t64] if teacher_grad else []), g)
     ss = [s.detach().to(dtype).requires_grad_() for s in student_list]
     tt = teacher.detach().to(dtype).requires_grad_(teacher_grad)
@@ -54,10 +54,10 @@ def _compare(student_list, teacher, dtype, multi=False, teacher_grad=True, **kw)
     grads = torch.autograd.grad(out, ss + ([tt] if teacher_grad else []), g.to(out.dtype))
     rtol, atol = TOL[dtype]
     assert out.dtype == dtype and torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * 10)
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=rtol, atol=atol * 10)
     for a, b in zip(grads, ref_grads):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol)
+        torch.testing.assert_close(a.double().cpu(), b.cpu(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
