@@ -35,6 +35,14 @@ def _shifted(x, m, inv_t):
     return ((x * 0.5 - m * 0.5) * inv_t) * 2.0
 
 @triton.jit
+def _log_probs(s_ptr, t_ptr, off, mask, ms, lzs, mt, lzt, inv_t):
+    # The student's logits at off, and both tempered log-probabilities there, from each
+    # softmax's (max, log-sum).
+    x = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    return x, _shifted(x, ms, inv_t) - lzs, _shifted(y, mt, inv_t) - lzt
+
+@triton.jit
 def _online_sum(z, m, m_new, x, inv_t):
     # The sum z of exp((x - m) / T) rescaled from the running max m of the raw logits to
     # m_new = max(m, x), plus x's own term; -inf safe (an all -inf prefix keeps z = 0).
@@ -118,19 +126,13 @@ def _channel_student_two_pass(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, val
     ut = tl.zeros([BLOCK], tl.float32)
     for c in range(0, C):
         c_off = (base * 0 + c) * stride_c
-        x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
-        lps = _shifted(x, ms, inv_t) - lzs
-        lpt = _shifted(y, mt, inv_t) - lzt
+        x, lps, lpt = _log_probs(s_ptr, t_ptr, base + c_off + offs, mask, ms, lzs, mt, lzt, inv_t)
         su, tu, u, h = _share(tl.exp(lpt), lpt, tl.exp(lps), lps, beta, log_beta, log_1m_beta, DIV)
         us += su
         ut += tu
     for c in range(0, C):
         c_off = (base * 0 + c) * stride_c
-        x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
-        lps = _shifted(x, ms, inv_t) - lzs
-        lpt = _shifted(y, mt, inv_t) - lzt
+        x, lps, lpt = _log_probs(s_ptr, t_ptr, base + c_off + offs, mask, ms, lzs, mt, lzt, inv_t)
         pt = tl.exp(lpt)
         ps = tl.exp(lps)
         su, tu, u, h = _share(pt, lpt, ps, lps, beta, log_beta, log_1m_beta, DIV)
@@ -189,10 +191,7 @@ def _channel_student(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, valid, lab, 
         wy = wy * hard_coef
     for c in range(0, C):
         c_off = (base * 0 + c) * stride_c  # int64, as in the teacher's loop
-        x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
-        lps = _shifted(x, ms, inv_t) - lzs
-        lpt = _shifted(y, mt, inv_t) - lzt
+        x, lps, lpt = _log_probs(s_ptr, t_ptr, base + c_off + offs, mask, ms, lzs, mt, lzt, inv_t)
         pt = tl.exp(lpt)
         ps = tl.exp(lps)
         acc += _term(pt, lpt, lps, KL)
@@ -205,10 +204,7 @@ def _channel_student(s_ptr, g_ptr, tg_ptr, t_ptr, base, offs, mask, valid, lab, 
     if TEACHER_GRAD:  # needs each position's total: a second pass over the tile (cached)
         for c in range(0, C):
             c_off = (base * 0 + c) * stride_c
-            x = tl.load(s_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(t_ptr + base + c_off + offs, mask=mask, other=0.0).to(tl.float32)
-            lps = _shifted(x, ms, inv_t) - lzs
-            lpt = _shifted(y, mt, inv_t) - lzt
+            x, lps, lpt = _log_probs(s_ptr, t_ptr, base + c_off + offs, mask, ms, lzs, mt, lzt, inv_t)
             tgv = tl.where(valid, gscale * _teacher_grad(tl.exp(lpt), lpt, lps, acc, KL), 0.0)
             tl.store(tg_ptr + base + c_off + offs, tgv.to(tg_ptr.dtype.element_ty), mask=mask)
     acc = tl.where(valid, acc, 0.0)
@@ -339,10 +335,7 @@ def _spatial_apply(s_ptr, g_ptr, t_ptr, row, start, end, mt, lzt, ms, lzs, inv_t
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         m = idx < end
-        x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        lps = _shifted(x, ms, inv_t) - lzs
-        lpt = _shifted(y, mt, inv_t) - lzt
+        x, lps, lpt = _log_probs(s_ptr, t_ptr, row + idx, m, ms, lzs, mt, lzt, inv_t)
         pt = tl.exp(lpt)
         ps = tl.exp(lps)
         acc += tl.where(m, _term(pt, lpt, lps, KL), 0.0)
@@ -403,10 +396,7 @@ def _kd_spatial_teacher_kernel(
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         m = idx < end
-        x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        lps = _shifted(x, ms, inv_t) - lzs
-        lpt = _shifted(y, mt, inv_t) - lzt
+        x, lps, lpt = _log_probs(s_ptr, t_ptr, row + idx, m, ms, lzs, mt, lzt, inv_t)
         tgv = gscale * _teacher_grad(tl.exp(lpt), lpt, lps, total, KL)
         tl.store(tg_ptr + row + idx, tgv.to(tg_ptr.dtype.element_ty), mask=m)
 
@@ -423,10 +413,7 @@ def _kd_spatial_sums_kernel(
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         m = idx < end
-        x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        lps = _shifted(x, ms, inv_t) - lzs
-        lpt = _shifted(y, mt, inv_t) - lzt
+        x, lps, lpt = _log_probs(s_ptr, t_ptr, row + idx, m, ms, lzs, mt, lzt, inv_t)
         su, tu, u, h = _share(tl.exp(lpt), lpt, tl.exp(lps), lps, beta, log_beta, log_1m_beta, DIV)
         us += tl.where(m, su, 0.0)
         ut += tl.where(m, tu, 0.0)
@@ -446,10 +433,7 @@ def _kd_spatial_grads_kernel(
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         m = idx < end
-        x = tl.load(s_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        y = tl.load(t_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        lps = _shifted(x, ms, inv_t) - lzs
-        lpt = _shifted(y, mt, inv_t) - lzt
+        x, lps, lpt = _log_probs(s_ptr, t_ptr, row + idx, m, ms, lzs, mt, lzt, inv_t)
         pt = tl.exp(lpt)
         ps = tl.exp(lps)
         su, tu, u, h = _share(pt, lpt, ps, lps, beta, log_beta, log_1m_beta, DIV)
