@@ -4,8 +4,8 @@
 //
 // F.interpolate blends along the columns, then along the rows. The forward keeps that order: a
 // task runs over output rows in order and upsamples each low-resolution row along the columns
-// once (a two-row cache), so an output row is two contiguous blends, not four gathers per
-// logit. The backward transposes it: output rows add their gradient, scaled by their row
+// once (ColumnBlendCache, upsample_argmax_cpu_blend.h), so an output row is two contiguous
+// blends, not four gathers per logit. The backward transposes it: output rows add their gradient, scaled by their row
 // weights, into full-width accumulators of the low-resolution rows they read, and each of those
 // is reduced along the columns once, when complete. Per pixel the softmax runs over the classes
 // of a tile of columns, with the columns in the inner (vectorised) loops.

@@ -1,55 +1,15 @@
 // CPU kernel bodies of cross_entropy over upsampled logits. No include guard on purpose:
 // cross_entropy_cpu.cpp includes this file into namespaces `generic`, `avx2` and `avx512`, each
-// under its own target, and picks one at run time. Geometry, RowCache and friends come from the
-// .cpp. Every inner loop runs over contiguous columns with selects instead of branches, so that
+// under its own target, and picks one at run time. Geometry and Labels come from the .cpp. Every inner loop runs over contiguous columns with selects instead of branches, so that
 // it vectorises, exp_nonpos included.
 
 #include "cpu_convert.h"  // load_acc, compiled for this file's target
+#include "upsample_argmax/upsample_argmax_cpu_blend.h"  // ColumnBlendCache: the column blend
 
-// Low-resolution row y of image n, every class, upsampled along the columns to W (the first of
-// F.interpolate's two blends): out[c * W + X].
 template <typename scalar_t, typename acc_t>
-void upsample_row(const Geometry<acc_t>& g, const scalar_t* x, int64_t n, int64_t y, acc_t* lowres, acc_t* out) {
-  const int64_t C = g.C, w = g.w, W = g.W;
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* src = x + n * g.sN + c * g.sC + y * g.sH;
-    acc_t* lr = lowres + c * w;
-    for (int64_t i = 0; i < w; ++i) lr[i] = load_acc(src[i * g.sW]);
-  }
-  const int32_t* __restrict__ x0 = g.x0;
-  const int32_t* __restrict__ x1 = g.x1;
-  const acc_t* __restrict__ wx0 = g.wx0;
-  const acc_t* __restrict__ wx1 = g.wx1;
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t* __restrict__ lr = lowres + c * w;
-    acc_t* __restrict__ o = out + c * W;
-    for (int64_t X = 0; X < W; ++X) o[X] = lr[x0[X]] * wx0[X] + lr[x1[X]] * wx1[X];
-  }
+ColumnBlendCache<scalar_t, acc_t> column_blend_cache(const Geometry<acc_t>& g, const scalar_t* x) {
+  return ColumnBlendCache<scalar_t, acc_t>(x, g.sN, g.sC, g.sH, g.sW, g.C, g.h, g.w, g.W, g.x0, g.x1, g.wx0, g.wx1);
 }
-
-// The two column-upsampled low-resolution rows an output row blends, computed once per task
-// for each low-resolution row (output rows run in order, so each is computed about once).
-template <typename scalar_t, typename acc_t>
-struct RowCache {
-  const Geometry<acc_t>& g;
-  const scalar_t* x;
-  std::vector<acc_t> lowres, slots;
-  int64_t tag[2] = {-1, -1};
-
-  RowCache(const Geometry<acc_t>& geometry, const scalar_t* input)
-      : g(geometry), x(input), lowres(geometry.C * geometry.w), slots(2 * geometry.C * geometry.W) {}
-
-  // Row y of image n, keeping the slot that holds `keep` (the other row the caller needs).
-  const acc_t* get(int64_t n, int64_t y, int64_t keep) {
-    const int64_t key = n * g.h + y, keep_key = n * g.h + keep;
-    for (int s = 0; s < 2; ++s)
-      if (tag[s] == key) return slots.data() + s * g.C * g.W;
-    const int s = tag[0] == keep_key ? 1 : 0;
-    upsample_row<scalar_t, acc_t>(g, x, n, y, lowres.data(), slots.data() + s * g.C * g.W);
-    tag[s] = key;
-    return slots.data() + s * g.C * g.W;
-  }
-};
 
 // The upsampled logits z (C x T, row-major by class) of columns [X0, X0 + len) of output row Y
 // from its two column-upsampled rows: F.interpolate's second (row) blend.
@@ -73,7 +33,7 @@ template <typename scalar_t, typename acc_t>
 void forward_rows(const Geometry<acc_t>& g, const scalar_t* x, const Labels& labels, acc_t* loss, bool per_pixel,
                   acc_t* weight_sum, acc_t* log_sum_out, int64_t begin, int64_t end, int64_t* invalid) {
   const int64_t C = g.C, H = g.H, W = g.W;
-  RowCache<scalar_t, acc_t> cache(g, x);
+  ColumnBlendCache<scalar_t, acc_t> cache = column_blend_cache(g, x);
   std::vector<acc_t> zbuf(C * kTile);
   std::vector<int64_t> lab(W);
   acc_t m[kTile], s[kTile], swz[kTile];
@@ -225,7 +185,7 @@ void backward_rows(const Geometry<acc_t>& g, const scalar_t* x, const Labels& la
                    const acc_t* grad_out, int64_t gs0, int64_t gs1, int64_t gs2, scalar_t* grad_in, int64_t begin,
                    int64_t end) {
   const int64_t C = g.C, h = g.h, H = g.H, W = g.W;
-  RowCache<scalar_t, acc_t> cache(g, x);
+  ColumnBlendCache<scalar_t, acc_t> cache = column_blend_cache(g, x);
   GradRows<scalar_t, acc_t> rows(g, grad_in);
   std::vector<acc_t> zbuf(C * kTile);
   std::vector<int64_t> lab(W);

@@ -1,9 +1,10 @@
 // CPU kernel of upsample_argmax (upsample_argmax.h): one task per run of output rows.
 // F.interpolate blends along the columns, then along the rows; a task runs over its output
-// rows in order and blends each input row along the columns once (a two-row cache, as
-// cross_entropy's kernel does), so an output row is two contiguous blends per class instead of
-// four gathers per value. For each class the blended row is compared with the running maximum
-// (torch.argmax's rule): the upsampled logits never exist, only a row of maxima and indices.
+// rows in order and blends each input row along the columns once (ColumnBlendCache in
+// upsample_argmax_cpu_blend.h, shared with cross_entropy's kernel), so an output row is two
+// contiguous blends per class instead of four gathers per value. For each class the blended
+// row is compared with the running maximum (torch.argmax's rule): the upsampled logits never
+// exist, only a row of maxima and indices.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
