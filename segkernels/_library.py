@@ -115,6 +115,15 @@ def use_kernel(op: str, device: torch.device, gpu_kernel: str) -> bool:
     return False
 
 
+def autocast_on(device: torch.device) -> bool:
+    """Whether torch.autocast is on for the device's type (False for a type it does not know,
+    such as meta): the ops' dtype rules follow PyTorch's own ops under autocast."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
+
+
 # ----------------------------------------------------------------------------------------------
 # Outputs allocated in Python (the Triton launchers)
 

@@ -41,13 +41,6 @@ __all__ = ["cross_entropy", "reference_cross_entropy"]
 GPU_KERNEL = "triton"  # what runs CUDA tensors (see _library.use_kernel)
 
 
-def _autocast_on(device: torch.device) -> bool:
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # a device type autocast does not know (meta, ...)
-        return False
-
-
 def _check_target(target, input: torch.Tensor) -> torch.Tensor:
     check_tensor(target, "target")
     if not is_integer_tensor(target):
@@ -168,7 +161,7 @@ def cross_entropy(
     target, weight, ignore_index, label_smoothing, align_corners = _check_args(
         input, target, weight, ignore_index, reduction, label_smoothing, align_corners)
     out_dtype = input.dtype
-    if _autocast_on(input.device) and input.dtype in (torch.float16, torch.bfloat16):
+    if _library.autocast_on(input.device) and input.dtype in (torch.float16, torch.bfloat16):
         out_dtype = torch.float32
     loss, weight_sum = loss_and_weight_sums(input, target, weight, ignore_index, label_smoothing, align_corners,
                                             reduction == "none")

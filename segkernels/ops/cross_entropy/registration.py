@@ -87,6 +87,7 @@ if _library.kernels_available():
         _loss, weight_sum, log_sum = output
         ctx.params = (ignore_index, label_smoothing, align_corners, per_pixel)
         ctx.save_for_backward(input, target, weight, log_sum)
+        ctx.save_for_forward(input, target, weight)
         ctx.mark_non_differentiable(weight_sum, log_sum)
         ctx.set_materialize_grads(False)
 
@@ -108,11 +109,7 @@ if _library.kernels_available():
             return (None,) * len(ctx.needs_input_grad)
         return (_input_grad(ctx, grad_loss),) + (None,) * (len(ctx.needs_input_grad) - 1)
 
-    def _setup_function(ctx, inputs, output):
-        _setup(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:3])
-
-    def _jvp_function(ctx, t_input, *rest):
+    def _jvp(ctx, t_input, *rest):
         if t_input is None:
             return None, None, None
         input, target, weight = ctx.saved_tensors[:3]
@@ -120,8 +117,8 @@ if _library.kernels_available():
         t = formula_tangent(t_input, input, target, weight, ignore_index, label_smoothing, align_corners)
         return (t if per_pixel else t.sum(-1)), None, None
 
-    CrossEntropyFunction = _library.op_function("segkernels::cross_entropy", setup_context=_setup_function,
-                                                backward=_backward, jvp=_jvp_function)
+    CrossEntropyFunction = _library.op_function("segkernels::cross_entropy", setup_context=_setup, backward=_backward,
+                                                jvp=_jvp)
 
     # vmap: images are independent, so the vmapped dim folds into the batch; a batched weight
     # runs one call per sample.

@@ -102,13 +102,6 @@ def _rows_as_map(x: torch.Tensor) -> torch.Tensor:
     return x.t().unsqueeze(0).unsqueeze(-1)
 
 
-def _autocast_on(device: torch.device) -> bool:
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # a device type autocast does not know (meta, ...)
-        return False
-
-
 def _loss_dtypes(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> tuple:
     """(dtype to compute in, dtype of the result) for logits of one device.
 
@@ -119,7 +112,7 @@ def _loss_dtypes(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> tuple
     float32 result is kept instead of being rounded to 16 bits.
     """
     dtypes = [t.dtype for t in tensors]
-    if not _autocast_on(tensors[0].device):
+    if not _library.autocast_on(tensors[0].device):
         for name, d in zip(names[1:], dtypes[1:]):
             if d != dtypes[0]:
                 raise ArgumentTypeError(f"{name} ({d}) and {names[0]} ({dtypes[0]}) must have the same dtype "

@@ -139,7 +139,7 @@ def one_hot_conv2d(
         if tuple(bias.shape) != (weight.shape[0],):
             raise ArgumentValueError(f"bias must be (out_channels,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
         check_device(bias, weight.device, "bias")
-    if _autocast_on(weight.device):  # F.conv2d's autocast policy: the lower-precision dtype
+    if _library.autocast_on(weight.device):  # F.conv2d's autocast policy: the lower-precision dtype
         dtype = torch.get_autocast_dtype(weight.device.type)
         weight = weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -165,13 +165,6 @@ def one_hot_conv2d(
 def _fits(dtype: torch.dtype, value: int) -> bool:
     info = torch.iinfo(dtype)
     return info.min <= value <= info.max
-
-
-def _autocast_on(device: torch.device) -> bool:
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # a device type autocast does not know (meta, ...)
-        return False
 
 
 def label_fractions(labels: torch.Tensor, num_classes: int, factor: int, *, ignore_index: int = 255) -> torch.Tensor:
