@@ -281,6 +281,90 @@ SK_HD void pool_max_element(const GeometryOf<I>& g, const scalar_t* input, I out
 }
 
 // ---------------------------------------------------------------------------------------------
+// Max-pooling of wide or overlapping windows on NCHW 2-D maps without dilation, a tile of
+// kSeparableTileRows x kSeparableTileCols pooled outputs of one plane at a time (the CUDA
+// kernel; the CPU runs the same two passes plane by plane, pool_plane_separable). The row
+// pass takes, for every input row the tile's windows reach, the maximum over each window's
+// columns into a scratch tile (shared memory on CUDA); the column pass takes the maximum of
+// those over each window's rows: kh + kw compares per output instead of kh * kw. The first
+// maximum in scan order (rows, then columns) is the first one of the first row reaching the
+// window's maximum, and the last NaN the last one of the last row holding a NaN, so values and
+// indices are pool_max_element's. The CPU tests run these functions through the test-only op
+// _max_pool_separable_logic.
+constexpr int kSeparableTileRows = 16;
+constexpr int kSeparableTileCols = 32;
+
+// Input rows a tile's windows reach: the scratch tile's height.
+template <typename I>
+SK_HD I separable_tile_rows(const AxisOf<I>& ay) {
+  return (kSeparableTileRows - 1) * ay.stride + ay.kernel;
+}
+
+// Row pass, item r * kSeparableTileCols + j of the tile whose first output is (py0, px0): the
+// maximum over the valid columns of window px0 + j in input row py0 * stride - padding + r,
+// and its column tap. Rows outside the map and columns past the last window are never read.
+template <typename scalar_t, typename acc_t, typename I>
+SK_HD void separable_row_item(const GeometryOf<I>& g, const scalar_t* plane, I py0, I px0, I item, acc_t* scratch_max,
+                              int32_t* scratch_tap) {
+  const AxisOf<I>& ay = g.ax[1];
+  const AxisOf<I>& ax = g.ax[2];
+  const I r = item / kSeparableTileCols;
+  const I px = px0 + (item - r * kSeparableTileCols);
+  const I y = py0 * ay.stride - ay.padding + r;
+  acc_t best = -static_cast<acc_t>(INFINITY);
+  I tap = 0;
+  if (y >= 0 && y < ay.full && px < ax.pooled) {
+    const I tx0 = first_valid_tap(ax, px);
+    const I x0 = px * ax.stride - ax.padding;
+    const scalar_t* row = plane + y * ax.full;
+    tap = tx0;
+    for (I tx = tx0; tx < ax.kernel; ++tx) {
+      const I x = x0 + tx;
+      if (x >= ax.full) break;
+      const acc_t v = static_cast<acc_t>(row[x]);
+      if (v > best || v != v) {
+        best = v;
+        tap = tx;
+      }
+    }
+  }
+  scratch_max[item] = best;
+  scratch_tap[item] = static_cast<int32_t>(tap);
+}
+
+// Column pass, item i * kSeparableTileCols + j: pooled output (py0 + i, px0 + j) of the plane,
+// from the row pass's scratch tile. Items past the plane's last row or column write nothing.
+template <typename scalar_t, typename acc_t, typename index_t, typename I>
+SK_HD void separable_column_item(const GeometryOf<I>& g, const acc_t* scratch_max, const int32_t* scratch_tap, I py0,
+                                 I px0, I item, scalar_t* plane_values, index_t* plane_indices) {
+  const AxisOf<I>& ay = g.ax[1];
+  const AxisOf<I>& ax = g.ax[2];
+  const I i = item / kSeparableTileCols;
+  const I j = item - i * kSeparableTileCols;
+  const I py = py0 + i, px = px0 + j;
+  if (py >= ay.pooled || px >= ax.pooled) return;
+  const I ty0 = first_valid_tap(ay, py);
+  const I y0 = py * ay.stride - ay.padding;
+  const I r0 = i * ay.stride;  // scratch row of the window's tap 0
+  acc_t best = -static_cast<acc_t>(INFINITY);
+  I best_ty = ty0;
+  for (I ty = ty0; ty < ay.kernel; ++ty) {
+    if (y0 + ty >= ay.full) break;
+    const acc_t v = scratch_max[(r0 + ty) * kSeparableTileCols + j];
+    if (v > best || v != v) {
+      best = v;
+      best_ty = ty;
+    }
+  }
+  const I tx = static_cast<I>(scratch_tap[(r0 + best_ty) * kSeparableTileCols + j]);
+  const I out = py * ax.pooled + px;
+  plane_values[out] = static_cast<scalar_t>(best);
+  plane_indices[out] = IndexKind<index_t>::compact
+                           ? static_cast<index_t>(best_ty * ax.kernel + tx)
+                           : static_cast<index_t>((y0 + best_ty) * ax.full + px * ax.stride - ax.padding + tx);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Unpooling (and the max-pool backward, which is the same gather with a sum): fills one row
 // (outer, z, y, all x, all c) of the full map when every axis is disjoint. Each output element
 // is written exactly once: the stored value where the entry's index names it, zero elsewhere.

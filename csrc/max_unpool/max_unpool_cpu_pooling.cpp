@@ -204,20 +204,10 @@ void pool_row_cpu(const Geometry& g, const scalar_t* in, scalar_t* vout, index_t
   }
 }
 
-// Wide or overlapping windows on NCHW 2-D maps without dilation (RefineNet's 5 x 5 stride-1
-// pooling, 3 x 3 stride-2 stems): the maximum over each window's columns per input row first,
-// then over its rows: kh + kw compares per output instead of kh * kw, in loops over output
-// columns that vectorise. The first maximum in the window's scan order (rows, then columns) is
-// the first one of the first row that reaches the window's maximum, and the last NaN is the
-// last one of the last row holding a NaN: pool_max_element's rule, so the same values and indices.
-bool separable_applies(const Geometry& g) {
-  const Axis& az = g.ax[0];
-  const Axis& ay = g.ax[1];
-  const Axis& ax = g.ax[2];
-  return g.inner == 1 && az.full == 1 && az.kernel == 1 && ay.dilation == 1 && ax.dilation == 1 &&
-         (ay.kernel > 2 || ax.kernel > 2);
-}
-
+// Wide or overlapping windows (separable_applies): the maximum over each window's columns per
+// input row first, then over its rows, in loops over output columns that vectorise; a whole
+// plane at a time, where CUDA takes a tile (separable_row_item, separable_column_item in
+// max_unpool.h, whose comment says why values and indices are pool_max_element's).
 template <typename scalar_t, typename index_t>
 void pool_plane_separable(const Geometry& g, const scalar_t* in, scalar_t* vout, index_t* iout,
                           const std::vector<int64_t>& x_taps, at::opmath_type<scalar_t>* rowmax, int32_t* rowtap,

@@ -1,7 +1,8 @@
 // CUDA kernels for max-pooling with indices and max-unpooling. The per-element logic is the
 // same host/device code the CPU kernels run (max_unpool.h); this file only maps it onto threads.
 //
-// Pooling: one thread per pooled element, in 32-bit index math when the map fits.
+// Pooling: one thread per pooled element, in 32-bit index math when the map fits; wide or
+// overlapping windows on NCHW 2-D maps by tiles in two separable passes through shared memory.
 //
 // Unpool forward and the max-pool backward (the same gather, with a sum) write every output
 // element exactly once, with no zero-fill pass and no atomics:
@@ -188,6 +189,35 @@ __global__ void unpool_backward_tiled_kernel(IndexPlan<I> p, const scalar_t* __r
     grad_in[e] = unpool_backward_tiled_element<scalar_t, index_t, I>(p, grad_out, idx, e);
 }
 
+// Wide or overlapping windows (separable_applies): one block per tile of pooled outputs of one
+// plane at a time; the row pass fills the shared scratch tile, the column pass reads it.
+template <typename scalar_t, typename index_t, typename I>
+__global__ void pool_separable_kernel(GeometryOf<I> g, const scalar_t* __restrict__ input,
+                                      scalar_t* __restrict__ values, index_t* __restrict__ indices, int64_t tiles_y,
+                                      int64_t tiles_x, int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ double scratch[];  // double: aligned for either accumulator type
+  const I rows = separable_tile_rows(g.ax[1]);
+  acc_t* scratch_max = reinterpret_cast<acc_t*>(scratch);
+  int32_t* scratch_tap = reinterpret_cast<int32_t*>(scratch_max + rows * kSeparableTileCols);
+  const I in_plane = g.ax[1].full * g.ax[2].full, out_plane = g.ax[1].pooled * g.ax[2].pooled;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t plane_tiles = tiles_y * tiles_x;
+    const I plane = static_cast<I>(t / plane_tiles);
+    const int64_t in_tile = t - static_cast<int64_t>(plane) * plane_tiles;
+    const I py0 = static_cast<I>(in_tile / tiles_x) * kSeparableTileRows;
+    const I px0 = static_cast<I>(in_tile % tiles_x) * kSeparableTileCols;
+    const scalar_t* in = input + plane * in_plane;
+    for (I item = threadIdx.x; item < rows * kSeparableTileCols; item += blockDim.x)
+      separable_row_item<scalar_t, acc_t, I>(g, in, py0, px0, item, scratch_max, scratch_tap);
+    __syncthreads();
+    for (I item = threadIdx.x; item < kSeparableTileRows * kSeparableTileCols; item += blockDim.x)
+      separable_column_item<scalar_t, acc_t, index_t, I>(g, scratch_max, scratch_tap, py0, px0, item,
+                                                         values + plane * out_plane, indices + plane * out_plane);
+    __syncthreads();  // the next tile overwrites the scratch
+  }
+}
+
 std::tuple<Tensor, Tensor> max_pool_with_indices_cuda(const Tensor& input, at::IntArrayRef kernel,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                                       at::IntArrayRef dilation, bool ceil_mode, bool compact) {
@@ -207,6 +237,15 @@ std::tuple<Tensor, Tensor> max_pool_with_indices_cuda(const Tensor& input, at::I
     auto launch = [&](auto* index_tag, auto arithmetic_tag) {
       using index_t = std::remove_pointer_t<decltype(index_tag)>;
       using I = decltype(arithmetic_tag);
+      const int64_t scratch = separable_scratch_bytes(g, sizeof(at::opmath_type<scalar_t>));
+      if (separable_applies(g) && scratch <= kSeparableScratchLimit) {
+        const int64_t tiles_y = ceil_div(g.ax[1].pooled, kSeparableTileRows);
+        const int64_t tiles_x = ceil_div(g.ax[2].pooled, kSeparableTileCols);
+        const int64_t tiles = values.size(0) * values.size(1) * tiles_y * tiles_x;
+        pool_separable_kernel<scalar_t, index_t, I><<<grid_for(tiles), kThreads, scratch, stream>>>(
+            narrow_geometry<I>(g), ip, vp, indices.mutable_data_ptr<index_t>(), tiles_y, tiles_x, tiles);
+        return;
+      }
       pool_forward_kernel<scalar_t, index_t, I><<<blocks, kThreads, 0, stream>>>(
           index_plan<I>(g), ip, vp, indices.mutable_data_ptr<index_t>(), static_cast<I>(total));
     };

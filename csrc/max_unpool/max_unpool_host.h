@@ -136,6 +136,24 @@ inline void dispatch_pool_types(bool compact, bool narrow, F&& f) {
     f(static_cast<int64_t*>(nullptr), int64_t{});
 }
 
+// Wide or overlapping windows on NCHW 2-D maps without dilation (RefineNet's 5 x 5 stride-1
+// pooling, 3 x 3 stride-2 stems), which the kernels pool in two separable passes (rows, then
+// columns: kh + kw compares per output instead of kh * kw).
+inline bool separable_applies(const Geometry& g) {
+  const Axis& az = g.ax[0];
+  const Axis& ay = g.ax[1];
+  const Axis& ax = g.ax[2];
+  return g.inner == 1 && az.full == 1 && az.kernel == 1 && ay.dilation == 1 && ax.dilation == 1 &&
+         (ay.kernel > 2 || ax.kernel > 2);
+}
+
+// Bytes of the CUDA separable kernel's scratch tile (shared memory): each reached input row's
+// column maxima (acc_bytes each) and their taps. Windows too tall for it take the per-element kernel.
+inline int64_t separable_scratch_bytes(const Geometry& g, int64_t acc_bytes) {
+  return separable_tile_rows(g.ax[1]) * kSeparableTileCols * (acc_bytes + static_cast<int64_t>(sizeof(int32_t)));
+}
+constexpr int64_t kSeparableScratchLimit = 48 * 1024;
+
 // Whether every tap of every window lies inside the full map (no padding reach, no overhang).
 inline bool all_windows_inside(const Geometry& g) {
   for (const Axis& a : g.ax)

@@ -100,6 +100,55 @@ std::tuple<Tensor, Tensor> max_pool_logic_cpu(const Tensor& input, at::IntArrayR
   return {a.values, a.indices};
 }
 
+// Test-only: max-pooling of wide or overlapping windows by the CUDA separable kernel's tile
+// functions, a tile at a time as a block runs them: every row-pass item into the scratch tile,
+// then every column-pass item (the __syncthreads between them), in 32 or 64 bits.
+std::tuple<Tensor, Tensor> max_pool_separable_logic_cpu(const Tensor& input, at::IntArrayRef kernel,
+                                                        at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                                                        bool compact, bool narrow) {
+  const std::vector<int64_t> ones(kernel.size(), 1);
+  PoolArgs a = prepare_pool(input.contiguous(), kernel, stride, padding, ones, ceil_mode, compact);
+  const Geometry& g = a.geometry;
+  TORCH_CHECK_VALUE(separable_applies(g), "segkernels._max_pool_separable_logic: the separable kernel takes wide or "
+                    "overlapping 2-D windows on NCHW maps");
+  TORCH_CHECK_VALUE(!narrow || pool_fits_int32(g, a.input.numel(), a.values.numel()),
+                    "segkernels._max_pool_separable_logic: the geometry does not fit the 32-bit pooling kernel");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "max_pool_separable_logic", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK_VALUE(separable_scratch_bytes(g, sizeof(acc_t)) <= kSeparableScratchLimit,
+                      "segkernels._max_pool_separable_logic: the windows are too tall for the scratch tile");
+    auto run = [&](auto* index_tag, auto arithmetic_tag) {
+      using index_t = std::remove_pointer_t<decltype(index_tag)>;
+      using I = decltype(arithmetic_tag);
+      const GeometryOf<I> gi = narrow_geometry<I>(g);
+      const I rows = separable_tile_rows(gi.ax[1]);
+      // Poisoned, so an item reading a scratch entry the row pass did not write gives garbage.
+      std::vector<acc_t> scratch_max(rows * kSeparableTileCols, static_cast<acc_t>(12345));
+      std::vector<int32_t> scratch_tap(rows * kSeparableTileCols, 999);
+      const I in_plane = gi.ax[1].full * gi.ax[2].full, out_plane = gi.ax[1].pooled * gi.ax[2].pooled;
+      const int64_t planes = a.values.size(0) * a.values.size(1);
+      const scalar_t* in = a.input.const_data_ptr<scalar_t>();
+      scalar_t* values = a.values.mutable_data_ptr<scalar_t>();
+      index_t* indices = a.indices.mutable_data_ptr<index_t>();
+      for (I plane = 0; plane < static_cast<I>(planes); ++plane)
+        for (I py0 = 0; py0 < gi.ax[1].pooled; py0 += kSeparableTileRows)
+          for (I px0 = 0; px0 < gi.ax[2].pooled; px0 += kSeparableTileCols) {
+            std::fill(scratch_max.begin(), scratch_max.end(), static_cast<acc_t>(12345));
+            std::fill(scratch_tap.begin(), scratch_tap.end(), 999);
+            for (I item = 0; item < rows * kSeparableTileCols; ++item)
+              separable_row_item<scalar_t, acc_t, I>(gi, in + plane * in_plane, py0, px0, item, scratch_max.data(),
+                                                     scratch_tap.data());
+            for (I item = 0; item < kSeparableTileRows * kSeparableTileCols; ++item)
+              separable_column_item<scalar_t, acc_t, index_t, I>(gi, scratch_max.data(), scratch_tap.data(), py0, px0,
+                                                                 item, values + plane * out_plane,
+                                                                 indices + plane * out_plane);
+          }
+    };
+    dispatch_pool_types(compact, narrow, run);
+  });
+  return {a.values, a.indices};
+}
+
 // Test-only: FastDivider (common.h), which the 32-bit CUDA kernels divide with, on the CPU.
 Tensor fast_divide_cpu(const Tensor& numerators, int64_t divisor) {
   TORCH_CHECK_VALUE(divisor >= 1 && divisor < (int64_t{1} << 31), "segkernels._fast_divide: divisor must lie in "
@@ -125,6 +174,9 @@ TORCH_LIBRARY_FRAGMENT(segkernels_testing, m) {
   // Max-pooling by the CUDA kernel's element function, in 32 (narrow) or 64 bits.
   m.def("max_pool_logic(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "bool ceil_mode, bool compact, bool narrow) -> (Tensor, Tensor)");
+  // Max-pooling of wide or overlapping 2-D windows by the CUDA separable kernel's tile functions.
+  m.def("max_pool_separable_logic(Tensor input, int[] kernel_size, int[] stride, int[] padding, bool ceil_mode, "
+        "bool compact, bool narrow) -> (Tensor, Tensor)");
   // FastDivider (csrc/common.h), the 32-bit CUDA kernels' division.
   m.def("fast_divide(Tensor numerators, int divisor) -> Tensor");
 }
@@ -132,6 +184,7 @@ TORCH_LIBRARY_FRAGMENT(segkernels_testing, m) {
 TORCH_LIBRARY_IMPL(segkernels_testing, CPU, m) {
   m.impl("max_unpool_tiled_logic", &max_unpool_tiled_logic_cpu);
   m.impl("max_pool_logic", &max_pool_logic_cpu);
+  m.impl("max_pool_separable_logic", &max_pool_separable_logic_cpu);
   m.impl("fast_divide", &fast_divide_cpu);
 }
 

@@ -145,6 +145,70 @@ def test_pool_element_logic_matches_aten(geometry, dtype, layout, narrow):
                 assert_close(indices, ref_compact if compact else ref_indices, exact=True)
 
 
+# The CUDA kernel for wide or overlapping windows on NCHW maps (pool_separable_kernel): its tile
+# functions run on the CPU a tile at a time, as a block runs them. Shapes span several 16 x 32
+# tiles with partial ones at the bottom and right; geometries: RefineNet's 5 x 5 / 1, stems'
+# 3 x 3 / 2, even, one-sided, wide and tall windows, padding, ceil_mode.
+SEPARABLE_GEOMETRIES = [
+    ((5, 5), (1, 1), (2, 2), (1, 1), False),
+    ((3, 3), (2, 2), (1, 1), (1, 1), True),
+    ((4, 3), (1, 1), (1, 1), (1, 1), False),
+    ((5, 4), (2, 1), (2, 2), (1, 1), True),
+    ((1, 5), (1, 1), (0, 2), (1, 1), False),
+    ((7, 2), (3, 2), (3, 0), (1, 1), True),
+    ((9, 9), (1, 1), (4, 4), (1, 1), False),
+]
+SEPARABLE_SHAPES = [(1, 2, 37, 70), (2, 1, 5, 3), (1, 1, 33, 97)]
+
+
+@pytest.mark.parametrize("narrow", [True, False], ids=["int32", "int64"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("geometry", SEPARABLE_GEOMETRIES)
+def test_pool_separable_tile_logic_matches_aten(geometry, dtype, narrow):
+    k, s, p, d, c = geometry
+    for shape in SEPARABLE_SHAPES:
+        if any(n < kk for n, kk in zip(shape[2:], k)) and not c:
+            continue  # ATen refuses a map smaller than its window without ceil_mode
+        for kind in ("randn", "ties", "nan", "all_neg_inf_rows"):
+            x = _random_input(shape, dtype, "cpu", "nan" if kind == "all_neg_inf_rows" else kind)
+            if kind == "all_neg_inf_rows":  # whole windows of -inf report their first valid tap
+                x[..., :3, :] = float("-inf")
+            ref_values, ref_indices = _aten_pool(x, geometry)
+            _, ref_compact = reference_max_pool_with_indices(x, k, s, p, d, c, compact=True)
+            for compact in (False, True):
+                values, indices = get_testing_ops().max_pool_separable_logic(x, k, s, p, c, compact, narrow)
+                assert indices.dtype == (torch.uint8 if compact else torch.int64)
+                assert_close(values, ref_values, exact=True)
+                assert_close(indices, ref_compact if compact else ref_indices, exact=True)
+
+
+def test_pool_separable_tile_logic_refuses_what_the_kernel_does_not_take():
+    ops = get_testing_ops()
+    x = torch.randn(1, 2, 40, 40)
+    with pytest.raises(ValueError, match="separable kernel takes"):  # disjoint 2 x 2 windows
+        ops.max_pool_separable_logic(x, [2, 2], [2, 2], [0, 0], False, True, True)
+    # 15 strides of 20 rows plus the window: 325 scratch rows, past the 48 KiB of shared memory
+    # (CUDA runs it with the per-element kernel).
+    with pytest.raises(ValueError, match="too tall"):
+        ops.max_pool_separable_logic(torch.randn(1, 1, 400, 8), [25, 3], [20, 1], [0, 1], False, True, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cuda_separable_pooling_matches_aten(dtype):
+    # The tiled separable kernel, and the per-element one it leaves tall windows to.
+    for geometry in SEPARABLE_GEOMETRIES + [((25, 3), (20, 1), (0, 1), (1, 1), False)]:
+        shape = (2, 3, 400, 70) if geometry[0][0] == 25 else (2, 3, 37, 70)
+        x = _random_input(shape, dtype, "cuda", "nan")
+        ref_values, ref_indices = _aten_pool(x.cpu(), geometry)
+        for compact in (False, True):
+            v, i = _pool(x, geometry, compact)
+            assert_close(v.cpu(), ref_values, exact=True)
+            k, s, p, d, c = geometry
+            expected = reference_max_pool_with_indices(x.cpu(), k, s, p, d, c, compact=True)[1] if compact else ref_indices
+            assert_close(i.cpu(), expected, exact=True)
+
+
 def test_pool_geometry_past_the_32_bit_range_takes_64_bit_math():
     # narrow_geometry<int32_t> would truncate a stride of 2**31 to INT_MIN. CUDA must take its
     # 64-bit instantiation; the test-only op refuses the 32-bit math instead of wrapping. (ATen
