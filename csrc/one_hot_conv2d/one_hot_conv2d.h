@@ -41,6 +41,24 @@ SK_HD int64_t classify(int64_t label, int64_t classes, int64_t ignore_index) {
   return (label >= 0 && label < classes) ? label : kInvalid;
 }
 
+// classify for labels already checked (no invalid value left, so one outside [0, C) is
+// ignore_index): whether the label is a class. Branch-free, for the kernels' inner loops.
+SK_HD bool is_checked_class(int64_t label, int64_t classes, int64_t ignore_index) {
+  return static_cast<uint64_t>(label) < static_cast<uint64_t>(classes) && label != ignore_index;
+}
+
+// Output positions [first, last) of the run [0, count) starting at output column ox0 whose tap
+// column j reads inside the map's W columns; first == last == count when none does.
+SK_HD void inside_run(int64_t ox0, int64_t count, int64_t j, int64_t sw, int64_t pw, int64_t dw, int64_t W,
+                      int64_t& first, int64_t& last) {
+  const int64_t ix0 = ox0 * sw - pw + j * dw;
+  first = ix0 >= 0 ? 0 : ceil_div(-ix0, sw);
+  last = ix0 > W - 1 ? 0 : floor_div(W - 1 - ix0, sw) + 1;
+  if (first > count) first = count;
+  if (last > count) last = count;
+  if (last < first) first = last = count;
+}
+
 // Output extent of a convolution (floor mode, as F.conv2d): may be <= 0 for a map smaller than
 // the dilated kernel, which the callers refuse.
 SK_HD int64_t output_extent(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d) {

@@ -212,18 +212,24 @@ SK_ALWAYS_INLINE void forward_rows_impl(const Geometry& g, const label_t* labels
     const int64_t n = r / g.Ho, oy = r - n * g.Ho;
     for (int64_t x0 = 0; x0 < g.Wo; x0 += kChunk) {
       const int64_t xs = std::min(kChunk, g.Wo - x0);
+      // The labels were checked before the kernel (check_label_values), so the lookup is
+      // branch-free: padding and ignored pixels select the zero column.
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t iy = g.in_y(oy, i);
         const bool row_inside = iy >= 0 && iy < g.H;
-        const label_t* row = labels + n * g.sN + iy * g.sH;
         for (int64_t j = 0; j < g.kw; ++j) {
           const int64_t t = i * g.kw + j;
-          for (int64_t x = 0; x < xs; ++x) {
-            const int64_t ix = g.in_x(x0 + x, j);
-            int64_t c = kNoClass;
-            if (row_inside && ix >= 0 && ix < g.W)
-              c = classify(static_cast<int64_t>(row[ix * g.sW]), C, g.ignore_index);
-            columns[x * K + t] = c >= 0 ? wt + (t * C + c) * O : zero_column;
+          int64_t first = xs, last = xs;
+          if (row_inside) inside_run(x0, xs, j, g.sw, g.pw, g.dw, g.W, first, last);
+          for (int64_t x = 0; x < first; ++x) columns[x * K + t] = zero_column;
+          for (int64_t x = last; x < xs; ++x) columns[x * K + t] = zero_column;
+          if (first == last) continue;
+          const label_t* read = labels + n * g.sN + iy * g.sH + g.in_x(x0, j) * g.sW;
+          const acc_t* tap_columns = wt + t * C * O;
+          const int64_t step = g.sw * g.sW;
+          for (int64_t x = first; x < last; ++x) {
+            const int64_t label = static_cast<int64_t>(read[x * step]);
+            columns[x * K + t] = is_checked_class(label, C, g.ignore_index) ? tap_columns + label * O : zero_column;
           }
         }
       }
@@ -333,6 +339,8 @@ Tensor one_hot_conv2d_cpu(const Tensor& labels, const Tensor& weight, const std:
 
 // For every output position p (flattened n, oy, ox) and tap t: class * taps + t, or -1 where
 // the tap reads padding, an ignored pixel or an invalid label.
+// The labels were checked first (check_label_values), so the lookup is branch-free, a tap
+// at a time over the output columns that read inside the map.
 template <typename label_t>
 std::vector<int32_t> tap_table(const Geometry& g, const label_t* labels) {
   const int64_t K = g.taps(), P = g.N * g.positions();
@@ -342,17 +350,26 @@ std::vector<int32_t> tap_table(const Geometry& g, const label_t* labels) {
                      for (int64_t r = begin; r < end; ++r) {
                        const int64_t n = r / g.Ho, oy = r - n * g.Ho;
                        int32_t* row = table.data() + r * g.Wo * K;
-                       for (int64_t ox = 0; ox < g.Wo; ++ox)
-                         for (int64_t i = 0; i < g.kh; ++i)
-                           for (int64_t j = 0; j < g.kw; ++j) {
-                             const int64_t iy = g.in_y(oy, i), ix = g.in_x(ox, j);
-                             int64_t c = kNoClass;
-                             if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W)
-                               c = classify(static_cast<int64_t>(labels[n * g.sN + iy * g.sH + ix * g.sW]), g.C,
-                                            g.ignore_index);
-                             const int64_t t = i * g.kw + j;
-                             row[ox * K + t] = c >= 0 ? static_cast<int32_t>(c * K + t) : -1;
+                       for (int64_t i = 0; i < g.kh; ++i) {
+                         const int64_t iy = g.in_y(oy, i);
+                         const bool row_inside = iy >= 0 && iy < g.H;
+                         for (int64_t j = 0; j < g.kw; ++j) {
+                           const int64_t t = i * g.kw + j;
+                           int64_t first = g.Wo, last = g.Wo;
+                           if (row_inside) inside_run(0, g.Wo, j, g.sw, g.pw, g.dw, g.W, first, last);
+                           for (int64_t ox = 0; ox < first; ++ox) row[ox * K + t] = -1;
+                           for (int64_t ox = last; ox < g.Wo; ++ox) row[ox * K + t] = -1;
+                           if (first == last) continue;
+                           const label_t* read = labels + n * g.sN + iy * g.sH + g.in_x(0, j) * g.sW;
+                           const int64_t step = g.sw * g.sW;
+                           for (int64_t ox = first; ox < last; ++ox) {
+                             const int64_t label = static_cast<int64_t>(read[ox * step]);
+                             row[ox * K + t] = is_checked_class(label, g.C, g.ignore_index)
+                                                   ? static_cast<int32_t>(label * K + t)
+                                                   : -1;
                            }
+                         }
+                       }
                      }
                    });
   return table;

@@ -121,6 +121,27 @@ def test_any_label_dtype_and_layout(label_dtype, layout):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("ignore,label_dtype", [(2, torch.int64), (0, torch.uint8), (-1, torch.int8)],
+                         ids=["class-2", "class-0-uint8", "negative-int8"])
+def test_ignore_index_that_is_a_class_or_negative(ignore, label_dtype):
+    # The kernels' lookups are branch-free on checked labels (a label outside [0, C) can only be
+    # ignore_index there); an ignore_index inside [0, C) must still drop its pixels, forward and
+    # gradient, and the borders (padding 2, stride 2) must still read nothing.
+    labels = _labels((2, 11, 13), 5, ignore_share=0.0)
+    labels[torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)) < 0.3] = ignore
+    labels = labels.to(label_dtype)
+    weight = _weight(6, 5, (3, 4), torch.float64).requires_grad_()
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = segkernels.one_hot_conv2d(labels, weight, bias, 2, 2, ignore_index=ignore)
+    expected = reference_one_hot_conv2d(labels.long(), weight, bias, (2, 2), (2, 2), (1, 1), ignore)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (weight, bias), g)
+    want = torch.autograd.grad(expected, (weight, bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
 def test_padding_strings_match_f_conv2d():
     labels = _labels((1, 7, 8), 4, ignore_share=0.0)
