@@ -287,6 +287,98 @@ SK_TARGET_AVX512 void forward_rows_avx512(const Geometry& g, const label_t* labe
 }
 #endif
 
+#if SEGKERNELS_CPU_AVX2
+// Fewer than 32 classes, float32, AVX-512 (label autoencoders: 19 to 21 classes): the weights
+// W[o, :, t] of one output channel and tap fit two registers, and one permutex2var picks the
+// weight of each of 16 positions' classes at once. The sums come out channel-major, straight
+// into the NCHW output rows: no column pointers, no transpose. wp: (O, taps, 32) with zeros at
+// classes >= C; kNoClassSlot, a zero, is what a tap reading no class picks. The sums run in
+// forward_rows_impl's order (bias, then the taps in order; a zero for no class): the same bits.
+constexpr int32_t kNoClassSlot = 31;
+constexpr int64_t kPermuteClasses = kNoClassSlot;  // C must stay below the no-class slot
+
+// kVecs vectors of 16 positions of one output channel: bias, then each tap's weights picked by
+// the positions' slots (rows of `width` slots per tap); the first `count` positions are stored.
+template <int kVecs>
+SK_TARGET_AVX512 SK_ALWAYS_INLINE void permute_block(const float* w, int64_t K, const int32_t* slots, int64_t width,
+                                                     float bias, float* dst, int64_t count) {
+  __m512 acc[kVecs];
+  for (int v = 0; v < kVecs; ++v) acc[v] = _mm512_set1_ps(bias);
+  for (int64_t t = 0; t < K; ++t) {
+    const __m512 lo = _mm512_loadu_ps(w + t * 32), hi = _mm512_loadu_ps(w + t * 32 + 16);
+    const int32_t* s = slots + t * width;
+    for (int v = 0; v < kVecs; ++v)
+      acc[v] = _mm512_add_ps(acc[v], _mm512_permutex2var_ps(lo, _mm512_loadu_si512(s + 16 * v), hi));
+  }
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t left = count - 16 * v;
+    if (left >= 16)
+      _mm512_storeu_ps(dst + 16 * v, acc[v]);
+    else if (left > 0)
+      _mm512_mask_storeu_ps(dst + 16 * v, static_cast<__mmask16>((1u << left) - 1), acc[v]);
+  }
+}
+
+template <typename label_t>
+SK_TARGET_AVX512 void forward_rows_permute_avx512(const Geometry& g, const label_t* labels, const float* wp,
+                                                  const float* bias, float* out, int64_t begin, int64_t end) {
+  const int64_t O = g.O, K = g.taps(), Wo = g.Wo, P = g.positions();
+  const int64_t width = ceil_div(Wo, 32) * 32;
+  // Slot (class or kNoClassSlot) of every tap and output column of one output row; the columns
+  // past Wo pick the zero too.
+  std::vector<int32_t> slots(K * width, kNoClassSlot);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = r / g.Ho, oy = r - n * g.Ho;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t iy = g.in_y(oy, i);
+      const bool row_inside = iy >= 0 && iy < g.H;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        int32_t* slot = slots.data() + (i * g.kw + j) * width;
+        int64_t first = Wo, last = Wo;
+        if (row_inside) inside_run(0, Wo, j, g.sw, g.pw, g.dw, g.W, first, last);
+        for (int64_t ox = 0; ox < first; ++ox) slot[ox] = kNoClassSlot;
+        for (int64_t ox = last; ox < Wo; ++ox) slot[ox] = kNoClassSlot;
+        if (first == last) continue;
+        const label_t* read = labels + n * g.sN + iy * g.sH + g.in_x(0, j) * g.sW;
+        const int64_t step = g.sw * g.sW;
+        for (int64_t ox = first; ox < last; ++ox) {
+          const int64_t label = static_cast<int64_t>(read[ox * step]);
+          slot[ox] = is_checked_class(label, g.C, g.ignore_index) ? static_cast<int32_t>(label) : kNoClassSlot;
+        }
+      }
+    }
+    float* row_out = out + n * O * P + oy * Wo;
+    // One channel's weights (2 KiB at 16 taps) stay in L1 across the row's positions; 8 vectors
+    // of positions at a time keep 8 independent add chains in flight.
+    for (int64_t o = 0; o < O; ++o) {
+      const float* w = wp + o * K * 32;
+      float* dst = row_out + o * P;
+      int64_t x0 = 0;
+      for (; x0 + 128 <= Wo; x0 += 128) permute_block<8>(w, K, slots.data() + x0, width, bias[o], dst + x0, 128);
+      for (; x0 < Wo; x0 += 32) permute_block<2>(w, K, slots.data() + x0, width, bias[o], dst + x0, Wo - x0);
+    }
+  }
+}
+
+// Runs forward_rows_permute_avx512 where it applies (float32, C < kPermuteClasses); false
+// otherwise.
+template <typename label_t, typename acc_t, typename out_t>
+bool forward_permute(const Geometry& g, const Tensor& weight, const label_t* labels, const acc_t* bias, out_t* out,
+                     int64_t grain) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    if (g.C >= kPermuteClasses) return false;
+    // (O, taps, 32): W[o, c, t] at [o, t, c], zeros from class C on.
+    const Tensor wp = at::constant_pad_nd(weight.permute({0, 2, 3, 1}), {0, 32 - g.C}).contiguous();
+    const float* w = wp.const_data_ptr<float>();
+    at::parallel_for(0, g.N * g.Ho, grain, [&](int64_t begin, int64_t end) {
+      forward_rows_permute_avx512<label_t>(g, labels, w, bias, out, begin, end);
+    });
+    return true;
+  }
+  return false;
+}
+#endif
+
 Tensor one_hot_conv2d_cpu(const Tensor& labels, const Tensor& weight, const std::optional<Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                           int64_t ignore_index) {
@@ -320,6 +412,10 @@ Tensor one_hot_conv2d_cpu(const Tensor& labels, const Tensor& weight, const std:
       const scalar_t* lab = labels.const_data_ptr<scalar_t>();
       const int64_t work = std::max<int64_t>(1, g.Wo * g.taps() * g.O);
       const CpuLevel level = cpu_level();
+#if SEGKERNELS_CPU_AVX2
+      if (level == CpuLevel::kAvx512 && forward_permute(g, weight, lab, bp, dst, std::max<int64_t>(1, 32768 / work)))
+        return;
+#endif
       at::parallel_for(0, g.N * g.Ho, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
 #if SEGKERNELS_CPU_AVX2
         if (level == CpuLevel::kAvx512)

@@ -247,6 +247,21 @@ def test_cpu_code_paths_give_the_same_bits(dtype, monkeypatch):
             assert_close(a, b, exact=True)
 
 
+@pytest.mark.parametrize("classes", [1, 30, 31])
+def test_few_class_forward_path_edges(classes, monkeypatch):
+    # With AVX-512 and fewer than 31 classes the float32 forward picks weights by register
+    # permutes, 128 positions at a time, then 32 with masked stores: rows of 300 columns take
+    # both and a tail; 31 classes take the general path. Same bits as the AVX2 code, and the
+    # float64 reference's values.
+    labels = _labels((2, 3, 300), classes)
+    weight, bias = _weight(5, classes, (3, 3)), torch.randn(5)
+    args = ([1, 1], [1, 1], [1, 1], IGNORE)
+    out = ops.one_hot_conv2d(labels, weight, bias, *args)
+    assert_close(out, _expected(labels, weight, bias, (1, 1), (1, 1), (1, 1)))
+    monkeypatch.setenv("SEGKERNELS_NO_AVX512", "1")
+    assert_close(out, ops.one_hot_conv2d(labels, weight, bias, *args), exact=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_weight_backward_reads_any_gradient_layout(device):
     # NCHW and channels_last gradients are read in place, expanded ones (out.sum().backward())
