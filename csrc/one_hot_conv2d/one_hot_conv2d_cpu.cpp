@@ -192,6 +192,33 @@ SK_ALWAYS_INLINE void transpose_block(const S* s, int64_t ls, int64_t na, int64_
     for (int64_t b = 0; b < nb; ++b) d[a0 * ld + b] = static_cast<D>(s[b * ls + a0]);
 }
 
+// The class each tap reads at output columns [x0, x0 + count) of output row (n, oy):
+// emit(t, x, c) for every tap t and x in [0, count), c the class or kNoClass (padding, ignored).
+// The labels were checked first (check_label_values), so the lookup is branch-free over the
+// columns whose tap reads inside the map.
+template <typename label_t, typename Emit>
+SK_ALWAYS_INLINE void tap_classes(const Geometry& g, const label_t* labels, int64_t n, int64_t oy, int64_t x0,
+                                  int64_t count, Emit&& emit) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t iy = g.in_y(oy, i);
+    const bool row_inside = iy >= 0 && iy < g.H;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t t = i * g.kw + j;
+      int64_t first = count, last = count;
+      if (row_inside) inside_run(x0, count, j, g.sw, g.pw, g.dw, g.W, first, last);
+      for (int64_t x = 0; x < first; ++x) emit(t, x, kNoClass);
+      for (int64_t x = last; x < count; ++x) emit(t, x, kNoClass);
+      if (first == last) continue;
+      const label_t* read = labels + n * g.sN + iy * g.sH + g.in_x(x0, j) * g.sW;
+      const int64_t step = g.sw * g.sW;
+      for (int64_t x = first; x < last; ++x) {
+        const int64_t label = static_cast<int64_t>(read[x * step]);
+        emit(t, x, is_checked_class(label, g.C, g.ignore_index) ? label : kNoClass);
+      }
+    }
+  }
+}
+
 // Rows [begin, end) of the flattened (N, Ho) output rows. wt: weight as (taps * C + 1, O) in
 // acc_t, its last row zeros (the column of a tap that reads no class); bias: O values (that zero
 // row when there is no bias). For a chunk of positions, the column each tap selects is looked up
@@ -212,27 +239,9 @@ SK_ALWAYS_INLINE void forward_rows_impl(const Geometry& g, const label_t* labels
     const int64_t n = r / g.Ho, oy = r - n * g.Ho;
     for (int64_t x0 = 0; x0 < g.Wo; x0 += kChunk) {
       const int64_t xs = std::min(kChunk, g.Wo - x0);
-      // The labels were checked before the kernel (check_label_values), so the lookup is
-      // branch-free: padding and ignored pixels select the zero column.
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t iy = g.in_y(oy, i);
-        const bool row_inside = iy >= 0 && iy < g.H;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t t = i * g.kw + j;
-          int64_t first = xs, last = xs;
-          if (row_inside) inside_run(x0, xs, j, g.sw, g.pw, g.dw, g.W, first, last);
-          for (int64_t x = 0; x < first; ++x) columns[x * K + t] = zero_column;
-          for (int64_t x = last; x < xs; ++x) columns[x * K + t] = zero_column;
-          if (first == last) continue;
-          const label_t* read = labels + n * g.sN + iy * g.sH + g.in_x(x0, j) * g.sW;
-          const acc_t* tap_columns = wt + t * C * O;
-          const int64_t step = g.sw * g.sW;
-          for (int64_t x = first; x < last; ++x) {
-            const int64_t label = static_cast<int64_t>(read[x * step]);
-            columns[x * K + t] = is_checked_class(label, C, g.ignore_index) ? tap_columns + label * O : zero_column;
-          }
-        }
-      }
+      tap_classes(g, labels, n, oy, x0, xs, [&](int64_t t, int64_t x, int64_t c) {
+        columns[x * K + t] = c >= 0 ? wt + (t * C + c) * O : zero_column;
+      });
       for (int64_t x = 0; x < xs; ++x) {
         const acc_t* const* col = columns.data() + x * K;
         acc_t* a = acc.data() + x * O;
@@ -329,24 +338,9 @@ SK_TARGET_AVX512 void forward_rows_permute_avx512(const Geometry& g, const label
   std::vector<int32_t> slots(K * width, kNoClassSlot);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / g.Ho, oy = r - n * g.Ho;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t iy = g.in_y(oy, i);
-      const bool row_inside = iy >= 0 && iy < g.H;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        int32_t* slot = slots.data() + (i * g.kw + j) * width;
-        int64_t first = Wo, last = Wo;
-        if (row_inside) inside_run(0, Wo, j, g.sw, g.pw, g.dw, g.W, first, last);
-        for (int64_t ox = 0; ox < first; ++ox) slot[ox] = kNoClassSlot;
-        for (int64_t ox = last; ox < Wo; ++ox) slot[ox] = kNoClassSlot;
-        if (first == last) continue;
-        const label_t* read = labels + n * g.sN + iy * g.sH + g.in_x(0, j) * g.sW;
-        const int64_t step = g.sw * g.sW;
-        for (int64_t ox = first; ox < last; ++ox) {
-          const int64_t label = static_cast<int64_t>(read[ox * step]);
-          slot[ox] = is_checked_class(label, g.C, g.ignore_index) ? static_cast<int32_t>(label) : kNoClassSlot;
-        }
-      }
-    }
+    tap_classes(g, labels, n, oy, 0, Wo, [&](int64_t t, int64_t x, int64_t c) {
+      slots[t * width + x] = c >= 0 ? static_cast<int32_t>(c) : kNoClassSlot;
+    });
     float* row_out = out + n * O * P + oy * Wo;
     // One channel's weights (2 KiB at 16 taps) stay in L1 across the row's positions; 8 vectors
     // of positions at a time keep 8 independent add chains in flight.
@@ -434,9 +428,7 @@ Tensor one_hot_conv2d_cpu(const Tensor& labels, const Tensor& weight, const std:
 // Weight backward
 
 // For every output position p (flattened n, oy, ox) and tap t: class * taps + t, or -1 where
-// the tap reads padding, an ignored pixel or an invalid label.
-// The labels were checked first (check_label_values), so the lookup is branch-free, a tap
-// at a time over the output columns that read inside the map.
+// the tap reads padding or an ignored pixel.
 template <typename label_t>
 std::vector<int32_t> tap_table(const Geometry& g, const label_t* labels) {
   const int64_t K = g.taps(), P = g.N * g.positions();
@@ -444,28 +436,10 @@ std::vector<int32_t> tap_table(const Geometry& g, const label_t* labels) {
   at::parallel_for(0, g.N * g.Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.Wo * K)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t r = begin; r < end; ++r) {
-                       const int64_t n = r / g.Ho, oy = r - n * g.Ho;
                        int32_t* row = table.data() + r * g.Wo * K;
-                       for (int64_t i = 0; i < g.kh; ++i) {
-                         const int64_t iy = g.in_y(oy, i);
-                         const bool row_inside = iy >= 0 && iy < g.H;
-                         for (int64_t j = 0; j < g.kw; ++j) {
-                           const int64_t t = i * g.kw + j;
-                           int64_t first = g.Wo, last = g.Wo;
-                           if (row_inside) inside_run(0, g.Wo, j, g.sw, g.pw, g.dw, g.W, first, last);
-                           for (int64_t ox = 0; ox < first; ++ox) row[ox * K + t] = -1;
-                           for (int64_t ox = last; ox < g.Wo; ++ox) row[ox * K + t] = -1;
-                           if (first == last) continue;
-                           const label_t* read = labels + n * g.sN + iy * g.sH + g.in_x(0, j) * g.sW;
-                           const int64_t step = g.sw * g.sW;
-                           for (int64_t ox = first; ox < last; ++ox) {
-                             const int64_t label = static_cast<int64_t>(read[ox * step]);
-                             row[ox * K + t] = is_checked_class(label, g.C, g.ignore_index)
-                                                   ? static_cast<int32_t>(label * K + t)
-                                                   : -1;
-                           }
-                         }
-                       }
+                       tap_classes(g, labels, r / g.Ho, r % g.Ho, 0, g.Wo, [&](int64_t t, int64_t x, int64_t c) {
+                         row[x * K + t] = c >= 0 ? static_cast<int32_t>(c * K + t) : -1;
+                       });
                      }
                    });
   return table;
