@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._checks import ArgumentTypeError, ArgumentValueError, check_int, check_tensor
+from ._progress import progress_bar
 
 __all__ = ["recalibrate_batchnorm", "gaussian_matching_loss", "ActivationMatching"]
 
@@ -29,17 +30,6 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm
 def _default_forward(model: nn.Module, batch):
     # update_bn's rule: a (input, label, ...) batch feeds its first element.
     return model(batch[0] if isinstance(batch, (list, tuple)) else batch)
-
-
-def _progress(iterable, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, desc=desc, leave=False)
-    except Exception:  # tqdm is optional
-        return iterable
 
 
 @torch.no_grad()
@@ -84,7 +74,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, *,
         run = forward or _default_forward
         lead = not distributed or dist.get_rank(group) == 0
         count = 0
-        for batch in _progress(batches, "recalibrate_batchnorm", progress and lead):
+        for batch in progress_bar(batches, "recalibrate_batchnorm") if progress and lead else batches:
             run(model, batch)
             count += 1
         if distributed and dist.get_world_size(group) > 1:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import ArgumentIndexError, ArgumentTypeError, ArgumentValueError, check_int
+from .._progress import progress_bar
 from ..nn.pooling import MaxPool2d as SegkernelsMaxPool2d
 from .calibration import CalibrationSource
 from .lasso import select_channels
@@ -69,15 +70,6 @@ class PruneReport:
 
 
 _PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)
-
-
-def _progress(iterable, desc: str, total: Optional[int]):
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, desc=desc, total=total, leave=False)
-    except Exception:  # tqdm is optional
-        return iterable
 
 
 def _run_to(model: nn.Sequential, upto: int, x: torch.Tensor) -> torch.Tensor:
@@ -329,7 +321,7 @@ def _accumulate(stats, held_x, held_y, pruned, original, pos, batches, positions
     conv_o = original[pos]
     w_o = conv_o.weight.detach()
     held_rows = 0
-    for xb in _progress(batches, desc, batches.total()) if progress else batches:
+    for xb in progress_bar(batches, desc, batches.total()) if progress else batches:
         x_p = _run_to(pruned, pos, xb)
         x_o = _run_to(original, pos, xb)
         y = F.conv2d(x_o, w_o, None, conv_o.stride, conv_o.padding, conv_o.dilation)
