@@ -72,7 +72,8 @@ bench: install
 
 # Regenerates the examples' committed outputs (examples/outputs/): the end-to-end table and figure
 # of seed 0 and the tables of seeds 1 and 2 (about a minute a seed on 2 cores), and the domain
-# transfer table over 5 seeds (about 5 minutes), each naming the commit and machine it ran on.
+# transfer table over 5 seeds (about 5 minutes), the dense-prediction blocks' table over 5 seeds
+# (under a minute), each naming the commit and machine it ran on.
 EXAMPLE_OUT := examples/outputs
 example: install
 	@mkdir -p $(EXAMPLE_OUT)
@@ -80,6 +81,7 @@ example: install
 	$(PY) examples/segnet_end_to_end.py --seed 1 --out "" > $(EXAMPLE_OUT)/seed1.txt
 	$(PY) examples/segnet_end_to_end.py --seed 2 --out "" > $(EXAMPLE_OUT)/seed2.txt
 	$(PY) examples/domain_transfer.py > $(EXAMPLE_OUT)/domain_transfer.txt
+	$(PY) examples/dense_blocks.py > $(EXAMPLE_OUT)/dense_blocks.txt
 	@grep -h -A7 "^| model" $(EXAMPLE_OUT)/seed*.txt
 
 clean:

@@ -1,8 +1,9 @@
 """Smoke runs of the examples: segnet_end_to_end.py at its --tiny size (the whole package together:
 median-frequency weights, SegNet with compact-index unpooling, seg_kd_loss distillation,
 prune_sequential, confusion_matrix and segmentation_scores), prune_distributed.py on two
-ranks under torchrun, and label_structure.py (LabelAutoencoder, LabelStructureLoss) at its --tiny
-size."""
+ranks under torchrun, and label_structure.py (LabelAutoencoder, LabelStructureLoss),
+domain_transfer.py and dense_blocks.py (shift_and_stitch, ChainedResidualPooling, FRRU,
+BilinearUpsample) at their --tiny sizes."""
 
 from __future__ import annotations
 
@@ -102,3 +103,31 @@ def test_domain_transfer_example_tiny_run(capsys):
     assert names == ["source only", "AdaBN (recalibrate_batchnorm)", "GAM (AdaBN + ActivationMatching)"]
     for row in rows:
         assert all(0.0 <= float(v) <= 100.0 for v in row.split("|")[2:4])
+
+
+def test_dense_blocks_example_tiny_run(capsys):
+    example = load_example(os.path.join(os.path.dirname(__file__), "..", "examples", "dense_blocks.py"),
+                           "dense_blocks")
+    assert example.main(["--tiny"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["FCN (BilinearUpsample)", "FCN (shift_and_stitch)", "RefineNet form (ChainedResidualPooling)",
+                     "FRRN form (FRRU)"]
+    for row in rows:
+        assert all(0.0 <= float(v) <= 100.0 for v in row.split("|")[2:4])
+
+
+def test_dense_blocks_networks_keep_the_resolution():
+    # Every network maps an image to class scores at its resolution, and shift-and-stitch of the
+    # FCN's stride-4 scores has that resolution too.
+    example = load_example(os.path.join(os.path.dirname(__file__), "..", "examples", "dense_blocks.py"),
+                           "dense_blocks")
+    import segkernels
+    import torch
+
+    x = torch.randn(2, 3, 32, 48)
+    for cls in (example.FCN, example.RefineNetForm, example.FRRNForm):
+        assert cls(5, 8).eval()(x).shape == (2, 5, 32, 48)
+    fcn = example.FCN(5, 8).eval()
+    assert fcn.coarse(x).shape == (2, 5, 8, 12)
+    assert segkernels.shift_and_stitch(fcn.coarse, x, 4).shape == (2, 5, 32, 48)
