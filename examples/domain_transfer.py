@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -31,18 +31,10 @@ from torch import nn
 import segkernels
 from segkernels import adapt
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# The end-to-end example beside this file: its scenes, batching, metrics and provenance helpers.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import segnet_end_to_end as E2E  # noqa: E402
 
-
-def _end_to_end():
-    # The synthetic scenes, batching and metrics of the end-to-end example.
-    spec = importlib.util.spec_from_file_location("segnet_end_to_end", os.path.join(HERE, "segnet_end_to_end.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-E2E = _end_to_end()
 IGNORE = E2E.IGNORE
 
 

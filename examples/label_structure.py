@@ -18,7 +18,6 @@ scenes of segnet_end_to_end.py, with segkernels.nn.LabelAutoencoder and LabelStr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -31,18 +30,10 @@ from torch import nn
 import segkernels
 from segkernels.nn import LabelAutoencoder, LabelStructureLoss
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# The end-to-end example beside this file: its scenes, batching, metrics and provenance helpers.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import segnet_end_to_end as E2E  # noqa: E402
 
-
-def _end_to_end():
-    """The scenes, batching and provenance helpers of the end-to-end example."""
-    spec = importlib.util.spec_from_file_location("segnet_end_to_end", os.path.join(HERE, "segnet_end_to_end.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-E2E = _end_to_end()
 IGNORE = E2E.IGNORE
 
 

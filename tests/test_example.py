@@ -17,6 +17,7 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "segnet_end_
 
 
 LABEL_STRUCTURE = os.path.join(os.path.dirname(__file__), "..", "examples", "label_structure.py")
+DENSE_BLOCKS = os.path.join(os.path.dirname(__file__), "..", "examples", "dense_blocks.py")
 
 
 def load_example(path=EXAMPLE, name="segnet_end_to_end"):
@@ -106,8 +107,7 @@ def test_domain_transfer_example_tiny_run(capsys):
 
 
 def test_dense_blocks_example_tiny_run(capsys):
-    example = load_example(os.path.join(os.path.dirname(__file__), "..", "examples", "dense_blocks.py"),
-                           "dense_blocks")
+    example = load_example(DENSE_BLOCKS, "dense_blocks")
     assert example.main(["--tiny"]) == 0
     rows = _table_rows(capsys.readouterr().out)
     names = [row.split("|")[1].strip() for row in rows]
@@ -120,8 +120,7 @@ def test_dense_blocks_example_tiny_run(capsys):
 def test_dense_blocks_networks_keep_the_resolution():
     # Every network maps an image to class scores at its resolution, and shift-and-stitch of the
     # FCN's stride-4 scores has that resolution too.
-    example = load_example(os.path.join(os.path.dirname(__file__), "..", "examples", "dense_blocks.py"),
-                           "dense_blocks")
+    example = load_example(DENSE_BLOCKS, "dense_blocks")
     import segkernels
     import torch
 
