@@ -134,42 +134,8 @@ struct Labels {
   }
 };
 
-namespace generic {
-#include "cross_entropy/cross_entropy_cpu_kernels.h"
-}  // namespace generic
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SEGKERNELS_CE_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "cross_entropy/cross_entropy_cpu_kernels.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-namespace avx512 {
-#include "cross_entropy/cross_entropy_cpu_kernels.h"
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
-// The widest build the CPU runs; float16 stays on the baseline (its conversions are out-of-line
-// c10 code, slow to call from AVX loops).
-#ifdef SEGKERNELS_CE_X86
-#define SK_CE_DISPATCH(fn, ...)                                                         \
-  do {                                                                                  \
-    const CpuLevel level = std::is_same_v<scalar_t, c10::Half> ? CpuLevel::kBaseline : cpu_level(); \
-    if (level == CpuLevel::kAvx512)                                                     \
-      avx512::fn(__VA_ARGS__);                                                          \
-    else if (level == CpuLevel::kAvx2)                                                  \
-      avx2::fn(__VA_ARGS__);                                                            \
-    else                                                                                \
-      generic::fn(__VA_ARGS__);                                                         \
-  } while (0)
-#else
-#define SK_CE_DISPATCH(fn, ...) generic::fn(__VA_ARGS__)
-#endif
+#define SK_ISA_KERNELS "cross_entropy/cross_entropy_cpu_kernels.h"
+#include "cpu_isa_builds.h"
 
 void check_args(const char* op, const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                 double smoothing) {
@@ -256,7 +222,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input, const 
     const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, g.C * W));
     at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
       int64_t local = 0;
-      SK_CE_DISPATCH(forward_rows, g, x, labels, loss_p, per_pixel, wsum_p, log_sum_p, begin, end,
+      SK_ISA_DISPATCH(forward_rows, g, x, labels, loss_p, per_pixel, wsum_p, log_sum_p, begin, end,
                      &local);
       bad += local;
     });
@@ -312,7 +278,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad, const Tensor& input, const
     const int64_t rows = N * g.h;
     const int64_t grain = std::max<int64_t>(1, rows / (4 * std::max(1, at::get_num_threads())));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      SK_CE_DISPATCH(backward_rows, g, x, labels, log_s_p, go, grad.stride(0), grad.stride(1),
+      SK_ISA_DISPATCH(backward_rows, g, x, labels, log_s_p, go, grad.stride(0), grad.stride(1),
                      grad.stride(2), gi, begin, end);
     });
   });

@@ -1,6 +1,6 @@
 // CPU kernel bodies of cross_entropy over upsampled logits. No include guard on purpose:
-// cross_entropy_cpu.cpp includes this file into namespaces `generic`, `avx2` and `avx512`, each
-// under its own target, and picks one at run time. Geometry and Labels come from the .cpp. Every inner loop runs over contiguous columns with selects instead of branches, so that
+// cross_entropy_cpu.cpp builds this file once per instruction set (cpu_isa_builds.h) and picks
+// one at run time. Geometry and Labels come from the .cpp. Every inner loop runs over contiguous columns with selects instead of branches, so that
 // it vectorises, exp_nonpos included.
 
 #include "cpu_convert.h"  // load_acc, compiled for this file's target

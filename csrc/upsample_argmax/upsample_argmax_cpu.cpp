@@ -46,37 +46,8 @@ struct AxisTable {
   }
 };
 
-namespace generic {
-#include "upsample_argmax/upsample_argmax_cpu_kernels.h"
-}  // namespace generic
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SEGKERNELS_UA_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "upsample_argmax/upsample_argmax_cpu_kernels.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-namespace avx512 {
-#include "upsample_argmax/upsample_argmax_cpu_kernels.h"
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
-// The widest build the CPU runs; float16 stays on the baseline (its conversions are out-of-line
-// c10 code, slow to call from AVX loops).
-template <typename scalar_t, typename... Args>
-void argmax_rows_dispatch(Args&&... args) {
-#ifdef SEGKERNELS_UA_X86
-  const CpuLevel level = std::is_same_v<scalar_t, c10::Half> ? CpuLevel::kBaseline : cpu_level();
-  if (level == CpuLevel::kAvx512) return avx512::argmax_rows<scalar_t>(std::forward<Args>(args)...);
-  if (level == CpuLevel::kAvx2) return avx2::argmax_rows<scalar_t>(std::forward<Args>(args)...);
-#endif
-  generic::argmax_rows<scalar_t>(std::forward<Args>(args)...);
-}
+#define SK_ISA_KERNELS "upsample_argmax/upsample_argmax_cpu_kernels.h"
+#include "cpu_isa_builds.h"
 
 Tensor upsample_argmax_cpu(const Tensor& logits, at::IntArrayRef size, bool align_corners) {
   TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()),
@@ -98,8 +69,8 @@ Tensor upsample_argmax_cpu(const Tensor& logits, at::IntArrayRef size, bool alig
     int64_t* dst = out.mutable_data_ptr<int64_t>();
     const int64_t work = std::max<int64_t>(1, C * Wo);
     at::parallel_for(0, N * Ho, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
-      argmax_rows_dispatch<scalar_t>(x, logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), C, h, w, Ho,
-                            Wo, ty, tx, dst, begin, end);
+      SK_ISA_DISPATCH(argmax_rows<scalar_t>, x, logits.stride(0), logits.stride(1), logits.stride(2),
+                      logits.stride(3), C, h, w, Ho, Wo, ty, tx, dst, begin, end);
     });
   });
   return out;

@@ -1,6 +1,5 @@
 // CPU kernel body of upsample_argmax. No include guard on purpose: upsample_argmax_cpu.cpp
-// includes this file into namespaces `generic`, `avx2` and `avx512`, each under its own target,
-// and picks one at run time. AxisTable comes from the .cpp.
+// builds this file once per instruction set (cpu_isa_builds.h) and picks one at run time. AxisTable comes from the .cpp.
 
 #include "cpu_convert.h"  // load_acc: bfloat16 widened inline (c10's conversion is an out-of-line call)
 #include "upsample_argmax/upsample_argmax_cpu_blend.h"  // ColumnBlendCache: the column blend
