@@ -303,8 +303,7 @@ SK_TARGET_AVX512 void forward_rows_avx512(const Geometry& g, const label_t* labe
 // into the NCHW output rows: no column pointers, no transpose. wp: (O, taps, 32) with zeros at
 // classes >= C; kNoClassSlot, a zero, is what a tap reading no class picks. The sums run in
 // forward_rows_impl's order (bias, then the taps in order; a zero for no class): the same bits.
-constexpr int32_t kNoClassSlot = 31;
-constexpr int64_t kPermuteClasses = kNoClassSlot;  // C must stay below the no-class slot
+constexpr int32_t kNoClassSlot = 31;  // so the classes must stay below 31
 
 // kVecs vectors of 16 positions of one output channel: bias, then each tap's weights picked by
 // the positions' slots (rows of `width` slots per tap); the first `count` positions are stored.
@@ -354,13 +353,13 @@ SK_TARGET_AVX512 void forward_rows_permute_avx512(const Geometry& g, const label
   }
 }
 
-// Runs forward_rows_permute_avx512 where it applies (float32, C < kPermuteClasses); false
+// Runs forward_rows_permute_avx512 where it applies (float32, C < kNoClassSlot); false
 // otherwise.
 template <typename label_t, typename acc_t, typename out_t>
 bool forward_permute(const Geometry& g, const Tensor& weight, const label_t* labels, const acc_t* bias, out_t* out,
                      int64_t grain) {
   if constexpr (std::is_same_v<out_t, float>) {
-    if (g.C >= kPermuteClasses) return false;
+    if (g.C >= kNoClassSlot) return false;
     // (O, taps, 32): W[o, c, t] at [o, t, c], zeros from class C on.
     const Tensor wp = at::constant_pad_nd(weight.permute({0, 2, 3, 1}), {0, 32 - g.C}).contiguous();
     const float* w = wp.const_data_ptr<float>();
@@ -404,13 +403,12 @@ Tensor one_hot_conv2d_cpu(const Tensor& labels, const Tensor& weight, const std:
     out_t* dst = out.mutable_data_ptr<out_t>();
     AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "one_hot_conv2d_cpu_labels", [&] {
       const scalar_t* lab = labels.const_data_ptr<scalar_t>();
-      const int64_t work = std::max<int64_t>(1, g.Wo * g.taps() * g.O);
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.Wo * g.taps() * g.O));
       const CpuLevel level = cpu_level();
 #if SEGKERNELS_CPU_AVX2
-      if (level == CpuLevel::kAvx512 && forward_permute(g, weight, lab, bp, dst, std::max<int64_t>(1, 32768 / work)))
-        return;
+      if (level == CpuLevel::kAvx512 && forward_permute(g, weight, lab, bp, dst, grain)) return;
 #endif
-      at::parallel_for(0, g.N * g.Ho, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, g.N * g.Ho, grain, [&](int64_t begin, int64_t end) {
 #if SEGKERNELS_CPU_AVX2
         if (level == CpuLevel::kAvx512)
           return forward_rows_avx512<scalar_t, acc_t, out_t>(g, lab, w, bp, dst, begin, end);
